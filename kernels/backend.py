@@ -1,0 +1,144 @@
+"""Attention backends: one is chosen at start-up; the model code never changes with it.
+
+A backend receives tensors only: per-layer KV pools, the query/key/value of the
+step's new tokens, and an :class:`AttentionMetadata` built once per step by the
+runner. ``torch`` runs :mod:`kernels.reference` (the CPU path and test oracle);
+``triton`` runs the Triton kernels on CUDA.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from kernels import reference as ref
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs for one step, as tensors on the model's device.
+
+    Flat varlen layout: the step's T new tokens of B requests, request b owning
+    rows cu_seqlens_q[b]:cu_seqlens_q[b+1].
+    """
+
+    cu_seqlens_q: Tensor  # int32 [B+1]
+    kv_lens: Tensor  # int32 [B] resident KV entries per request, including this step's new tokens
+    block_tables: Tensor  # int32 [B, max_blocks]
+    slot_mapping: Tensor  # int64 [T] physical slot of each new token's K/V
+    block_size: int
+    q_lens: list[int]  # host copies (no device sync in the hot path)
+    kv_lens_host: list[int]
+    window: Optional[Tensor] = None  # int32 [B]; 0 = no window (StreamingLLM-style sinks + window)
+    sinks: Optional[Tensor] = None  # int32 [B]
+    tree_mask: Optional[Tensor] = None  # bool [T, max_q_len]; see kernels.reference
+    score_layers: frozenset = frozenset()  # layers that emit per-kv-head scores of each request's last query
+    scores: dict = field(default_factory=dict)  # layer -> (sum, max) [B, Hkv, max_kv_len], filled by the backend
+    _cache: dict = field(default_factory=dict)  # per-step derived tensors shared across layers
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.q_lens)
+
+    @property
+    def max_kv_len(self) -> int:
+        return max(self.kv_lens_host) if self.kv_lens_host else 0
+
+    @property
+    def is_decode(self) -> bool:
+        return all(n == 1 for n in self.q_lens) and self.tree_mask is None
+
+
+class AttentionBackend:
+    """Base class. Subclasses implement ``_prefill`` and ``_decode``; the split into
+    a batched decode part and a varlen part is shared."""
+
+    name = "base"
+
+    def store_kv(self, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata) -> None:
+        ref.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+
+    def copy_blocks(self, k_cache: Tensor, v_cache: Tensor, src: Tensor, dst: Tensor, block_size: int) -> None:
+        ref.copy_blocks(k_cache, v_cache, src, dst, block_size)
+
+    def gather_compact(self, k_cache: Tensor, v_cache: Tensor, src_slots: Tensor, dst_slots: Tensor) -> None:
+        ref.gather_compact(k_cache, v_cache, src_slots, dst_slots)
+
+    def forward(self, layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor,
+                meta: AttentionMetadata, scale: float) -> Tensor:
+        """q: [T, Hq, D] -> out [T, Hq, D]; K/V of the new tokens are already stored."""
+        emit = layer in meta.score_layers
+        if meta.is_decode:
+            out, scores = self._decode(q, k_cache, v_cache, meta, scale, emit)
+            if emit:
+                meta.scores[layer] = scores
+            return out
+        out = self._prefill(q, k_cache, v_cache, meta, scale)
+        if emit:
+            # scores of each request's last query (the token whose logits are sampled)
+            last = meta.cu_seqlens_q[1:].long() - 1
+            _, scores = self._decode(q[last], k_cache, v_cache, meta, scale, True)
+            meta.scores[layer] = scores
+        return out
+
+    def _decode(self, q, k_cache, v_cache, meta, scale, emit):
+        raise NotImplementedError
+
+    def _prefill(self, q, k_cache, v_cache, meta, scale):
+        raise NotImplementedError
+
+
+class TorchBackend(AttentionBackend):
+    """The reference path: CPU runtime and oracle."""
+
+    name = "torch"
+
+    def _decode(self, q, k_cache, v_cache, meta, scale, emit):
+        slots = meta._cache.get("slots")
+        if slots is None:
+            slots = ref.padded_slots(meta.block_tables, meta.kv_lens, meta.max_kv_len, meta.block_size)
+            meta._cache["slots"] = slots
+        return ref.paged_decode(q, k_cache, v_cache, meta.block_tables, meta.kv_lens, meta.block_size, scale,
+                                meta.window, meta.sinks, return_scores=emit, slots=slots)
+
+    def _prefill(self, q, k_cache, v_cache, meta, scale):
+        split = meta._cache.get("split")
+        if split is None:
+            dec = [b for b, n in enumerate(meta.q_lens) if n == 1] if meta.tree_mask is None else []
+            split = meta._cache["split"] = (dec, [b for b, n in enumerate(meta.q_lens) if b not in set(dec)])
+            if len(dec) > 1:  # decode rows of a mixed batch run batched, as in a pure decode step
+                rows = meta.cu_seqlens_q[dec].long()
+                sub = meta.kv_lens[dec]
+                width = max(meta.kv_lens_host[b] for b in dec)
+                meta._cache["dec"] = (rows, sub, meta.block_tables[dec],
+                                      meta.window[dec] if meta.window is not None else None,
+                                      meta.sinks[dec] if meta.sinks is not None else None,
+                                      ref.padded_slots(meta.block_tables[dec], sub, width, meta.block_size))
+        dec, rest = split
+        if len(dec) <= 1:
+            return ref.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.kv_lens,
+                                       meta.block_size, scale, meta.window, meta.sinks, meta.tree_mask)
+        rows, sub, tables, window, sinks, slots = meta._cache["dec"]
+        out = torch.empty_like(q)
+        out[rows] = ref.paged_decode(q[rows], k_cache, v_cache, tables, sub, meta.block_size, scale, window, sinks,
+                                     slots=slots)[0]
+        return ref.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.kv_lens,
+                                   meta.block_size, scale, meta.window, meta.sinks, meta.tree_mask, only=rest, out=out)
+
+
+def select_backend(name: str, device: torch.device) -> AttentionBackend:
+    """Pick the attention backend once at start-up. ``auto``: triton on CUDA, torch on CPU."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        return TorchBackend()
+    if name in ("triton", "flash-attn"):
+        try:
+            from kernels.triton_backend import TritonBackend
+        except ImportError as e:  # pragma: no cover - depends on the install
+            raise ValueError(f"attention backend {name!r} is unavailable: {e}") from e
+        return TritonBackend(use_flash_attn=(name == "flash-attn"))
+    raise ValueError(f"attention_backend: unknown value {name!r}")

@@ -1,0 +1,182 @@
+"""Plain-torch references of every kernel.
+
+These are the test oracle for the Triton kernels and, on CPU, the runtime path.
+They take tensors and return tensors; they know nothing of requests or batches.
+
+Paged KV layout (shared by every kernel):
+  k_cache, v_cache: [num_slots, num_kv_heads, head_dim] for one layer, where
+  num_slots = num_blocks * block_size and the physical slot of a request's
+  kv index ``i`` is ``block_tables[b, i // block_size] * block_size + i % block_size``.
+  A request's kv indices are its resident KV entries in order; with eviction
+  they are no longer token positions (keys carry their rotary position).
+
+Masking of a query at kv index ``qi`` over key index ``i`` (same request):
+  causal: i <= qi;  window w > 0: qi - i < w or i < sinks.
+  tree_mask (speculative verification): among the request's *new* tokens,
+  query row t may see new token m only where tree_mask[t, m] is True
+  (the context before the new tokens stays fully visible).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+    """Write new keys/values ([T, Hkv, D]) into the paged pool at ``slot_mapping`` ([T]); slot < 0 is skipped."""
+    if slot_mapping.numel() and bool((slot_mapping < 0).any()):
+        keep = slot_mapping >= 0
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def slots_for(block_table: Tensor, kv_len: int, block_size: int) -> Tensor:
+    """Physical slots of kv indices [0, kv_len) of one request."""
+    idx = torch.arange(kv_len, device=block_table.device)
+    return block_table[idx // block_size].long() * block_size + idx % block_size
+
+
+def padded_slots(block_tables: Tensor, kv_lens: Tensor, max_kv_len: int, block_size: int) -> Tensor:
+    """[B, max_kv_len] physical slots of every request's kv indices (padding points at slot 0)."""
+    idx = torch.arange(max_kv_len, device=block_tables.device)
+    blk = torch.gather(block_tables.long(), 1, (idx // block_size).clamp(max=block_tables.shape[1] - 1)
+                       .expand(block_tables.shape[0], -1))
+    slots = blk * block_size + idx % block_size
+    return torch.where(idx[None, :] < kv_lens[:, None].long(), slots, torch.zeros_like(slots))
+
+
+def attention_mask(q_pos: Tensor, kv_len: int, window: int = 0, sinks: int = 0) -> Tensor:
+    """Bool mask [len(q_pos), kv_len]: which kv indices each query (at kv index q_pos) may see."""
+    i = torch.arange(kv_len, device=q_pos.device)[None, :]
+    qp = q_pos[:, None]
+    mask = i <= qp
+    if window > 0:
+        mask &= (qp - i < window) | (i < sinks)
+    return mask
+
+
+def paged_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    cu_seqlens_q: Tensor,
+    kv_lens: Tensor,
+    block_size: int,
+    scale: float,
+    window: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
+    tree_mask: Optional[Tensor] = None,
+    only: Optional[list] = None,
+    out: Optional[Tensor] = None,
+) -> Tensor:
+    """Varlen prefill/extend attention over the paged pool (one request at a time).
+
+    q: [T, Hq, D] (new tokens of all requests, flat); cu_seqlens_q: [B+1];
+    kv_lens: [B] resident entries *including* the new tokens, already stored.
+    Returns out [T, Hq, D] in q's dtype; accumulation in float32.
+    ``only`` restricts the work to those request indices (rows of the others are left as in ``out``).
+    """
+    if out is None:
+        out = torch.empty_like(q)
+    hq, hkv = q.shape[1], k_cache.shape[1]
+    cu = cu_seqlens_q.tolist()
+    lens = kv_lens.tolist()
+    for b in (range(len(lens)) if only is None else only):
+        s, e, kv_len = cu[b], cu[b + 1], lens[b]
+        n = e - s
+        if n == 0:
+            continue
+        slots = slots_for(block_tables[b], kv_len, block_size)
+        k = k_cache[slots].float().transpose(0, 1)  # [Hkv, L, D]
+        v = v_cache[slots].float().transpose(0, 1)
+        qb = q[s:e].float().transpose(0, 1)  # [Hq, n, D]
+        q_pos = torch.arange(kv_len - n, kv_len, device=q.device)
+        w = int(window[b]) if window is not None else 0
+        sk = int(sinks[b]) if sinks is not None else 0
+        mask = attention_mask(q_pos, kv_len, w, sk)
+        if tree_mask is not None:
+            mask[:, kv_len - n:] &= tree_mask[s:e, :n]
+        o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale, enable_gqa=hq != hkv)
+        out[s:e] = o.transpose(0, 1).to(q.dtype)
+    return out
+
+
+def paged_decode(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    kv_lens: Tensor,
+    block_size: int,
+    scale: float,
+    window: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
+    return_scores: bool = False,
+    slots: Optional[Tensor] = None,
+):
+    """Decode attention: one query per request (the last kv index), batched by padding.
+
+    q: [B, Hq, D]. Returns out [B, Hq, D] and, when ``return_scores``, the
+    attention probabilities aggregated over each kv head's query group:
+    (sum, max), each [B, Hkv, max_kv_len] float32, zero past kv_len.
+    ``slots`` ([B, max_kv_len], from :func:`padded_slots`) may be passed in to
+    share the gather index across layers.
+    """
+    bsz, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    g = hq // hkv
+    max_kv = slots.shape[1] if slots is not None else int(kv_lens.max())
+    if slots is None:
+        slots = padded_slots(block_tables, kv_lens, max_kv, block_size)
+    i = torch.arange(max_kv, device=q.device)[None, :]
+    qi = (kv_lens.long() - 1)[:, None]
+    valid = i <= qi
+    if window is not None:
+        w = window.long()[:, None]
+        sk = (sinks.long() if sinks is not None else torch.zeros_like(window).long())[:, None]
+        valid &= (w <= 0) | (qi - i < w) | (i < sk)
+    k = k_cache[slots].transpose(1, 2)  # [B, Hkv, L, D]
+    v = v_cache[slots].transpose(1, 2)
+    if not return_scores:
+        out = F.scaled_dot_product_attention(q[:, :, None, :].to(k.dtype), k, v, attn_mask=valid[:, None, None, :],
+                                             scale=scale, enable_gqa=hq != hkv)
+        return out.view(bsz, hq, d).to(q.dtype), None
+    qg = q.float().view(bsz, hkv, g, d)
+    logits = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # [B, Hkv, G, L]
+    logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+    p = torch.softmax(logits, dim=-1)
+    out = torch.matmul(p, v.float()).reshape(bsz, hq, d).to(q.dtype)
+    return out, (p.sum(dim=2), p.amax(dim=2))
+
+
+def copy_blocks(k_cache: Tensor, v_cache: Tensor, src: Tensor, dst: Tensor, block_size: int) -> None:
+    """Copy whole blocks src[i] -> dst[i] (copy-on-write) in one layer's pool."""
+    if src.numel() == 0:
+        return
+    off = torch.arange(block_size, device=src.device)
+    s = (src.long()[:, None] * block_size + off).reshape(-1)
+    d = (dst.long()[:, None] * block_size + off).reshape(-1)
+    k_cache[d] = k_cache[s]
+    v_cache[d] = v_cache[s]
+
+
+def gather_compact(k_cache: Tensor, v_cache: Tensor, src_slots: Tensor, dst_slots: Tensor) -> None:
+    """Per-head compaction in one layer's pool.
+
+    src_slots: [Hkv, N] physical slots to keep for each kv head (in order);
+    dst_slots: [N] the physical slots they move to (the request's first N kv indices).
+    Reads all sources before writing, so overlapping src/dst is safe.
+    """
+    hkv = k_cache.shape[1]
+    heads = torch.arange(hkv, device=k_cache.device)[:, None]
+    k_keep = k_cache[src_slots.long(), heads]  # [Hkv, N, D]
+    v_keep = v_cache[src_slots.long(), heads]
+    dst = dst_slots.long()[None, :].expand(hkv, -1)
+    k_cache[dst, heads] = k_keep
+    v_cache[dst, heads] = v_keep

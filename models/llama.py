@@ -1,0 +1,144 @@
+"""The Llama family: Llama 2/3, Mistral, Qwen2 (q/k/v bias), SmolLM.
+
+One flat, unpadded batch per step: every tensor is [T, ...] over the step's new tokens, and
+attention goes through ``batch.backend`` over the paged KV pool in ``batch.kv_caches``. The layer
+loop does no per-token Python work: cos/sin are looked up once per forward, q and k are rotated
+together in one op, and q/k/v and gate/up are single fused matmuls.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, empty_linear
+from models.registry import ArchConfig, ModelLoadError
+from server.runner.forward_batch import ForwardBatch
+
+Tensor = torch.Tensor
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, arch: ArchConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        self.q_size = arch.num_heads * arch.head_dim
+        self.kv_size = arch.num_kv_heads * arch.head_dim
+        self.scale = arch.head_dim ** -0.5
+        self.qkv_proj = empty_linear(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.attention_bias)
+        self.o_proj = empty_linear(self.q_size, arch.hidden_size)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, batch: ForwardBatch) -> Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)
+        qk_size = self.q_size + self.kv_size
+        # q and k sit side by side in qkv: rotate them as one [T, Hq + Hkv, D] tensor
+        qk = apply_rotary(qkv[:, :qk_size].view(t, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, qk_size:].view(t, self.num_kv_heads, self.head_dim)
+        k_cache, v_cache = batch.kv_caches[self.layer]
+        batch.backend.store_kv(k, v, k_cache, v_cache, batch.attn)
+        out = batch.backend.forward(self.layer, q, k_cache, v_cache, batch.attn, self.scale)
+        return self.o_proj(out.reshape(t, self.q_size))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, arch: ArchConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.self_attn = LlamaAttention(arch, layer)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, batch: ForwardBatch) -> Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, batch)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Built without weights (meta tensors); :meth:`load_weights` fills them from HF-named tensors."""
+
+    def __init__(self, arch: ArchConfig):
+        super().__init__()
+        self.arch = arch
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size,
+                                     _weight=torch.empty(arch.vocab_size, arch.hidden_size, device="meta"))
+        self.rotary = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings, arch.rope_theta,
+                                      arch.rope_scaling_dict, arch.rope_freq_factors)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, i) for i in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.lm_head = None if arch.tie_word_embeddings else empty_linear(arch.hidden_size, arch.vocab_size)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> Tensor:
+        """Final-normed hidden states [N, hidden] of the rows ``batch.logits_indices``."""
+        h = self.embed_tokens(batch.input_ids)
+        cos, sin = self.rotary.cos_sin(batch.positions, h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin, batch)
+        return self.norm(h[batch.logits_indices])
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """float32 logits [N, vocab]."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    def make_kv_caches(self, num_blocks: int, block_size: int, dtype: torch.dtype, device) -> list:
+        """The paged KV pool: per layer a (k, v) pair of zeroed [num_blocks * block_size, Hkv, D] tensors.
+
+        Zeroed, not empty: padded reads of unused slots are multiplied by a zero probability, and
+        0 * NaN from uninitialized memory would still be NaN.
+        """
+        shape = (num_blocks * block_size, self.arch.num_kv_heads, self.arch.head_dim)
+        return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                for _ in range(self.arch.num_layers)]
+
+    def load_weights(self, weights: dict) -> None:
+        """Fill every parameter from HF-named tensors (already in the target dtype and device).
+
+        ``weights`` is consumed, so each checkpoint tensor is released once it is fused or placed.
+        """
+        take = _Taker(weights)
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            attn = layer.self_attn
+            _place(attn.qkv_proj, "weight", torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]))
+            if self.arch.attention_bias:
+                _place(attn.qkv_proj, "bias", torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
+            _place(attn.o_proj, "weight", take(p + "self_attn.o_proj.weight"))
+            _place(layer.mlp.gate_up_proj, "weight",
+                   torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]))
+            _place(layer.mlp.down_proj, "weight", take(p + "mlp.down_proj.weight"))
+            _place(layer.input_layernorm, "weight", take(p + "input_layernorm.weight"))
+            _place(layer.post_attention_layernorm, "weight", take(p + "post_attention_layernorm.weight"))
+        _place(self.embed_tokens, "weight", take("model.embed_tokens.weight"))
+        _place(self.norm, "weight", take("model.norm.weight"))
+        if self.lm_head is not None:
+            _place(self.lm_head, "weight", take("lm_head.weight"))
+        else:
+            weights.pop("lm_head.weight", None)  # some tied checkpoints still carry a copy
+        leftover = [k for k in weights if not k.endswith("rotary_emb.inv_freq")]
+        if leftover:
+            raise ModelLoadError(f"checkpoint has {len(leftover)} unexpected tensors, e.g. {leftover[0]!r}")
+        self.rotary.to(self.embed_tokens.weight.device)
+
+
+class _Taker:
+    def __init__(self, weights: dict):
+        self.weights = weights
+
+    def __call__(self, name: str) -> Tensor:
+        try:
+            return self.weights.pop(name)
+        except KeyError:
+            raise ModelLoadError(f"checkpoint is missing tensor {name!r}") from None
+
+
+def _place(module: nn.Module, name: str, tensor: Tensor) -> None:
+    expected = getattr(module, name).shape
+    if tensor.shape != expected:
+        raise ModelLoadError(f"tensor for {type(module).__name__}.{name} has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(expected)}")
+    setattr(module, name, nn.Parameter(tensor, requires_grad=False))

@@ -1,0 +1,271 @@
+"""Load a model, its tokenizer and its shape from a Hugging Face directory or a GGUF file.
+
+GGUF files are dequantized at load (``gguf.quants.dequantize``) into the target dtype: the
+runtime only ever sees dense HF-layout tensors. The GGUF container itself is parsed here with
+``struct`` over an ``mmap`` rather than with ``gguf.GGUFReader``, which builds a numpy view per
+vocabulary string and spends ~4 s on the embedded model's metadata alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import mmap
+import os
+import struct
+import time
+from dataclasses import dataclass
+from math import prod
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from models.embedded import EMBEDDED_NAME, embedded_model_path
+from models.registry import ArchConfig, ModelLoadError, model_class
+from models.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Tokenizer
+    arch: ArchConfig
+    name: str
+
+
+def load_model(path: Optional[str], dtype: Optional[torch.dtype], device) -> LoadedModel:
+    """``path``: a GGUF file, an HF model directory, or None for the embedded model.
+    ``dtype`` None: float32 on CPU, bfloat16 (float16 where unsupported) on CUDA."""
+    start = time.perf_counter()
+    device = torch.device(device)
+    dtype = dtype or _default_dtype(device)
+    name = EMBEDDED_NAME if path is None else os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+    path = embedded_model_path() if path is None else path
+    if os.path.isdir(path):
+        arch, weights, tokenizer = _read_hf_dir(path, dtype, device)
+    elif os.path.isfile(path):
+        gguf_file = read_gguf(path)
+        arch, weights = gguf_weights(gguf_file, dtype, device)
+        tokenizer = Tokenizer.from_gguf_metadata(gguf_file.metadata)
+    else:
+        raise ModelLoadError(f"model path not found: {path}")
+    model = model_class(arch)(arch)  # weightless until load_weights
+    model.load_weights(weights)
+    model.eval()
+    params = list(model.parameters())
+    mib = sum(p.numel() * p.element_size() for p in params) / 2**20
+    logger.info("loaded %s (%s, %.1fM params, %.0f MiB %s on %s) in %.1f s", name, arch.architecture,
+                sum(p.numel() for p in params) / 1e6, mib, str(dtype).removeprefix("torch."), device,
+                time.perf_counter() - start)
+    return LoadedModel(model=model, tokenizer=tokenizer, arch=arch, name=name)
+
+
+def _default_dtype(device: torch.device) -> torch.dtype:
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+# ---------------------------------------------------------------- Hugging Face directories
+
+def _read_hf_dir(path: str, dtype, device):
+    from safetensors import safe_open
+
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise ModelLoadError(f"{path} has no config.json")
+    with open(config_path) as f:
+        arch = ArchConfig.from_hf_config(json.load(f))
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ModelLoadError(f"{path} has no *.safetensors weights")
+    weights = {}
+    with tqdm(desc="loading weights", unit="tensor", leave=False) as bar:
+        for file in files:
+            with safe_open(file, framework="pt", device="cpu") as sf:
+                for key in sf.keys():
+                    weights[key] = sf.get_tensor(key).to(device=device, dtype=dtype)
+                    bar.update()
+    return arch, weights, Tokenizer.from_hf_dir(path)
+
+
+# ---------------------------------------------------------------- GGUF files
+
+_MAGIC = b"GGUF"
+# metadata value types: scalar ids -> struct format; 8 = string, 9 = array
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_DEFAULT_ALIGNMENT = 32
+
+# llama.cpp tensor names -> HF names (per block, then top level)
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}
+# llama.cpp interleaves the q/k rows of these architectures for its rotary kernel; HF does not
+_PERMUTED_QK = {"llama"}
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    shape: tuple  # torch order (slowest dimension first)
+    ggml_type: int
+    offset: int  # absolute, in the file
+
+
+@dataclass
+class GGUFFile:
+    path: str
+    metadata: dict
+    tensors: dict  # GGUF name -> GGUFTensorInfo
+    buffer: mmap.mmap
+
+
+def read_gguf(path: str) -> GGUFFile:
+    """Parse a GGUF file's metadata and tensor table; tensor data stays in the mmap."""
+    try:
+        with open(path, "rb") as f:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError) as e:  # ValueError: empty file
+        raise ModelLoadError(f"cannot read {path}: {e}") from None
+    if buf[:4] != _MAGIC:
+        raise ModelLoadError(f"{path} is not a GGUF file (bad magic bytes)")
+    try:
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+        if version not in (2, 3):
+            raise ModelLoadError(f"{path}: unsupported GGUF version {version}")
+        pos, metadata = 24, {}
+        for _ in range(n_kv):
+            key, pos = _read_str(buf, pos)
+            (vtype,) = struct.unpack_from("<I", buf, pos)
+            metadata[key], pos = _read_value(buf, pos + 4, vtype)
+        infos = []
+        for _ in range(n_tensors):
+            name, pos = _read_str(buf, pos)
+            (ndim,) = struct.unpack_from("<I", buf, pos)
+            dims = struct.unpack_from(f"<{ndim}Q", buf, pos + 4)
+            ggml_type, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * ndim)
+            pos += 16 + 8 * ndim
+            infos.append((name, tuple(reversed(dims)), ggml_type, offset))
+    except ModelLoadError:
+        raise
+    except (struct.error, ValueError, OverflowError, MemoryError) as e:  # ValueError: bad UTF-8, short array
+        raise ModelLoadError(f"{path} is a corrupt GGUF file ({type(e).__name__} in its header)") from None
+    align = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+    data_start = (pos + align - 1) // align * align
+    tensors = {n: GGUFTensorInfo(s, t, data_start + o) for n, s, t, o in infos}
+    for name, info in tensors.items():
+        if info.offset + _nbytes(info) > len(buf):
+            raise ModelLoadError(f"{path} is a corrupt GGUF file (tensor {name!r} runs past its end)")
+    return GGUFFile(path, metadata, tensors, buf)
+
+
+def _nbytes(info: GGUFTensorInfo) -> int:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        block_elems, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(info.ggml_type)]
+    except ValueError:
+        raise ModelLoadError(f"unknown ggml tensor type {info.ggml_type}") from None
+    return prod(info.shape) // block_elems * block_bytes
+
+
+def _read_str(buf, pos: int) -> tuple[str, int]:
+    (n,) = struct.unpack_from("<Q", buf, pos)
+    end = pos + 8 + n
+    if end > len(buf):
+        raise struct.error("string runs past the end of the file")
+    return buf[pos + 8:end].decode("utf-8"), end
+
+
+def _read_value(buf, pos: int, vtype: int):
+    if vtype in _SCALAR:
+        return struct.unpack_from(_SCALAR[vtype], buf, pos)[0], pos + struct.calcsize(_SCALAR[vtype])
+    if vtype == 8:
+        return _read_str(buf, pos)
+    if vtype == 9:
+        etype, count = struct.unpack_from("<IQ", buf, pos)
+        pos += 12
+        if etype in _SCALAR:
+            dt = np.dtype(_SCALAR[etype])
+            return np.frombuffer(buf, dt, count, pos).tolist(), pos + count * dt.itemsize
+        values = []
+        for _ in range(count):
+            v, pos = _read_value(buf, pos, etype)
+            values.append(v)
+        return values, pos
+    raise struct.error(f"unknown metadata value type {vtype}")
+
+
+def dequantize_tensor(buf, info: GGUFTensorInfo) -> torch.Tensor:
+    """One tensor as float32 (or its own float type for F16/BF16), in torch order."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    qtype = GGMLQuantizationType(info.ggml_type)  # validated by read_gguf
+    n = prod(info.shape)
+    if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+        np_type = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}.get(qtype, np.int16)
+        t = torch.from_numpy(np.frombuffer(buf, np_type, n, info.offset).copy())
+        t = t.view(torch.bfloat16) if qtype == GGMLQuantizationType.BF16 else t
+        return t.reshape(info.shape)
+    raw = np.frombuffer(buf, np.uint8, _nbytes(info), info.offset)
+    try:
+        values = dequantize(raw.reshape(n // info.shape[-1], -1), qtype)
+    except NotImplementedError:
+        raise ModelLoadError(f"ggml tensor type {qtype.name} cannot be dequantized") from None
+    return torch.from_numpy(values).reshape(info.shape)
+
+
+def _unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's per-head row interleaving of q/k (its rotary pairs adjacent dims, HF's pairs halves)."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _hf_name(name: str) -> Optional[str]:
+    if name in _TOP_NAMES:
+        return _TOP_NAMES[name]
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _BLOCK_NAMES:
+        return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.{parts[3]}"
+    return None
+
+
+def gguf_weights(gf: GGUFFile, dtype, device) -> tuple[ArchConfig, dict]:
+    """The model's shape and its tensors dequantized to ``dtype``, under HF names and in HF layout."""
+    path, md, tensors = gf.path, gf.metadata, dict(gf.tensors)
+    try:
+        arch = ArchConfig.from_gguf_metadata(md, tied="output.weight" not in tensors)
+    except KeyError as e:
+        raise ModelLoadError(f"{path}: GGUF metadata lacks {e.args[0]!r}") from None
+    if "rope_freqs.weight" in tensors:  # Llama 3.1 rope scaling, stored as per-frequency divisors
+        factors = dequantize_tensor(gf.buffer, tensors.pop("rope_freqs.weight")).float().tolist()
+        arch = dataclasses.replace(arch, rope_freq_factors=tuple(factors))
+    names = {}
+    for gguf_name in tensors:
+        names[gguf_name] = _hf_name(gguf_name)
+        if names[gguf_name] is None:
+            raise ModelLoadError(f"{path}: unexpected tensor {gguf_name!r} for architecture {arch.architecture}")
+    permuted = md["general.architecture"] in _PERMUTED_QK
+    heads = {"attn_q": arch.num_heads, "attn_k": arch.num_kv_heads}
+
+    def convert(gguf_name: str) -> torch.Tensor:
+        t = dequantize_tensor(gf.buffer, tensors[gguf_name])
+        kind = gguf_name.split(".")[2] if gguf_name.startswith("blk.") else ""
+        if permuted and kind in heads:
+            t = _unpermute_qk(t, heads[kind])
+        return t.to(device=device, dtype=dtype)
+
+    weights = {}
+    for gguf_name in tqdm(tensors, desc="dequantizing", unit="tensor", leave=False):
+        weights[names[gguf_name]] = convert(gguf_name)
+    return arch, weights

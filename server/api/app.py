@@ -1,0 +1,139 @@
+"""The FastAPI app factory and the uvicorn server that drains gracefully.
+
+Shutdown order on SIGTERM (or the first Ctrl+C): ``/ready`` turns 503 and new requests get
+503 while the listening socket stays open; in-flight requests run to completion for up to
+``shutdown_timeout`` seconds (then they are aborted); only then does uvicorn close
+connections and run the lifespan shutdown, which stops the engine. The process exits 0.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import signal
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI
+
+from server.api.errors import install_error_handlers
+from server.api.routes import protected, public
+from server.config import EngineConfig
+from server.engine.async_engine import AsyncEngine, EngineNotReadyError
+
+logger = logging.getLogger("sift.api")
+access_logger = logging.getLogger("sift.access")
+
+# A client-supplied request id is echoed only if it is short and harmless in a log line.
+_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+class RequestIdMiddleware:
+    """Echo ``X-Request-Id`` (or generate one) and write one access-log line per request.
+
+    Plain ASGI rather than ``BaseHTTPMiddleware``, which would buffer streamed responses
+    and hide client disconnects from the routes.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _SAFE_REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 0
+        start = time.perf_counter()
+
+        async def send_with_id(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                   (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            access_logger.info('%s "%s %s" %d %.1fms request_id=%s', client[0], scope["method"], scope["path"],
+                               status, (time.perf_counter() - start) * 1e3, request_id)
+
+
+def build_app(engine: AsyncEngine, config: EngineConfig) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        await engine.drain(config.server.shutdown_timeout)
+        await engine.shutdown()
+
+    app = FastAPI(title="Sift", description="OpenAI-compatible LLM inference server", version="0.1.0",
+                  lifespan=lifespan)
+    app.state.engine = engine
+    app.state.api_key = config.server.api_key
+    install_error_handlers(app)
+    app.include_router(public)
+    app.include_router(protected)
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first SIGTERM/SIGINT drains the engine before the usual shutdown."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.engine = engine
+        self.shutdown_timeout = shutdown_timeout
+        self.exit_code = 0
+        self._loop = None
+        self._tasks: list[asyncio.Task] = []
+
+    async def startup(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+        self._tasks.append(asyncio.create_task(self._exit_if_load_fails()))
+
+    def handle_exit(self, sig, frame) -> None:
+        if self._loop is None or self.engine.draining or sig not in (signal.SIGTERM, signal.SIGINT):
+            super().handle_exit(sig, frame)  # a second signal: uvicorn's own (forced) shutdown
+            return
+        # Not recorded as captured: uvicorn would re-raise it after serve() and the exit code would
+        # be the signal's, not 0.
+        self.engine.draining = True
+        self._loop.call_soon_threadsafe(lambda: self._tasks.append(asyncio.create_task(self._drain_then_exit())))
+
+    async def _drain_then_exit(self) -> None:
+        logger.info("shutdown requested: draining %d in-flight request(s) (timeout %.0fs)",
+                    self.engine.num_in_flight, self.shutdown_timeout)
+        await self.engine.drain(self.shutdown_timeout)
+        self.should_exit = True
+
+    async def _exit_if_load_fails(self) -> None:
+        try:
+            await self.engine.wait_loaded()
+        except EngineNotReadyError as e:
+            logger.error("%s", e)
+            self.exit_code = 1
+            self.should_exit = True
+
+
+def run_server(config: EngineConfig, engine: AsyncEngine | None = None) -> int:
+    """Serve until shut down; the process exit code."""
+    engine = engine or AsyncEngine(config)
+    app = build_app(engine, config)
+    sc = config.server
+    uv_config = uvicorn.Config(app, host=sc.host, port=sc.port, log_level=sc.log_level, access_log=False,
+                               timeout_graceful_shutdown=5, lifespan="on")
+    server = DrainingServer(uv_config, engine, sc.shutdown_timeout)
+    server.run()
+    if not server.started and server.exit_code == 0:
+        return 1  # could not bind, or the lifespan startup failed
+    return server.exit_code

@@ -1,0 +1,192 @@
+"""``sift serve | generate | bench`` (also ``python -m server ...``).
+
+Every engine/server flag maps onto one field of the frozen config dataclasses and has an
+environment twin ``SIFT_<FLAG>`` (``--max-model-len`` <-> ``SIFT_MAX_MODEL_LEN``); the flag
+wins over the environment, which wins over the dataclass default.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
+
+from server.config import EngineConfig
+
+
+@dataclass(frozen=True)
+class _Flag:
+    name: str  # without the leading dashes
+    target: str  # "section.field" in EngineConfig, or a top-level field
+    type: Callable
+    help: str
+    choices: Optional[tuple] = None
+    invert: bool = False  # a --no-X switch that sets the field to False
+
+    @property
+    def env(self) -> str:
+        return "SIFT_" + self.name.upper().replace("-", "_")
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+ENGINE_FLAGS = (
+    _Flag("model", "model.model", str, "GGUF file or Hugging Face model directory (default: the embedded "
+          "SmolLM2-135M-Instruct)"),
+    _Flag("served-model-name", "model.served_model_name", str, "model name clients must send and /v1/models lists"),
+    _Flag("dtype", "model.dtype", str, "weight and KV dtype (auto: bfloat16 on GPU, float32 on CPU)",
+          ("auto", "float32", "bfloat16", "float16")),
+    _Flag("device", "model.device", str, "device to run on (auto: cuda when available)", ("auto", "cpu", "cuda")),
+    _Flag("max-model-len", "model.max_model_len", int, "context length limit (default: the model's own)"),
+    _Flag("seed", "model.seed", int, "global random seed (requests without a seed draw their own)"),
+    _Flag("block-size", "cache.block_size", int, "tokens per KV cache block", (8, 16, 32, 64, 128)),
+    _Flag("kv-cache-memory", "cache.kv_cache_memory", float,
+          "KV cache size: bytes (> 1) or fraction of free device memory (<= 1)"),
+    _Flag("num-kv-blocks", "cache.num_blocks", int, "exact number of KV blocks (overrides --kv-cache-memory)"),
+    _Flag("no-prefix-caching", "cache.enable_prefix_caching", _bool, "disable automatic prefix caching",
+          invert=True),
+    _Flag("max-num-batched-tokens", "scheduler.max_num_batched_tokens", int, "token budget of one engine step"),
+    _Flag("max-num-seqs", "scheduler.max_num_seqs", int, "most requests running at once"),
+    _Flag("max-queued-requests", "scheduler.max_queued_requests", int,
+          "most requests waiting for admission; beyond it requests get 429"),
+    _Flag("long-prefill-token-threshold", "scheduler.long_prefill_token_threshold", int,
+          "cap on one request's prefill chunk per step (0: no cap beyond the step budget)"),
+    _Flag("speculative", "spec.method", str, "default speculative decoding method",
+          ("none", "ngram", "recycling", "goose")),
+    _Flag("num-draft-tokens", "spec.num_draft_tokens", int, "draft tokens per speculative step"),
+    _Flag("sparsity", "sparsity.method", str, "default decode attention sparsity",
+          ("dense", "window", "quest", "tidal")),
+    _Flag("sparsity-budget", "sparsity.budget", int, "tokens attended per step by quest/tidal"),
+    _Flag("window", "sparsity.window", int, "recent-token window of windowed sparsity"),
+    _Flag("sinks", "sparsity.sinks", int, "attention-sink tokens always kept by windowed sparsity"),
+    _Flag("kv-eviction", "eviction.method", str, "default KV eviction policy",
+          ("none", "streaming", "h2o", "snapkv", "lazy")),
+    _Flag("kv-budget", "eviction.budget", float, "KV entries kept per request: tokens (> 1) or ratio (<= 1)"),
+    _Flag("kv-window", "eviction.window", int, "recent window protected from eviction"),
+    _Flag("kv-alpha", "eviction.alpha", float, "LazyEviction score decay"),
+    _Flag("attention-backend", "attention_backend", str, "attention kernels (auto: best for the device)",
+          ("auto", "torch", "triton", "flash-attn")),
+)
+
+SERVER_FLAGS = (
+    _Flag("host", "server.host", str, "address to listen on"),
+    _Flag("port", "server.port", int, "port to listen on"),
+    _Flag("api-key", "server.api_key", str, "require 'Authorization: Bearer <key>' on /v1, /tokenize, /detokenize"),
+    _Flag("shutdown-timeout", "server.shutdown_timeout", float,
+          "seconds in-flight requests may run after SIGTERM before they are aborted"),
+)
+LOG_FLAGS = (
+    _Flag("log-level", "server.log_level", str, "log verbosity", ("critical", "error", "warning", "info", "debug")),
+)
+
+
+def _add_flags(parser: argparse.ArgumentParser, flags: tuple) -> None:
+    for flag in flags:
+        dest = flag.name.replace("-", "_")
+        env = os.environ.get(flag.env)
+        help_text = f"{flag.help} [env {flag.env}]"
+        if flag.type is _bool:
+            default = _bool(env) if env is not None else None
+            parser.add_argument(f"--{flag.name}", dest=dest, action="store_const", const=True, default=default,
+                                help=help_text)
+            continue
+        default = flag.type(env) if env is not None else None
+        if flag.choices and default is not None and default not in flag.choices:
+            parser.error(f"{flag.env}: {env!r} is not one of {flag.choices}")
+        parser.add_argument(f"--{flag.name}", dest=dest, type=flag.type, choices=flag.choices, default=default,
+                            metavar=flag.name.upper().replace("-", "_") if not flag.choices else None,
+                            help=help_text)
+
+
+def config_from_args(args: argparse.Namespace, flags: tuple) -> EngineConfig:
+    """Flags that were given (or set through the environment) override the defaults."""
+    sections: dict = {}
+    top: dict = {}
+    for flag in flags:
+        value = getattr(args, flag.name.replace("-", "_"), None)
+        if value is None:
+            continue
+        if flag.invert:
+            value = not value
+        if "." in flag.target:
+            section, name = flag.target.split(".")
+            sections.setdefault(section, {})[name] = value
+        else:
+            top[flag.target] = value
+    base = EngineConfig()
+    updates = {section: replace(getattr(base, section), **fields) for section, fields in sections.items()}
+    return replace(base, **updates, **top)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from server.api.app import run_server
+    return run_server(config_from_args(args, ENGINE_FLAGS + SERVER_FLAGS + LOG_FLAGS))
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from server.engine.llm import LLM
+    from server.engine.request import SamplingParams
+
+    llm = LLM(config=config_from_args(args, ENGINE_FLAGS))
+    prompt = args.prompt
+    if args.chat:
+        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        prompt = llm.tokenizer.encode(prompt, add_special_tokens=False)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.sample_seed)
+    print(llm.generate(prompt, params)[0].text)
+    return 0
+
+
+def _cmd_bench(rest: list) -> int:
+    try:
+        bench = importlib.import_module("bench.serve")
+    except ModuleNotFoundError as e:
+        if e.name not in ("bench", "bench.serve"):
+            raise
+        print("sift bench: the serving benchmark (bench/serve.py) is not installed in this build", file=sys.stderr)
+        return 2
+    return bench.main(rest) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sift", description="Sift: an LLM inference server.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
+                           description="Serve the OpenAI-compatible HTTP API (default: the embedded model "
+                                       "on 127.0.0.1:8000).")
+    _add_flags(serve, ENGINE_FLAGS + SERVER_FLAGS + LOG_FLAGS)
+    gen = sub.add_parser("generate", help="run one prompt offline and print the completion")
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most")
+    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    gen.add_argument("--sample-seed", type=int, default=None, help="seed of this request's sampling")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _add_flags(gen, ENGINE_FLAGS + LOG_FLAGS)
+    sub.add_parser("bench", help="serving benchmark (bench/serve.py); arguments are passed through",
+                   add_help=False)
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        return _cmd_bench(argv[1:])
+    args = build_parser().parse_args(argv)
+    level = (getattr(args, "log_level", None) or "info").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "serve":
+            return _cmd_serve(args)
+        return _cmd_generate(args)
+    except ValueError as e:  # a config value rejected by its dataclass
+        print(f"sift: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,133 @@
+"""Frozen configuration, one dataclass per concern, validated at construction.
+
+Nothing here is mutated after start-up: a component that needs a derived value
+computes it from the config, it never writes it back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Where the weights come from and how they are held in memory.
+
+    ``model`` is a path to a GGUF file, a Hugging Face model directory, or
+    ``None`` for the embedded default (SmolLM2-135M-Instruct GGUF).
+    """
+
+    model: Optional[str] = None
+    served_model_name: Optional[str] = None
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    max_model_len: Optional[int] = None  # default: the model's own context length
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"dtype: unknown value {self.dtype!r}")
+        _check(self.device in ("auto", "cpu", "cuda"), f"device: unknown value {self.device!r}")
+        _check(self.max_model_len is None or self.max_model_len > 0, "max_model_len must be > 0")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache. ``kv_cache_memory`` is bytes (> 1) or a fraction of free memory (<= 1)."""
+
+    block_size: int = 16
+    kv_cache_memory: float = 0.25
+    num_blocks: Optional[int] = None  # overrides kv_cache_memory (tests, benchmarks)
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.block_size in (8, 16, 32, 64, 128), "block_size must be one of 8, 16, 32, 64, 128")
+        _check(self.kv_cache_memory > 0, "kv_cache_memory must be > 0")
+        _check(self.num_blocks is None or self.num_blocks >= 2, "num_blocks must be >= 2")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    max_queued_requests: int = 1024
+    long_prefill_token_threshold: int = 0  # 0 = no per-request chunk cap beyond the budget
+
+    def __post_init__(self) -> None:
+        _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")
+        _check(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
+        _check(self.max_queued_requests >= 0, "max_queued_requests must be >= 0")
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Server-wide default for speculative decoding (requests may override)."""
+
+    method: str = "none"  # none | ngram | recycling | goose
+    num_draft_tokens: int = 8
+
+    def __post_init__(self) -> None:
+        _check(self.method in ("none", "ngram", "recycling", "goose"), f"speculative: unknown method {self.method!r}")
+        _check(1 <= self.num_draft_tokens <= 128, "num_draft_tokens must be in [1, 128]")
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """Server-wide default for decode sparsity (requests may override)."""
+
+    method: str = "dense"  # dense | window | quest | tidal
+    window: int = 1024
+    sinks: int = 4
+    budget: int = 256
+
+    def __post_init__(self) -> None:
+        _check(self.method in ("dense", "window", "quest", "tidal"), f"sparsity: unknown method {self.method!r}")
+        _check(self.window >= 1 and self.sinks >= 0 and self.budget >= 1, "sparsity window/budget must be >= 1, sinks >= 0")
+
+
+@dataclass(frozen=True)
+class EvictionConfig:
+    """Server-wide default for KV eviction (requests may override)."""
+
+    method: str = "none"  # none | streaming | h2o | snapkv | lazy
+    budget: float = 0.5  # tokens (> 1) or ratio of the sequence (<= 1)
+    window: int = 32  # LazyEviction's W / recent window
+    alpha: float = 1e-4
+
+    def __post_init__(self) -> None:
+        _check(self.method in ("none", "streaming", "h2o", "snapkv", "lazy"), f"eviction: unknown method {self.method!r}")
+        _check(self.budget > 0, "kv_budget must be > 0")
+        _check(self.window >= 1, "eviction window must be >= 1")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: Optional[str] = None
+    shutdown_timeout: float = 30.0
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, "port must be in [0, 65535]")
+        _check(self.shutdown_timeout >= 0, "shutdown_timeout must be >= 0")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    spec: SpecConfig = field(default_factory=SpecConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    eviction: EvictionConfig = field(default_factory=EvictionConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    attention_backend: str = "auto"  # auto | torch | triton | flash-attn
+
+    def __post_init__(self) -> None:
+        _check(self.attention_backend in ("auto", "torch", "triton", "flash-attn"),
+               f"attention_backend: unknown value {self.attention_backend!r}")

@@ -1,0 +1,218 @@
+"""The synchronous engine core: model + KV cache + scheduler + runner, one ``step()`` at a time.
+
+Not thread-safe: the async engine drives it from a single thread and funnels
+add/abort calls into that thread.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Optional
+
+import torch
+
+from kernels.backend import select_backend
+from server.cache.kv_manager import KVManager
+from server.config import EngineConfig
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.outputs import RequestOutput
+from server.engine.request import Request, RequestStatus, SamplingParams
+from server.engine.scheduler import QueueFullError, Scheduler
+from server.runner.model_runner import ModelRunner
+
+logger = logging.getLogger("sift.engine")
+
+__all__ = ["LLMEngine", "QueueFullError"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+class LLMEngine:
+    def __init__(self, config: Optional[EngineConfig] = None):
+        from models.loader import load_model
+
+        self.config = config = config or EngineConfig()
+        self.device = resolve_device(config.model.device)
+        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        torch.manual_seed(config.model.seed)
+        t0 = time.perf_counter()
+        loaded = load_model(config.model.model, dtype=self.dtype, device=self.device)
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.arch = arch = loaded.arch
+        self.model_name = config.model.served_model_name or loaded.name
+        self.max_model_len = min(config.model.max_model_len or arch.max_position_embeddings,
+                                 arch.max_position_embeddings)
+        self.vocab_size = arch.vocab_size
+        self.eos_token_ids = tuple(self.tokenizer.eos_token_ids)
+
+        cc = config.cache
+        per_block = ModelRunner.kv_bytes_per_block(arch.num_layers, arch.num_kv_heads, arch.head_dim,
+                                                   cc.block_size, self.dtype)
+        if cc.num_blocks is not None:
+            num_blocks = cc.num_blocks
+        else:
+            budget = cc.kv_cache_memory if cc.kv_cache_memory > 1 else cc.kv_cache_memory * available_memory(self.device)
+            num_blocks = int(budget // per_block)
+        min_blocks = -(-self.max_model_len // cc.block_size) + 1
+        if num_blocks < min_blocks:
+            raise ValueError(f"KV cache too small: {num_blocks} blocks of {cc.block_size} tokens cannot hold one "
+                             f"request of max_model_len {self.max_model_len} (need {min_blocks})")
+        self.backend = select_backend(config.attention_backend, self.device)
+        self.kv = KVManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        self.runner = ModelRunner(self.model, arch.num_layers, arch.num_kv_heads, arch.head_dim, self.backend,
+                                  self.device, self.dtype, num_blocks, cc.block_size)
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._pending: list[RequestOutput] = []
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0}
+        logger.info("engine ready in %.1fs: %s on %s/%s, backend=%s, KV pool %d blocks x %d tokens (%.1f MiB)",
+                    time.perf_counter() - t0, self.model_name, self.device, str(self.dtype).replace("torch.", ""),
+                    self.backend.name, num_blocks, cc.block_size, num_blocks * per_block / 2**20)
+
+    # -- requests -------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list, params: SamplingParams,
+                    priority: int = 0) -> None:
+        """Validate and queue. Raises ValueError for bad input, QueueFullError when the queue is full."""
+        if request_id in self.scheduler.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("prompt must not be empty")
+        if any((not isinstance(t, int)) or t < 0 or t >= self.vocab_size for t in prompt_token_ids):
+            raise ValueError(f"prompt: token ids must be integers in [0, {self.vocab_size})")
+        params.validate_for_model(self.vocab_size, len(prompt_token_ids), self.max_model_len)
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        req = Request(request_id, list(prompt_token_ids), params, priority=priority,
+                      eos_token_ids=self.eos_token_ids, generator=gen)
+        self.scheduler.add_request(req)
+        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, params.stop,
+                                                         params.skip_special_tokens)
+
+    def abort_request(self, request_id: str) -> None:
+        for req in self.scheduler.abort([request_id]):
+            self._pending.append(self._output(req, [], "", []))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step -------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        sched = self.scheduler.schedule()
+        if not sched.requests:
+            return outputs
+        step_out = self.runner.execute(sched, self.scheduler.requests)
+        prompt_lps = step_out.prompt_logprobs
+        for rid, (start, lps) in prompt_lps.items():
+            # keyed by target position, so a recompute after preemption overwrites instead of duplicating
+            table = self.scheduler.requests[rid].state.setdefault("prompt_logprobs", {0: None})
+            for j, lp in enumerate(lps):
+                table[start + j + 1] = lp
+        touched = self.scheduler.update(sched, step_out.sampled)
+        for req in touched:
+            outputs.append(self._process_tokens(req, step_out.sampled[req.request_id],
+                                                step_out.logprobs.get(req.request_id, [])))
+        return outputs
+
+    def _process_tokens(self, req: Request, new_tokens: list, new_logprobs: list) -> RequestOutput:
+        """Check stop conditions token by token; truncate anything sampled past a stop."""
+        p = req.params
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+            self.counters["prompt_tokens"] += req.num_prompt_tokens
+        n_before = req.num_output_tokens - len(new_tokens)
+        accepted, status = [], None
+        for i, t in enumerate(new_tokens):
+            accepted.append(t)
+            n_out = n_before + i + 1
+            if t in p.stop_token_ids:
+                status, req.stop_reason = RequestStatus.FINISHED_STOPPED, t
+            elif not p.ignore_eos and t in req.eos_token_ids and n_out >= p.min_tokens:
+                status = RequestStatus.FINISHED_STOPPED
+            elif n_out >= p.max_tokens or req.num_prompt_tokens + n_out >= self.max_model_len:
+                status = RequestStatus.FINISHED_LENGTH
+            if status is not None:
+                break
+        if len(accepted) < len(new_tokens):
+            del req.output_token_ids[n_before + len(accepted):]
+        detok = self._detok[req.request_id]
+        text_tokens = accepted
+        if status == RequestStatus.FINISHED_STOPPED and req.stop_reason is None and not p.ignore_eos:
+            text_tokens = accepted[:-1]  # the EOS token carries no text
+        text = detok.add(text_tokens, finished=status is not None)
+        if detok.stop_hit is not None and status != RequestStatus.FINISHED_STOPPED:
+            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, detok.stop_hit
+        elif detok.stop_hit is not None:
+            req.stop_reason = detok.stop_hit
+        self.counters["generation_tokens"] += len(accepted)
+        logprobs = new_logprobs[: len(accepted)] if p.logprobs is not None else []
+        req.output_logprobs.extend(logprobs)
+        if status is not None:
+            self.scheduler.finish(req, status)
+        return self._output(req, accepted, text, logprobs)
+
+    def _output(self, req: Request, tokens: list, text: str, logprobs: list) -> RequestOutput:
+        finished = req.status.finished
+        out = RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=tokens,
+            new_text=text,
+            new_logprobs=logprobs,
+            finished=finished,
+            finish_reason=req.finish_reason,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=req.num_output_tokens,
+            num_cached_tokens=req.num_cached_tokens,
+            stop_reason=req.stop_reason,
+        )
+        if "prompt_logprobs" in req.state and not req.state.get("prompt_logprobs_sent"):
+            table = req.state["prompt_logprobs"]
+            if len(table) >= req.num_prompt_tokens:
+                out.prompt_logprobs = [table[i] for i in range(req.num_prompt_tokens)]
+                req.state["prompt_logprobs_sent"] = True
+        if finished:
+            self._detok.pop(req.request_id, None)
+        return out
+
+    # -- introspection --------------------------------------------------------------
+    def stats(self) -> dict:
+        kv = self.kv.stats
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_usage": self.kv.usage,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_queries": kv.get("prefix_cache_queries", 0),
+            "prefix_cache_hits": kv.get("prefix_cache_hits", 0),
+            **self.counters,
+        }

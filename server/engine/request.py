@@ -1,0 +1,242 @@
+"""Request lifecycle objects: SamplingParams (validated at the edge) and Request."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+
+@dataclass(frozen=True)
+class SpecOptions:
+    """Per-request speculative decoding: method none|ngram|recycling|goose; optional LANTERN relaxation."""
+
+    method: str = "none"
+    num_draft_tokens: int = 8
+    relaxed_k: int = 0  # neighbours considered (0 = strict verification)
+    relaxed_delta: float = 0.0  # LANTERN: moved mass <= delta (TVD bound)
+    relaxed_lambda: float = 0.0  # LANTERN++: p~(x) <= lambda * p(x) (0 = off)
+    private_table: bool = False  # Token Recycling: per-request adjacency matrix instead of the shared one
+
+    def __post_init__(self) -> None:
+        if self.method not in ("none", "ngram", "recycling", "goose"):
+            raise ValueError(f"speculative.method: unknown value {self.method!r}")
+        if not 1 <= self.num_draft_tokens <= 128:
+            raise ValueError("speculative.num_draft_tokens must be in [1, 128]")
+        if self.relaxed_k < 0 or self.relaxed_delta < 0 or self.relaxed_lambda < 0:
+            raise ValueError("speculative.relaxed: k, delta and lambda must be >= 0")
+        if self.relaxed_delta > 1:
+            raise ValueError("speculative.relaxed.delta must be <= 1")
+
+
+@dataclass(frozen=True)
+class EvictionOptions:
+    """Per-request KV eviction: method none|streaming|h2o|snapkv|lazy; budget in tokens (> 1) or ratio (<= 1)."""
+
+    method: str = "none"
+    budget: float = 0.5
+    window: int = 32
+    alpha: float = 1e-4
+    sinks: int = 4
+
+    def __post_init__(self) -> None:
+        if self.method not in ("none", "streaming", "h2o", "snapkv", "lazy"):
+            raise ValueError(f"kv_eviction.method: unknown value {self.method!r}")
+        if self.budget <= 0:
+            raise ValueError("kv_eviction.budget must be > 0")
+        if self.window < 1:
+            raise ValueError("kv_eviction.window must be >= 1")
+        if not 0 < self.alpha < 1:
+            raise ValueError("kv_eviction.alpha must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class SparsityOptions:
+    """Per-request decode sparsity: dense|window|quest|tidal."""
+
+    method: str = "dense"
+    budget: int = 256
+    window: int = 1024
+    sinks: int = 4
+    selection_layer: int = 2
+    reselection_layer: Optional[int] = None  # default: num_layers // 2
+
+    def __post_init__(self) -> None:
+        if self.method not in ("dense", "window", "quest", "tidal"):
+            raise ValueError(f"sparsity.method: unknown value {self.method!r}")
+        if self.budget < 1 or self.window < 1 or self.sinks < 0:
+            raise ValueError("sparsity: budget and window must be >= 1, sinks >= 0")
+
+
+@dataclass(frozen=True)
+class SkipOptions:
+    """Per-request Probe-and-Skip token skipping for long prefills."""
+
+    method: str = "none"  # none | spts
+    min_prompt_len: int = 1024
+    start_layer: int = 8
+    ratio: float = 0.5  # final skip ratio (raised in stages with depth)
+    probe_tokens: int = 32  # the last r prompt tokens: always active, they probe
+
+    def __post_init__(self) -> None:
+        if self.method not in ("none", "spts"):
+            raise ValueError(f"token_skipping.method: unknown value {self.method!r}")
+        if not 0 <= self.ratio < 1:
+            raise ValueError("token_skipping.ratio must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to turn logits into tokens, and when to stop. Validated here; ValueError names the field."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Optional[dict] = None  # token id -> bias
+    seed: Optional[int] = None
+    stop: tuple = ()  # stop strings
+    stop_token_ids: tuple = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: Optional[int] = None  # number of top alternatives (0 = only the chosen token's logprob)
+    prompt_logprobs: Optional[int] = None
+    n: int = 1
+    skip_special_tokens: bool = True
+    speculative: Optional[SpecOptions] = None  # None = server default
+    eviction: Optional[EvictionOptions] = None
+    sparsity: Optional[SparsityOptions] = None
+    skipping: Optional[SkipOptions] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError("max_tokens must be an integer >= 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < -1 or self.top_k == 0:
+            raise ValueError("top_k must be -1 (disabled) or >= 1")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError("min_p must be in [0, 1]")
+        if not -2 <= self.presence_penalty <= 2:
+            raise ValueError("presence_penalty must be in [-2, 2]")
+        if not -2 <= self.frequency_penalty <= 2:
+            raise ValueError("frequency_penalty must be in [-2, 2]")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
+        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
+            raise ValueError("min_tokens must be in [0, max_tokens]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError("logprobs must be in [0, 20]")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise ValueError("prompt_logprobs must be in [0, 20]")
+        if not isinstance(self.n, int) or not 1 <= self.n <= 16:
+            raise ValueError("n must be in [1, 16]")
+        stop = self.stop
+        if isinstance(stop, str):
+            object.__setattr__(self, "stop", (stop,) if stop else ())
+        elif isinstance(stop, (list, tuple)):
+            if not all(isinstance(s, str) for s in stop):
+                raise ValueError("stop must be a string or a list of strings")
+            object.__setattr__(self, "stop", tuple(s for s in stop if s))
+        elif stop is None:
+            object.__setattr__(self, "stop", ())
+        else:
+            raise ValueError("stop must be a string or a list of strings")
+        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be non-negative integers")
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if self.logit_bias is not None:
+            try:
+                bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError, AttributeError):
+                raise ValueError("logit_bias must map token ids to numbers") from None
+            if any(not -100 <= v <= 100 for v in bias.values()):
+                raise ValueError("logit_bias values must be in [-100, 100]")
+            object.__setattr__(self, "logit_bias", bias)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def validate_for_model(self, vocab_size: int, prompt_len: int, max_model_len: int) -> None:
+        """Checks that need the model: context length and vocabulary."""
+        if prompt_len < 1:
+            raise ValueError("prompt must not be empty")
+        if prompt_len + self.max_tokens > max_model_len:
+            raise ValueError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({self.max_tokens}) exceeds the model's "
+                f"context length ({max_model_len})")
+        if self.logit_bias and any(not 0 <= t < vocab_size for t in self.logit_bias):
+            raise ValueError(f"logit_bias: token id out of vocabulary (size {vocab_size})")
+        if any(t >= vocab_size for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids: token id out of vocabulary (size {vocab_size})")
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"
+
+    @property
+    def finished(self) -> bool:
+        return self.value in ("stop", "length", "abort", "error")
+
+
+@dataclass
+class Request:
+    """One sequence being generated. ``token_ids`` = prompt + output so far.
+
+    ``num_computed_tokens`` counts tokens whose K/V were computed (logical);
+    the KV manager separately tracks how many entries are *resident* (they differ
+    once a policy evicts).
+    """
+
+    request_id: str
+    prompt_token_ids: list
+    params: SamplingParams
+    priority: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+    eos_token_ids: tuple = ()
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list = field(default_factory=list)
+    output_logprobs: list = field(default_factory=list)  # per output token: (logprob, [(id, logprob), ...])
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prefix-cache hits at admission
+    num_preemptions: int = 0
+    stop_reason: Union[int, str, None] = None
+    first_token_time: Optional[float] = None
+    first_scheduled_time: Optional[float] = None
+    generator: Any = None  # torch.Generator for seeded sampling
+    state: dict = field(default_factory=dict)  # technique state (drafter, eviction stats, ...)
+
+    @property
+    def token_ids(self) -> list:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        if not self.status.finished:
+            return None
+        return self.status.value

@@ -1,0 +1,155 @@
+"""SchedulerOutput -> ForwardBatch -> model -> logits -> sampler -> StepOutput.
+
+Tensors live here (and in the model and kernels); the scheduler never sees them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from kernels.backend import AttentionBackend, AttentionMetadata
+from server.engine.outputs import SchedulerOutput, StepOutput
+from server.engine.request import Request
+from server.runner.forward_batch import ForwardBatch
+from server.runner.sampler import sample, token_logprobs
+
+Tensor = torch.Tensor
+
+
+class ModelRunner:
+    def __init__(self, model, num_layers: int, num_kv_heads: int, head_dim: int, backend: AttentionBackend,
+                 device: torch.device, dtype: torch.dtype, num_blocks: int, block_size: int):
+        self.model = model
+        self.backend = backend
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+        self.num_layers = num_layers
+        num_slots = num_blocks * block_size
+        self.kv_caches = [
+            (torch.zeros(num_slots, num_kv_heads, head_dim, dtype=dtype, device=device),
+             torch.zeros(num_slots, num_kv_heads, head_dim, dtype=dtype, device=device))
+            for _ in range(num_layers)
+        ]
+
+    @staticmethod
+    def kv_bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
+                           dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * block_size * torch.empty((), dtype=dtype).element_size()
+
+    # -- cache maintenance ----------------------------------------------------------
+    def apply_cache_ops(self, sched: SchedulerOutput) -> None:
+        """Block copies (copy-on-write) first, then per-head compactions (eviction)."""
+        if sched.block_copies:
+            src = torch.tensor([s for s, _ in sched.block_copies], device=self.device)
+            dst = torch.tensor([d for _, d in sched.block_copies], device=self.device)
+            for k, v in self.kv_caches:
+                self.backend.copy_blocks(k, v, src, dst, self.block_size)
+        for src_slots, dst_slots in sched.compactions:
+            src_t = torch.as_tensor(src_slots, device=self.device)
+            dst_t = torch.as_tensor(dst_slots, device=self.device)
+            for layer, (k, v) in enumerate(self.kv_caches):
+                self.backend.gather_compact(k, v, src_t[layer], dst_t)
+
+    # -- the step -------------------------------------------------------------------
+    def build_batch(self, sched: SchedulerOutput, requests: dict) -> ForwardBatch:
+        """Flatten the scheduled requests. ``extras['prompt_rows']`` maps a request that asked for
+        prompt logprobs to the range of logits rows covering its prompt chunk."""
+        ids, pos, slots, cu, kv_lens, q_lens = [], [], [], [0], [], []
+        logits_rows, prompt_rows = [], {}
+        max_blocks = max(len(s.block_table) for s in sched.requests)
+        tables = []
+        windows, sinks = [], []
+        for s in sched.requests:
+            n = len(s.token_ids)
+            ids.extend(s.token_ids)
+            pos.extend(s.positions)
+            slots.extend(s.slot_mapping)
+            cu.append(cu[-1] + n)
+            q_lens.append(n)
+            kv_lens.append(s.kv_len)
+            tables.append(s.block_table + [0] * (max_blocks - len(s.block_table)))
+            windows.append(s.window)
+            sinks.append(s.sinks)
+            req = requests[s.request_id]
+            if req.params.prompt_logprobs is not None and s.positions[0] < req.num_prompt_tokens:
+                prompt_rows[s.request_id] = (len(logits_rows), n)
+                logits_rows.extend(range(cu[-2], cu[-1]))
+            elif s.sample:
+                logits_rows.append(cu[-1] - 1)
+        dev = self.device
+        use_window = any(windows)
+        meta = AttentionMetadata(
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_size=self.block_size,
+            q_lens=q_lens,
+            kv_lens_host=kv_lens,
+            window=torch.tensor(windows, dtype=torch.int32, device=dev) if use_window else None,
+            sinks=torch.tensor(sinks, dtype=torch.int32, device=dev) if use_window else None,
+            score_layers=sched.score_layers,
+        )
+        return ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            positions=torch.tensor(pos, dtype=torch.long, device=dev),
+            attn=meta,
+            backend=self.backend,
+            kv_caches=self.kv_caches,
+            logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev),
+            extras={"prompt_rows": prompt_rows},
+        )
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput, requests: dict) -> StepOutput:
+        self.apply_cache_ops(sched)
+        out = StepOutput()
+        if not sched.requests:
+            return out
+        batch = self.build_batch(sched, requests)
+        hidden = self.model(batch)
+        if batch.logits_indices.numel() == 0:
+            out.scores = batch.attn.scores
+            return out
+        logits = self.model.compute_logits(hidden)
+        prompt_rows = batch.extras["prompt_rows"]
+        sample_rows, sampling = [], []
+        row = 0
+        for s in sched.requests:
+            if s.request_id in prompt_rows:
+                start, n = prompt_rows[s.request_id]
+                req = requests[s.request_id]
+                out.prompt_logprobs[s.request_id] = (s.positions[0], self._prompt_logprobs(
+                    logits[start:start + n], req, s.positions[0], req.params.prompt_logprobs))
+                row = start + n
+                if s.sample:
+                    sample_rows.append(row - 1)
+                    sampling.append(s)
+            elif s.sample:
+                sample_rows.append(row)
+                sampling.append(s)
+                row += 1
+        if sampling:
+            reqs: list[Request] = [requests[s.request_id] for s in sampling]
+            res = sample(logits[sample_rows], reqs)
+            for i, s in enumerate(sampling):
+                out.sampled[s.request_id] = [res.token_ids[i]]
+                if res.logprobs is not None and res.logprobs[i] is not None:
+                    out.logprobs[s.request_id] = [res.logprobs[i]]
+        out.scores = batch.attn.scores
+        return out
+
+    @staticmethod
+    def _prompt_logprobs(logits: Tensor, req: Request, start: int, top: int) -> list:
+        """Row j predicts the token at position start + j + 1; only prompt targets are reported."""
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        targets = req.prompt_token_ids
+        res = []
+        for j in range(lp.shape[0]):
+            t = start + j + 1
+            if t >= len(targets):
+                break
+            res.append(token_logprobs(lp[j], targets[t], top))
+        return res

@@ -1,0 +1,76 @@
+"""Scheduler policy with the real KV manager and no model."""
+import pytest
+
+from server.cache.kv_manager import KVManager
+from server.config import SchedulerConfig
+from server.engine.request import Request, RequestStatus, SamplingParams
+from server.engine.scheduler import QueueFullError, Scheduler
+
+
+def _sched(num_blocks=64, **kw):
+    return Scheduler(SchedulerConfig(**kw), KVManager(num_blocks, 4), max_model_len=256)
+
+
+def _req(rid, n, priority=0, t=0.0):
+    base = 1000 * (sum(map(ord, rid)) % 50)  # distinct prompts: no accidental prefix-cache hits
+    return Request(rid, list(range(base + 1, base + n + 1)), SamplingParams(max_tokens=8), priority=priority, arrival_time=t)
+
+
+def _fake_step(s, out):
+    s.update(out, {r.request_id: [7] for r in out.requests if r.sample})
+
+
+def test_budget_decodes_first_then_chunked_prefill():
+    s = _sched(max_num_batched_tokens=10)
+    s.add_request(_req("a", 6, t=0))
+    out = s.schedule()
+    assert [(r.request_id, len(r.token_ids), r.sample) for r in out.requests] == [("a", 6, True)]
+    _fake_step(s, out)
+    s.add_request(_req("b", 20, t=1))
+    out = s.schedule()
+    # a decodes 1 token first, then b gets the remaining 9 of the budget
+    assert [(r.request_id, len(r.token_ids), r.sample) for r in out.requests] == [("a", 1, True), ("b", 9, False)]
+    assert out.requests[1].positions == list(range(9))
+    _fake_step(s, out)
+    out = s.schedule()
+    assert [(r.request_id, len(r.token_ids)) for r in out.requests] == [("a", 1), ("b", 9)]
+
+
+def test_priority_order_and_queue_limit():
+    s = _sched(max_num_batched_tokens=4, max_queued_requests=3)
+    s.add_request(_req("low", 4, priority=5, t=0))
+    s.add_request(_req("high", 4, priority=-1, t=1))
+    s.add_request(_req("mid", 4, priority=0, t=2))
+    with pytest.raises(QueueFullError):
+        s.add_request(_req("x", 4))
+    assert [r.request_id for r in s.schedule().requests] == ["high"]
+
+
+def test_preemption_by_recompute_frees_blocks():
+    s = _sched(num_blocks=5, max_num_batched_tokens=64)  # 4 usable blocks of 4 tokens
+    s.add_request(_req("a", 8, t=0))
+    s.add_request(_req("b", 8, t=1))
+    out = s.schedule()
+    assert len(out.requests) == 2
+    _fake_step(s, out)  # 8 resident entries each = 2 full blocks each: the pool is full
+    out = s.schedule()
+    # a needs a 3rd block: b (latest) is preempted and its blocks freed
+    assert out.preempted == ["b"]
+    assert [r.request_id for r in out.requests] == ["a"]
+    b = next(r for r in [s._waiting[0][3]])
+    assert b.status == RequestStatus.PREEMPTED and b.num_computed_tokens == 0
+    s.finish(s.requests["a"], RequestStatus.FINISHED_ABORTED)
+    out = s.schedule()
+    r = out.requests[0]
+    # recompute prompt + output; its first block survives in the prefix cache after the preemption
+    assert r.request_id == "b" and r.positions[-1] == 8 and r.kv_len == 9 and r.sample
+    assert s.requests["b"].num_cached_tokens == 4
+    s.finish(s.requests["b"], RequestStatus.FINISHED_ABORTED)
+    assert s.kv.num_free_blocks == 4
+
+
+def test_max_num_seqs():
+    s = _sched(max_num_seqs=2)
+    for i in range(3):
+        s.add_request(_req(f"r{i}", 3, t=i))
+    assert len(s.schedule().requests) == 2 and s.num_waiting == 1
