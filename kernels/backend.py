@@ -8,7 +8,7 @@ runner. ``torch`` runs :mod:`kernels.reference` (the CPU path and test oracle);
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 
@@ -36,7 +36,11 @@ class AttentionMetadata:
     sinks: Optional[Tensor] = None  # int32 [B]
     tree_mask: Optional[Tensor] = None  # bool [T, max_q_len]; see kernels.reference
     score_layers: frozenset = frozenset()  # layers that emit per-kv-head scores of each request's last query
+    sparse: Optional["SparsePlan"] = None  # per-step sparse decode plan (TidalDecode, Quest); None = dense
     scores: dict = field(default_factory=dict)  # layer -> (sum, max) [B, Hkv, max_kv_len], filled by the backend
+    # per request: how many trailing queries of its chunk the emitted scores aggregate (None = 1 each);
+    # > 1 only at the end of a prefill, for SnapKV's observation window (see kernels.reference.window_scores)
+    score_queries: Optional[list] = None
     _cache: dict = field(default_factory=dict)  # per-step derived tensors shared across layers
 
     @property
@@ -50,6 +54,14 @@ class AttentionMetadata:
     @property
     def is_decode(self) -> bool:
         return all(n == 1 for n in self.q_lens) and self.tree_mask is None
+
+
+class SparsePlan(Protocol):
+    """A step's sparse decode plan (see server/policies/sparsity.py): it decides, per layer, which rows
+    attend densely and which over selected slots, calling back into the backend for both."""
+
+    def attend(self, backend: "AttentionBackend", layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor,
+               meta: "AttentionMetadata", scale: float) -> Tensor: ...
 
 
 class AttentionBackend:
@@ -70,6 +82,13 @@ class AttentionBackend:
     def forward(self, layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor,
                 meta: AttentionMetadata, scale: float) -> Tensor:
         """q: [T, Hq, D] -> out [T, Hq, D]; K/V of the new tokens are already stored."""
+        if meta.sparse is not None:
+            return meta.sparse.attend(self, layer, q, k_cache, v_cache, meta, scale)
+        return self.dense_forward(layer, q, k_cache, v_cache, meta, scale)
+
+    def dense_forward(self, layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor,
+                      meta: AttentionMetadata, scale: float) -> Tensor:
+        """Exact attention of every row (the path without a sparse plan)."""
         emit = layer in meta.score_layers
         if meta.is_decode:
             out, scores = self._decode(q, k_cache, v_cache, meta, scale, emit)
@@ -81,8 +100,20 @@ class AttentionBackend:
             # scores of each request's last query (the token whose logits are sampled)
             last = meta.cu_seqlens_q[1:].long() - 1
             _, scores = self._decode(q[last], k_cache, v_cache, meta, scale, True)
+            if meta.score_queries is not None:
+                ref.window_scores(q, k_cache, meta.block_tables, meta.cu_seqlens_q, meta.kv_lens, meta.block_size,
+                                  scale, meta.score_queries, scores, meta.window, meta.sinks)
             meta.scores[layer] = scores
         return out
+
+    def decode(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, scale: float,
+               emit: bool = False):
+        """Dense decode of a decode-only ``meta``: (out [B, Hq, D], (sum, max) scores or None)."""
+        return self._decode(q, k_cache, v_cache, meta, scale, emit)
+
+    def sparse_decode(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, scale: float) -> Tensor:
+        """Decode attention of each (request, kv head) over its slot list ``slots`` [B, Hkv, N] (-1 = padding)."""
+        return ref.sparse_decode(q, k_cache, v_cache, slots, scale)
 
     def _decode(self, q, k_cache, v_cache, meta, scale, emit):
         raise NotImplementedError

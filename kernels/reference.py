@@ -155,6 +155,38 @@ def paged_decode(
     return out, (p.sum(dim=2), p.amax(dim=2))
 
 
+def window_scores(q: Tensor, k_cache: Tensor, block_tables: Tensor, cu_seqlens_q: Tensor, kv_lens: Tensor,
+                  block_size: int, scale: float, num_queries: list, scores: tuple,
+                  window: Optional[Tensor] = None, sinks: Optional[Tensor] = None) -> None:
+    """Observation-window scores (SnapKV): for each request b with ``num_queries[b] > 1``, overwrite its rows of
+    ``scores`` = (sum, max) [B, Hkv, max_kv_len] with the attention probabilities of its last
+    ``min(num_queries[b], q_len)`` queries, aggregated (sum, max) over those queries and each kv head's query group.
+
+    Only called at the end of a prefill, so a plain torch pass is cheap next to the prefill itself; the
+    Triton backend uses this same function (there is no Triton variant).
+    """
+    hkv = k_cache.shape[1]
+    g = q.shape[1] // hkv
+    cu = cu_seqlens_q.tolist()
+    lens = kv_lens.tolist()
+    for b, nq in enumerate(num_queries):
+        nq = min(nq, cu[b + 1] - cu[b])
+        if nq <= 1:
+            continue
+        kv_len, e = lens[b], cu[b + 1]
+        k = k_cache[slots_for(block_tables[b], kv_len, block_size)].float().transpose(0, 1)  # [Hkv, L, D]
+        qb = q[e - nq:e].float().view(nq, hkv, g, -1).permute(1, 2, 0, 3)  # [Hkv, G, nq, D]
+        w = int(window[b]) if window is not None else 0
+        sk = int(sinks[b]) if sinks is not None else 0
+        mask = attention_mask(torch.arange(kv_len - nq, kv_len, device=q.device), kv_len, w, sk)
+        logits = torch.matmul(qb, k[:, None].transpose(-1, -2)) * scale  # [Hkv, G, nq, L]
+        p = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+        scores[0][b].zero_()
+        scores[1][b].zero_()
+        scores[0][b, :, :kv_len] = p.sum(dim=(1, 2))
+        scores[1][b, :, :kv_len] = p.amax(dim=(1, 2))
+
+
 def copy_blocks(k_cache: Tensor, v_cache: Tensor, src: Tensor, dst: Tensor, block_size: int) -> None:
     """Copy whole blocks src[i] -> dst[i] (copy-on-write) in one layer's pool."""
     if src.numel() == 0:
@@ -180,3 +212,103 @@ def gather_compact(k_cache: Tensor, v_cache: Tensor, src_slots: Tensor, dst_slot
     dst = dst_slots.long()[None, :].expand(hkv, -1)
     k_cache[dst, heads] = k_keep
     v_cache[dst, heads] = v_keep
+
+
+def sparse_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, scale: float) -> Tensor:
+    """Decode attention of each (request, kv head) over its own list of physical slots.
+
+    q: [B, Hq, D]; slots: [B, Hkv, N] int, -1 = padding (masked). Every query head of a kv head's
+    group attends over that kv head's slots only. Returns out [B, Hq, D] in q's dtype.
+    """
+    bsz, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    heads = torch.arange(hkv, device=q.device)[None, :, None]
+    idx = slots.long().clamp(min=0)
+    k = k_cache[idx, heads].float()  # [B, Hkv, N, D]
+    v = v_cache[idx, heads].float()
+    logits = torch.matmul(q.float().view(bsz, hkv, hq // hkv, d), k.transpose(-1, -2)) * scale
+    logits = logits.masked_fill((slots < 0)[:, :, None, :], float("-inf"))
+    return torch.matmul(torch.softmax(logits, dim=-1), v).reshape(bsz, hq, d).to(q.dtype)
+
+
+def gather_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """x[rows]: the active tokens' rows of a [T, H] tensor, packed."""
+    return x.index_select(0, rows)
+
+
+def scatter_add_rows_(x: Tensor, rows: Tensor, update: Tensor) -> Tensor:
+    """In place: x[rows[i]] += update[i] (rows distinct); every other row of x is left untouched."""
+    return x.index_add_(0, rows, update.to(x.dtype))
+
+
+def spec_verify(probs: Optional[Tensor], target: Tensor, draft: Tensor, first_child: Tensor, num_children: Tensor,
+                uniforms: Tensor, roots: Tensor, greedy: Tensor, relax_k: Tensor, delta: Tensor, lam: Tensor,
+                nearest: Optional[Tensor], max_depth: int):
+    """Speculative tree verification over a batch of trees (the oracle of ``kernels.spec_verify``).
+
+    Flat nodes of all trees: probs [N, V] float32 (each node's next-token distribution; only read for
+    sampling or relaxed trees, may be None when there are none; sampling trees' rows become their
+    residuals, in place), target [N] (argmax of each node's logits), draft [N] (each node's token),
+    first_child/num_children [N] (global indices; siblings contiguous, tried in order), uniforms [N]
+    (the accept draw of each node). Per tree: roots [B], greedy [B] (1 = accept iff child == argmax),
+    relax_k [B] (LANTERN neighbours, 0 = strict), delta [B] (moved-mass bound) and lam [B] (> 0:
+    LANTERN++, moved mass <= (lam - 1) * p(x) instead). nearest [V, >= max k] neighbour ids.
+
+    Relaxation of draft x under distribution r: the cumulative r-mass c_j of x's j nearest neighbours,
+    the largest j with c_j <= limit, p~(x) = r(x) + c_j. Greedy accepts iff x is the argmax or p~(x) >=
+    r(argmax); sampling accepts iff u * R < p~(x) with R the residual mass, and on rejection zeroes x
+    and the moved neighbours (the delta budget shrinks by what was moved, so a node's output stays
+    within total variation delta of r).
+
+    Returns path [B, max_depth + 1] int32 (accepted nodes from the root, -1 after), num_accepted [B],
+    last [B] (the node whose row yields the bonus token: target[last] when greedy, else a draw from
+    the residual probs[last]) and relaxed [B] (accepts that strict verification would have refused).
+    """
+    bsz = roots.numel()
+    path = torch.full((bsz, max_depth + 1), -1, dtype=torch.int32)
+    path[:, 0] = roots.cpu()
+    num_acc = torch.zeros(bsz, dtype=torch.int32)
+    last = roots.cpu().to(torch.int32).clone()
+    relaxed = torch.zeros(bsz, dtype=torch.int32)
+    tgt, drf, u = target.tolist(), draft.tolist(), uniforms.tolist()
+    fc, nc = first_child.tolist(), num_children.tolist()
+    for b in range(bsz):
+        cur, depth, k = int(roots[b]), 0, int(relax_k[b])
+        is_greedy, lim_lam, dl = bool(greedy[b]), float(lam[b]), float(delta[b])
+        while depth < max_depth:
+            row = probs[cur] if probs is not None and (k > 0 or not is_greedy) else None
+            mass, budget, accepted = 1.0, dl, -1
+            for c in range(fc[cur], fc[cur] + nc[cur]):
+                x = drf[c]
+                if is_greedy and x == tgt[cur]:
+                    accepted = c
+                    break
+                moved, take = 0.0, None
+                if k > 0:
+                    px = float(row[x])
+                    nb = nearest[x, :k].long()
+                    cum = torch.cumsum(row[nb], 0)
+                    take = nb[cum <= ((lim_lam - 1.0) * px if lim_lam > 0 else budget)]
+                    moved = float(cum[take.numel() - 1]) if take.numel() else 0.0
+                if is_greedy:
+                    if moved > 0 and float(row[x]) + moved >= float(row[tgt[cur]]):
+                        accepted, relaxed[b] = c, relaxed[b] + 1
+                        break
+                    continue
+                px = float(row[x])
+                if u[c] * mass < px + moved:
+                    accepted = c
+                    relaxed[b] += int(u[c] * mass >= px)
+                    break
+                row[x] = 0.0
+                if take is not None:
+                    row[take] = 0.0
+                mass -= px + moved
+                budget -= moved
+            if accepted < 0:
+                break
+            depth += 1
+            path[b, depth] = accepted
+            cur = accepted
+        num_acc[b], last[b] = depth, cur
+    return path, num_acc, last, relaxed

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import kv_ops
+from kernels import kv_ops, sparse_attention
 from kernels.backend import AttentionBackend, AttentionMetadata
 from kernels.paged_attention import paged_attention, paged_decode
 
@@ -38,6 +38,9 @@ class TritonBackend(AttentionBackend):
     def _decode(self, q, k_cache, v_cache, meta, scale, emit):
         return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.kv_lens, meta.block_size, scale,
                             meta.window, meta.sinks, return_scores=emit, max_kv_len=meta.max_kv_len)
+
+    def sparse_decode(self, q, k_cache, v_cache, slots, scale):
+        return sparse_attention.sparse_decode(q, k_cache, v_cache, slots, scale)
 
     def _prefill(self, q, k_cache, v_cache, meta, scale):
         if self._flash_fits(q, meta):

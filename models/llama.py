@@ -29,14 +29,19 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = empty_linear(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.attention_bias)
         self.o_proj = empty_linear(self.q_size, arch.hidden_size)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, batch: ForwardBatch) -> Tensor:
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Rotated q [T, Hq, D], k [T, Hkv, D] and v [T, Hkv, D] of the normed input x."""
         t = x.shape[0]
         qkv = self.qkv_proj(x)
         qk_size = self.q_size + self.kv_size
         # q and k sit side by side in qkv: rotate them as one [T, Hq + Hkv, D] tensor
         qk = apply_rotary(qkv[:, :qk_size].view(t, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        v = qkv[:, qk_size:].view(t, self.num_kv_heads, self.head_dim)
+        return q, k, qkv[:, qk_size:].view(t, self.num_kv_heads, self.head_dim)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, batch: ForwardBatch) -> Tensor:
+        t = x.shape[0]
+        q, k, v = self.project(x, cos, sin)
         k_cache, v_cache = batch.kv_caches[self.layer]
         batch.backend.store_kv(k, v, k_cache, v_cache, batch.attn)
         out = batch.backend.forward(self.layer, q, k_cache, v_cache, batch.attn, self.scale)
@@ -75,8 +80,12 @@ class LlamaForCausalLM(nn.Module):
         """Final-normed hidden states [N, hidden] of the rows ``batch.logits_indices``."""
         h = self.embed_tokens(batch.input_ids)
         cos, sin = self.rotary.cos_sin(batch.positions, h.dtype)
-        for layer in self.layers:
-            h = layer(h, cos, sin, batch)
+        skip = batch.extras.get("skip")  # token skipping for long prefills (server/policies/skipping.py)
+        if skip is not None:
+            h = skip.run(self.layers, h, cos, sin, batch)
+        else:
+            for layer in self.layers:
+                h = layer(h, cos, sin, batch)
         return self.norm(h[batch.logits_indices])
 
     @torch.inference_mode()

@@ -70,9 +70,9 @@ ENGINE_FLAGS = (
     _Flag("sinks", "sparsity.sinks", int, "attention-sink tokens always kept by windowed sparsity"),
     _Flag("kv-eviction", "eviction.method", str, "default KV eviction policy",
           ("none", "streaming", "h2o", "snapkv", "lazy")),
-    _Flag("kv-budget", "eviction.budget", float, "KV entries kept per request: tokens (> 1) or ratio (<= 1)"),
+    _Flag("kv-budget", "eviction.budget", float, "KV entries kept per request: tokens (> 1) or ratio (<= 1) of prompt + max_tokens"),
     _Flag("kv-window", "eviction.window", int, "recent window protected from eviction"),
-    _Flag("kv-alpha", "eviction.alpha", float, "LazyEviction score decay"),
+    _Flag("kv-alpha", "eviction.alpha", float, "LazyEviction recurrence threshold (attention probability)"),
     _Flag("attention-backend", "attention_backend", str, "attention kernels (auto: best for the device)",
           ("auto", "torch", "triton", "flash-attn")),
 )

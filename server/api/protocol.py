@@ -69,6 +69,8 @@ class Sparsity(_Strict):
     budget: Optional[int] = None
     window: Optional[int] = None
     sinks: Optional[int] = None
+    selection_layer: Optional[int] = None
+    reselection_layer: Optional[int] = None
 
     def to_options(self) -> SparsityOptions:
         return SparsityOptions(**self.model_dump(exclude_unset=True))
@@ -78,6 +80,11 @@ class TokenSkipping(_Strict):
     method: str
     ratio: Optional[float] = None
     start_layer: Optional[int] = None
+    min_prompt_len: Optional[int] = None
+    probe_tokens: Optional[int] = None
+    stages: Optional[int] = None
+    probe_rank: Optional[int] = None
+    blocks: Optional[str] = None
 
     def to_options(self) -> SkipOptions:
         return SkipOptions(**self.model_dump(exclude_unset=True))

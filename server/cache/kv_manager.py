@@ -206,6 +206,11 @@ class KVManager:
         self._counters["cow_copies"] += 1
         return [(tail, fresh)]
 
+    def is_pristine(self, req_id: Hashable) -> bool:
+        """True if the request's KV holds exactly its tokens in order: never compacted, no window holes."""
+        req = self._requests[req_id]
+        return not req.rewritten and NULL_BLOCK not in req.block_table
+
     def fork(self, parent_id: Hashable, child_id: Hashable) -> Optional[list[BlockCopy]]:
         """Give ``child_id`` the parent's KV: full blocks shared, the partial tail block copied.
         Returns the copies to apply, or None (nothing changed) if no block is free for the copy."""

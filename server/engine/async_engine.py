@@ -268,6 +268,9 @@ class AsyncEngine:
     def _core_main(self) -> None:
         try:
             engine = self._factory()
+        except ValueError as e:  # ModelLoadError and config errors: one clear line, no traceback
+            self._send(self._on_fatal, f"model load failed: {e}")
+            return
         except Exception as e:  # noqa: BLE001 - any load failure is reported, not raised
             logger.exception("model load failed")
             self._send(self._on_fatal, f"model load failed: {e}")

@@ -17,9 +17,13 @@ from server.cache.kv_manager import KVManager
 from server.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.outputs import RequestOutput
-from server.engine.request import Request, RequestStatus, SamplingParams
+from server.engine.request import EvictionOptions, Request, RequestStatus, SamplingParams
 from server.engine.scheduler import QueueFullError, Scheduler
+from server.policies import skipping, sparsity
+from server.policies.eviction import EvictionDriver
 from server.runner.model_runner import ModelRunner
+from server.spec import Speculator
+from server.spec.budget import measure_forward
 
 logger = logging.getLogger("sift.engine")
 
@@ -89,9 +93,15 @@ class LLMEngine:
                              f"request of max_model_len {self.max_model_len} (need {min_blocks})")
         self.backend = select_backend(config.attention_backend, self.device)
         self.kv = KVManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        self.speculator = Speculator(config.spec, self.vocab_size, self.model.embed_tokens.weight, self.model_name,
+                                     measure=lambda num_seqs, q_len: measure_forward(self.runner, num_seqs, q_len))
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, window_of=sparsity.window_of,
+                                   exact_kv_of=self._exact_kv_tokens, speculator=self.speculator)
         self.runner = ModelRunner(self.model, arch.num_layers, arch.num_kv_heads, arch.head_dim, self.backend,
-                                  self.device, self.dtype, num_blocks, cc.block_size)
+                                  self.device, self.dtype, num_blocks, cc.block_size, speculator=self.speculator)
+        ev = config.eviction
+        self.eviction = EvictionDriver(EvictionOptions(method=ev.method, budget=ev.budget, window=ev.window,
+                                                       alpha=ev.alpha), arch.num_layers, arch.num_kv_heads)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._pending: list[RequestOutput] = []
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0}
@@ -114,9 +124,20 @@ class LLMEngine:
         gen.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         req = Request(request_id, list(prompt_token_ids), params, priority=priority,
                       eos_token_ids=self.eos_token_ids, generator=gen)
+        req.state["sparsity"] = sparsity.make_policy(sparsity.resolve_options(params.sparsity, self.config.sparsity),
+                                                     self.arch.num_layers)
+        if skipping.resolve_options(params.skipping) is not None:
+            req.state["skipping"] = params.skipping
+        self.eviction.attach(req)
+        self.speculator.attach(req)
         self.scheduler.add_request(req)
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, params.stop,
                                                          params.skip_special_tokens)
+
+    @staticmethod
+    def _exact_kv_tokens(req: Request) -> int:
+        """Leading tokens whose KV the request computes exactly as a dense request would (prefix-cache safe)."""
+        return 0 if skipping.lossy_prefill(req) else sparsity.exact_kv_of(req)
 
     def abort_request(self, request_id: str) -> None:
         for req in self.scheduler.abort([request_id]):
@@ -131,6 +152,7 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched.requests:
             return outputs
+        self.eviction.prepare(sched, self.scheduler.requests)
         step_out = self.runner.execute(sched, self.scheduler.requests)
         prompt_lps = step_out.prompt_logprobs
         for rid, (start, lps) in prompt_lps.items():
@@ -142,6 +164,9 @@ class LLMEngine:
         for req in touched:
             outputs.append(self._process_tokens(req, step_out.sampled[req.request_id],
                                                 step_out.logprobs.get(req.request_id, [])))
+        # the step's tokens are final now (stops applied, drafts verified): policies may evict
+        for plan in self.eviction.after_step(sched, step_out, self.scheduler.requests, self.kv):
+            self.scheduler.queue_compaction(plan)
         return outputs
 
     def _process_tokens(self, req: Request, new_tokens: list, new_logprobs: list) -> RequestOutput:
@@ -169,7 +194,13 @@ class LLMEngine:
         text_tokens = accepted
         if status == RequestStatus.FINISHED_STOPPED and req.stop_reason is None and not p.ignore_eos:
             text_tokens = accepted[:-1]  # the EOS token carries no text
+        num_fed = len(detok.tokens)
         text = detok.add(text_tokens, finished=status is not None)
+        used = len(detok.tokens) - num_fed
+        if detok.stop_hit is not None and used < len(accepted):
+            # several tokens per step (speculation): the output ends at the token that completed the stop string
+            del accepted[used:]
+            del req.output_token_ids[n_before + used:]
         if detok.stop_hit is not None and status != RequestStatus.FINISHED_STOPPED:
             status, req.stop_reason = RequestStatus.FINISHED_STOPPED, detok.stop_hit
         elif detok.stop_hit is not None:
@@ -214,5 +245,7 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "prefix_cache_queries": kv.get("prefix_cache_queries", 0),
             "prefix_cache_hits": kv.get("prefix_cache_hits", 0),
+            **self.eviction.stats(self.scheduler.running, self.kv),
+            **self.speculator.stats,
             **self.counters,
         }

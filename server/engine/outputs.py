@@ -24,13 +24,14 @@ class ScheduledRequest:
     draft_parents: Optional[list] = None  # speculative tree: parent index of each draft node (-1 = root)
     window: int = 0
     sinks: int = 0
+    score_queries: int = 1  # trailing queries aggregated into this request's emitted scores (SnapKV: w at prompt end)
 
 
 @dataclass
 class SchedulerOutput:
     requests: list = field(default_factory=list)  # [ScheduledRequest], decodes first then prefills
     block_copies: list = field(default_factory=list)  # [(src_block, dst_block)] to apply before the forward
-    compactions: list = field(default_factory=list)  # [(src_slots [L,Hkv,N], dst_slots [N])] before the forward
+    compactions: list = field(default_factory=list)  # [CompactPlan] (eviction), applied in order before block_copies
     preempted: list = field(default_factory=list)  # request ids preempted this step
     score_layers: frozenset = frozenset()
 

@@ -19,6 +19,11 @@ from server.cache.kv_manager import KVManager
 from server.config import SchedulerConfig
 from server.engine.outputs import ScheduledRequest, SchedulerOutput
 from server.engine.request import Request, RequestStatus
+from server.spec.tree import depths
+
+
+# options that change how a prompt's KV is computed: requests share prompt KV only if these match
+_PREFILL_OPTIONS = ("eviction", "sparsity", "skipping")
 
 
 class QueueFullError(RuntimeError):
@@ -27,17 +32,25 @@ class QueueFullError(RuntimeError):
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVManager, max_model_len: int,
-                 window_of: Optional[Callable[[Request], tuple]] = None):
+                 window_of: Optional[Callable[[Request], tuple]] = None,
+                 exact_kv_of: Optional[Callable[[Request], int]] = None, speculator=None):
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
         # (window, sinks) of a request: 0 window = dense. Supplied by the sparsity policy.
         self.window_of = window_of or (lambda req: (0, 0))
+        # leading tokens whose KV a request computes exactly as a dense request would: only those may enter
+        # the prefix cache, and a request with none (windowed or token-skipping prefill) never reads it
+        self.exact_kv_of = exact_kv_of or (lambda req: req.num_tokens)
+        self.speculator = speculator  # server.spec.Speculator: draft trees for decoding requests, or None
         self._waiting: list = []  # heap of (priority, seq, request)
         self._seq = itertools.count()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.num_forks = 0
+        self._prompt_owner: dict[int, str] = {}  # prompt hash -> first in-flight request with that prompt
+        self._compactions: list = []  # CompactPlans decided between steps; sent with the next SchedulerOutput
 
     # -- queue ---------------------------------------------------------------------
     @property
@@ -55,6 +68,7 @@ class Scheduler:
         if len(self._waiting) >= self.config.max_queued_requests:
             raise QueueFullError(f"waiting queue is full ({self.config.max_queued_requests} requests)")
         self.requests[req.request_id] = req
+        self._prompt_owner.setdefault(self._prompt_key(req), req.request_id)
         self._push_waiting(req)
 
     def _push_waiting(self, req: Request) -> None:
@@ -70,16 +84,27 @@ class Scheduler:
             self._waiting = [e for e in self._waiting if e[3] is not req]
             heapq.heapify(self._waiting)
         req.status = status
+        key = self._prompt_key(req)
+        if self._prompt_owner.get(key) == req.request_id:
+            del self._prompt_owner[key]
         if self.kv.has(req.request_id):
             self.kv.free(req.request_id)
         self.requests.pop(req.request_id, None)
 
+    def queue_compaction(self, plan) -> None:
+        """A compaction the KV manager already applied to its tables: the runner moves the KV before the next forward."""
+        self._compactions.append(plan)
+
     # -- scheduling -----------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        out = SchedulerOutput(compactions=self._compactions)
+        self._compactions = []
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
         preempted_any = False
+        drafts: dict = {}  # request id -> DraftTree fed after the request's last token
+        if self.speculator is not None:
+            self.speculator.plan(self.running)
 
         for req in list(self.running):
             if budget <= 0:
@@ -89,6 +114,10 @@ class Scheduler:
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if n <= 0:
                 continue
+            tree = self._draft(req, budget) if n == 1 and self.speculator is not None else None
+            if tree is not None:
+                n += len(tree)
+                drafts[req.request_id] = tree
             while True:
                 slots = self.kv.allocate_slots(req.request_id, n)
                 if slots is not None:
@@ -104,17 +133,35 @@ class Scheduler:
             budget -= n
 
         if not preempted_any:
-            self._admit(scheduled, budget)
+            self._admit(scheduled, budget, out)
 
         for req, n, slots in scheduled:
-            out.requests.append(self._make_scheduled(req, n, slots))
+            out.requests.append(self._make_scheduled(req, n, slots, drafts.get(req.request_id)))
         return out
 
-    def _admit(self, scheduled: list, budget: int) -> None:
+    def _draft(self, req: Request, budget: int):
+        """A draft tree for a decode, sized to the step budget and the context limit; None when the
+        request does not speculate or its tree's blocks are not free (drafts never cause preemption)."""
+        tree = self.speculator.propose(req, min(budget - 1, self.max_model_len - req.num_tokens))
+        if tree is not None and self.kv.blocks_needed(req.request_id, 1 + len(tree)) > self.kv.num_free_blocks:
+            return None
+        return tree
+
+    def _admit(self, scheduled: list, budget: int, out: SchedulerOutput) -> None:
+        deferred = []  # identical-prompt siblings waiting for their owner's prefill
         while self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self._waiting[0][3]
+            fork = self._fork_from_owner(req, out)
+            if fork == "wait":
+                deferred.append(heapq.heappop(self._waiting))
+                continue
+            if fork is not None:
+                heapq.heappop(self._waiting)
+                self._start(req, req.num_computed_tokens, 1, fork, scheduled)
+                budget -= 1
+                continue
             blocks, num_cached = ([], 0)
-            if req.params.prompt_logprobs is None:
+            if req.params.prompt_logprobs is None and self.exact_kv_of(req) > 0:
                 blocks, num_cached = self.kv.get_computed_blocks(req.token_ids)
             n = min(req.num_tokens - num_cached, budget)
             if self.config.long_prefill_token_threshold > 0:
@@ -123,14 +170,58 @@ class Scheduler:
             if slots is None:
                 break
             heapq.heappop(self._waiting)
-            req.status = RequestStatus.RUNNING
-            req.num_computed_tokens = num_cached
-            req.num_cached_tokens = max(req.num_cached_tokens, num_cached)
-            if req.first_scheduled_time is None:
-                req.first_scheduled_time = time.monotonic()
-            self.running.append(req)
-            scheduled.append((req, n, slots))
+            self._start(req, num_cached, n, slots, scheduled)
             budget -= n
+        for entry in deferred:
+            heapq.heappush(self._waiting, entry)
+
+    def _start(self, req: Request, num_cached: int, n: int, slots: list, scheduled: list) -> None:
+        req.status = RequestStatus.RUNNING
+        req.num_computed_tokens = num_cached
+        req.num_cached_tokens = max(req.num_cached_tokens, num_cached)
+        if req.first_scheduled_time is None:
+            req.first_scheduled_time = time.monotonic()
+        self.running.append(req)
+        scheduled.append((req, n, slots))
+
+    def _fork_from_owner(self, req: Request, out: SchedulerOutput):
+        """Share the KV of an in-flight request with the identical prompt (``n > 1`` fan-out, or the
+        same prompt sent twice) by copy-on-write fork instead of a second prefill.
+
+        Returns None (admit normally), "wait" (the owner is still prefilling), or the slot of the
+        one token the child re-feeds (the last prompt token, whose logits the child samples from).
+        Only requests whose prompt KV is computed identically (same prefill-affecting options, owner's
+        KV never rewritten) share.
+        """
+        if req.num_output_tokens or req.num_preemptions or req.params.prompt_logprobs is not None:
+            return None
+        owner = self.requests.get(self._prompt_owner.get(self._prompt_key(req), ""))
+        if owner is None or owner is req or owner.prompt_token_ids != req.prompt_token_ids:
+            return None
+        if any(getattr(owner.params, f) != getattr(req.params, f) for f in _PREFILL_OPTIONS):
+            return None
+        if owner.status != RequestStatus.RUNNING:
+            return "wait" if owner.status == RequestStatus.WAITING and not owner.num_preemptions else None
+        if owner.num_computed_tokens < owner.num_prompt_tokens:
+            return "wait"
+        if not self.kv.is_pristine(owner.request_id):
+            return None
+        copies = self.kv.fork(owner.request_id, req.request_id)
+        if copies is None:
+            return None
+        more = self.kv.truncate(req.request_id, req.num_prompt_tokens - 1)
+        slots = self.kv.allocate_slots(req.request_id, 1) if more is not None else None
+        if slots is None:
+            self.kv.free(req.request_id)
+            return None
+        out.block_copies.extend(copies + more)
+        req.num_computed_tokens = req.num_prompt_tokens - 1
+        self.num_forks += 1
+        return slots
+
+    @staticmethod
+    def _prompt_key(req: Request) -> int:
+        return hash(tuple(req.prompt_token_ids))
 
     def _pick_victim(self) -> Request:
         return max(self.running, key=lambda r: (r.priority, r.arrival_time))
@@ -145,18 +236,23 @@ class Scheduler:
         out.preempted.append(req.request_id)
         self._push_waiting(req)
 
-    def _make_scheduled(self, req: Request, n: int, slots: list) -> ScheduledRequest:
+    def _make_scheduled(self, req: Request, n: int, slots: list, tree=None) -> ScheduledRequest:
         start = req.num_computed_tokens
         tokens = req.token_ids[start:start + n]
+        positions = list(range(start, start + n))
+        if tree is not None:  # root = the last token; a draft node sits at context length + depth - 1
+            tokens = [req.token_ids[-1], *tree.tokens]
+            positions = [start] + [start + d for d in depths(tree.parents)]
         window, sinks = self.window_of(req)
         return ScheduledRequest(
             request_id=req.request_id,
             token_ids=tokens,
-            positions=list(range(start, start + n)),
+            positions=positions,
             slot_mapping=slots,
             block_table=self.kv.block_table(req.request_id),
             kv_len=self.kv.num_resident(req.request_id),
-            sample=start + n == req.num_tokens,
+            sample=tree is not None or start + n == req.num_tokens,
+            draft_parents=None if tree is None else list(tree.parents),
             window=window,
             sinks=sinks,
         )
@@ -169,13 +265,23 @@ class Scheduler:
             req = self.requests.get(s.request_id)
             if req is None or req.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
-            req.num_computed_tokens += len(s.token_ids)
             toks = sampled.get(s.request_id)
+            num_done = len(s.token_ids)
+            if s.draft_parents is not None and toks:
+                # the runner compacted root + accepted drafts (one per token but the bonus) to the front
+                num_done = len(toks)
+                copies = self.kv.truncate(req.request_id, s.kv_len - len(s.token_ids) + num_done)
+                assert copies == [], "draft slots lie in the request's private tail blocks"
+            req.num_computed_tokens += num_done
             if s.sample and toks:
                 req.output_token_ids.extend(toks)
                 touched.append(req)
             if self.kv.has(req.request_id):
-                self.kv.cache_blocks(req.request_id, req.token_ids, req.num_computed_tokens)
+                self.kv.cache_blocks(req.request_id, req.token_ids,
+                                     min(req.num_computed_tokens, self.exact_kv_of(req)))
+                window, sinks = self.window_of(req)
+                if window:
+                    self.kv.release_outside_window(req.request_id, sinks, window)
         return touched
 
     def abort(self, request_ids: Iterable[str]) -> list[Request]:

@@ -6,21 +6,26 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
 from kernels.backend import AttentionBackend, AttentionMetadata
 from server.engine.outputs import SchedulerOutput, StepOutput
 from server.engine.request import Request
+from server.policies.skipping import SkipPlanner
+from server.policies.sparsity import SparsePlanner
 from server.runner.forward_batch import ForwardBatch
 from server.runner.sampler import sample, token_logprobs
+from server.spec.tree import ancestor_mask
 
 Tensor = torch.Tensor
 
 
 class ModelRunner:
     def __init__(self, model, num_layers: int, num_kv_heads: int, head_dim: int, backend: AttentionBackend,
-                 device: torch.device, dtype: torch.dtype, num_blocks: int, block_size: int):
+                 device: torch.device, dtype: torch.dtype, num_blocks: int, block_size: int, speculator=None):
         self.model = model
+        self.speculator = speculator  # server.spec.Speculator: verifies draft trees
         self.backend = backend
         self.device = device
         self.dtype = dtype
@@ -32,6 +37,8 @@ class ModelRunner:
              torch.zeros(num_slots, num_kv_heads, head_dim, dtype=dtype, device=device))
             for _ in range(num_layers)
         ]
+        self.sparse_planner = SparsePlanner(self.kv_caches, block_size)
+        self.skip_planner = SkipPlanner(num_layers)
 
     @staticmethod
     def kv_bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
@@ -40,17 +47,23 @@ class ModelRunner:
 
     # -- cache maintenance ----------------------------------------------------------
     def apply_cache_ops(self, sched: SchedulerOutput) -> None:
-        """Block copies (copy-on-write) first, then per-head compactions (eviction)."""
-        if sched.block_copies:
-            src = torch.tensor([s for s, _ in sched.block_copies], device=self.device)
-            dst = torch.tensor([d for _, d in sched.block_copies], device=self.device)
-            for k, v in self.kv_caches:
-                self.backend.copy_blocks(k, v, src, dst, self.block_size)
-        for src_slots, dst_slots in sched.compactions:
-            src_t = torch.as_tensor(src_slots, device=self.device)
-            dst_t = torch.as_tensor(dst_slots, device=self.device)
+        """Compactions (eviction) in issue order, each its own block copies then its per-head gather; then
+        the step's block copies (copy-on-write). Compactions go first because their sources may lie in tail
+        blocks they freed, which a copy scheduled after them may take as its destination."""
+        for plan in sched.compactions:
+            self._copy_blocks(plan.copies)
+            src_t = torch.as_tensor(plan.src_slots, device=self.device)
+            dst_t = torch.as_tensor(plan.dst_slots, device=self.device)
             for layer, (k, v) in enumerate(self.kv_caches):
                 self.backend.gather_compact(k, v, src_t[layer], dst_t)
+        self._copy_blocks(sched.block_copies)
+
+    def _copy_blocks(self, copies: list) -> None:
+        if copies:
+            src = torch.tensor([s for s, _ in copies], device=self.device)
+            dst = torch.tensor([d for _, d in copies], device=self.device)
+            for k, v in self.kv_caches:
+                self.backend.copy_blocks(k, v, src, dst, self.block_size)
 
     # -- the step -------------------------------------------------------------------
     def build_batch(self, sched: SchedulerOutput, requests: dict) -> ForwardBatch:
@@ -76,6 +89,8 @@ class ModelRunner:
             if req.params.prompt_logprobs is not None and s.positions[0] < req.num_prompt_tokens:
                 prompt_rows[s.request_id] = (len(logits_rows), n)
                 logits_rows.extend(range(cu[-2], cu[-1]))
+            elif s.draft_parents is not None:  # every tree node's logits are verified
+                logits_rows.extend(range(cu[-2], cu[-1]))
             elif s.sample:
                 logits_rows.append(cu[-1] - 1)
         dev = self.device
@@ -91,7 +106,15 @@ class ModelRunner:
             window=torch.tensor(windows, dtype=torch.int32, device=dev) if use_window else None,
             sinks=torch.tensor(sinks, dtype=torch.int32, device=dev) if use_window else None,
             score_layers=sched.score_layers,
+            tree_mask=self._tree_mask(sched, q_lens),
+            score_queries=[s.score_queries for s in sched.requests]
+            if sched.score_layers and any(s.score_queries > 1 for s in sched.requests) else None,
         )
+        meta.sparse = self.sparse_planner.plan(sched, requests, meta)
+        extras = {"prompt_rows": prompt_rows}
+        skip = self.skip_planner.plan(sched, requests, meta)
+        if skip is not None:
+            extras["skip"] = skip
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
             positions=torch.tensor(pos, dtype=torch.long, device=dev),
@@ -99,7 +122,7 @@ class ModelRunner:
             backend=self.backend,
             kv_caches=self.kv_caches,
             logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev),
-            extras={"prompt_rows": prompt_rows},
+            extras=extras,
         )
 
     @torch.inference_mode()
@@ -115,7 +138,7 @@ class ModelRunner:
             return out
         logits = self.model.compute_logits(hidden)
         prompt_rows = batch.extras["prompt_rows"]
-        sample_rows, sampling = [], []
+        sample_rows, sampling, trees = [], [], []
         row = 0
         for s in sched.requests:
             if s.request_id in prompt_rows:
@@ -127,6 +150,9 @@ class ModelRunner:
                 if s.sample:
                     sample_rows.append(row - 1)
                     sampling.append(s)
+            elif s.draft_parents is not None:
+                trees.append((s, row))
+                row += len(s.token_ids)
             elif s.sample:
                 sample_rows.append(row)
                 sampling.append(s)
@@ -138,8 +164,44 @@ class ModelRunner:
                 out.sampled[s.request_id] = [res.token_ids[i]]
                 if res.logprobs is not None and res.logprobs[i] is not None:
                     out.logprobs[s.request_id] = [res.logprobs[i]]
+        if trees:
+            self._verify(logits, trees, requests, out)
         out.scores = batch.attn.scores
         return out
+
+    def _tree_mask(self, sched: SchedulerOutput, q_lens: list) -> Optional[Tensor]:
+        """[T, max_q_len] bool: ancestors-only among a draft tree's nodes, all True (plain causal) elsewhere."""
+        if not any(s.draft_parents is not None for s in sched.requests):
+            return None
+        mask = np.ones((sum(q_lens), max(q_lens)), dtype=bool)
+        row = 0
+        for s, n in zip(sched.requests, q_lens):
+            if s.draft_parents is not None:
+                mask[row:row + n, :n] = ancestor_mask(s.draft_parents)
+            row += n
+        return torch.from_numpy(mask).to(self.device)
+
+    def _verify(self, logits: Tensor, trees: list, requests: dict, out: StepOutput) -> None:
+        """Verify the trees, then move each accepted path's KV (all layers and kv heads together) to the
+        kv indices right after its root; the scheduler releases the rejected tail in the same step."""
+        verdicts = self.speculator.verify(logits, trees, requests)
+        src, dst = [], []
+        for s, _ in trees:
+            v = verdicts[s.request_id]
+            out.sampled[s.request_id] = v.tokens
+            if v.logprobs:
+                out.logprobs[s.request_id] = v.logprobs
+            out.spec_stats[s.request_id] = (len(s.token_ids) - 1, len(v.nodes))
+            for j, node in enumerate(v.nodes, start=1):
+                if node != j:
+                    src.append(s.slot_mapping[node])
+                    dst.append(s.slot_mapping[j])
+        if src:
+            src_t = torch.tensor(src, dtype=torch.int64, device=self.device)
+            dst_t = torch.tensor(dst, dtype=torch.int64, device=self.device)
+            heads = src_t.expand(self.kv_caches[0][0].shape[1], -1)
+            for k, v in self.kv_caches:
+                self.backend.gather_compact(k, v, heads, dst_t)
 
     @staticmethod
     def _prompt_logprobs(logits: Tensor, req: Request, start: int, top: int) -> list:

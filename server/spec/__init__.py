@@ -1,0 +1,143 @@
+"""Speculative decoding: the engine-facing :class:`Speculator`.
+
+It resolves each request's options once (``attach``), picks the step's draft budget and proposes
+trees for the scheduler (``plan`` / ``propose``), and verifies the trees' logits for the runner
+(``verify``), refreshing the Token Recycling table and the statistics. Drafters live in
+:mod:`server.spec.drafters`, tree shapes in :mod:`server.spec.tree`, acceptance in
+:mod:`server.spec.verify`, the budget rule in :mod:`server.spec.budget`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from server.config import SpecConfig
+from server.engine.request import Request, SpecOptions
+from server.spec.budget import DraftBudget
+from server.spec.drafters import TOPK, Drafter, RecyclingTable, make_drafter
+from server.spec.tree import DraftTree
+from server.spec.verify import TreeInput, Verdict, nearest_neighbours, verify_trees
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class SpecState:
+    """Per-request speculation state, kept in ``Request.state['spec']``."""
+
+    options: SpecOptions
+    drafter: Drafter
+    budget: int = 0  # the budget the current tree was built under
+
+
+def can_speculate(params) -> bool:
+    """Speculation keeps exactness only where the next-token distribution does not depend on the
+    tokens drafted before it in the same step: no penalties, no logit bias, no min_tokens."""
+    return (params.repetition_penalty == 1.0 and not params.presence_penalty and not params.frequency_penalty
+            and not params.logit_bias and params.min_tokens == 0)
+
+
+class Speculator:
+    def __init__(self, config: SpecConfig, vocab_size: int, embedding: Optional[Tensor] = None,
+                 model_name: str = "model", measure: Optional[Callable[[int, int], float]] = None):
+        self.default = SpecOptions(method=config.method, num_draft_tokens=config.num_draft_tokens)
+        self.vocab_size = vocab_size
+        self.embedding = embedding
+        self.model_name = model_name
+        self.budget = DraftBudget(measure)
+        self._shared: Optional[RecyclingTable] = None
+        self._nearest: Optional[Tensor] = None
+        self._step_budget = 0
+        self.counters = {"spec_num_drafts": 0, "spec_num_draft_tokens": 0, "spec_num_accepted_tokens": 0,
+                         "spec_relaxed_accepts": 0}
+        self.accepted_per_pos: list = []
+
+    # -- requests ------------------------------------------------------------------------------
+    def attach(self, req: Request) -> None:
+        """Resolve the request's options (its own, else the server default) once, at admission."""
+        opts = req.params.speculative or self.default
+        if opts.method == "none" or not can_speculate(req.params):
+            return
+        table = None
+        if opts.method != "ngram":
+            table = RecyclingTable(self.vocab_size) if opts.private_table else self.shared_table
+        req.state["spec"] = SpecState(opts, make_drafter(opts.method, table))
+
+    @property
+    def shared_table(self) -> RecyclingTable:
+        if self._shared is None:
+            self._shared = RecyclingTable(self.vocab_size, TOPK)
+        return self._shared
+
+    # -- scheduling ----------------------------------------------------------------------------
+    def plan(self, running: list) -> None:
+        """Choose this step's draft budget from the decodes about to run."""
+        decodes = [r for r in running if r.num_tokens - r.num_computed_tokens == 1]
+        opts = [r.state["spec"].options for r in decodes if "spec" in r.state]
+        cap = max((o.num_draft_tokens for o in opts), default=0)
+        self._step_budget = self.budget.choose(len(decodes), [o.method for o in opts], cap)
+
+    def propose(self, req: Request, max_nodes: int) -> Optional[DraftTree]:
+        """A draft tree for a decoding request, or None when it does not speculate this step.
+        An empty tree still goes through verification, so Token Recycling learns from the root."""
+        state = req.state.get("spec")
+        if state is None or self._step_budget == 0:
+            return None
+        state.budget = min(self._step_budget, state.options.num_draft_tokens, max_nodes)
+        return state.drafter.propose(req.token_ids, state.budget)
+
+    # -- verification --------------------------------------------------------------------------
+    def verify(self, logits: Tensor, items: list, requests: dict) -> dict:
+        """``items``: [(ScheduledRequest, first logits row)] of the step's trees -> {request id: Verdict}."""
+        trees = []
+        for s, row in items:
+            req = requests[s.request_id]
+            opts = req.state["spec"].options
+            trees.append(TreeInput(row, list(s.token_ids), list(s.draft_parents), req.params, req.generator,
+                                   opts.relaxed_k, opts.relaxed_delta, opts.relaxed_lambda))
+        nearest = self.nearest(logits.device) if any(t.relax_k > 0 for t in trees) else None
+        verdicts = verify_trees(logits, trees, nearest)
+        self._learn(logits, items, requests)
+        out = {}
+        for (s, _), v in zip(items, verdicts):
+            out[s.request_id] = v
+            state = requests[s.request_id].state["spec"]
+            self._record(state, len(s.token_ids) - 1, v)
+        return out
+
+    def _learn(self, logits: Tensor, items: list, requests: dict) -> None:
+        """Token Recycling: the rows of ALL tree inputs get the top-k of their logits."""
+        learners = [(s, row) for s, row in items if requests[s.request_id].state["spec"].drafter.table is not None]
+        if not learners:
+            return
+        rows = torch.tensor([row + j for s, row in learners for j in range(len(s.token_ids))], device=logits.device)
+        topk = logits[rows].topk(TOPK, dim=-1).indices.cpu().numpy()
+        at = 0
+        for s, _ in learners:
+            n = len(s.token_ids)
+            requests[s.request_id].state["spec"].drafter.table.update(s.token_ids, topk[at:at + n])
+            at += n
+
+    def _record(self, state: SpecState, num_draft: int, v: Verdict) -> None:
+        accepted = len(v.nodes)
+        if num_draft:
+            self.budget.record(state.options.method, self._step_budget, accepted)
+            self.counters["spec_num_drafts"] += 1
+            self.counters["spec_num_draft_tokens"] += num_draft
+            self.counters["spec_num_accepted_tokens"] += accepted
+            self.counters["spec_relaxed_accepts"] += v.relaxed
+            if len(self.accepted_per_pos) < accepted:
+                self.accepted_per_pos.extend([0] * (accepted - len(self.accepted_per_pos)))
+            for i in range(accepted):
+                self.accepted_per_pos[i] += 1
+
+    def nearest(self, device: torch.device) -> Tensor:
+        if self._nearest is None:
+            self._nearest = nearest_neighbours(self.embedding, self.model_name).to(device)
+        return self._nearest
+
+    @property
+    def stats(self) -> dict:
+        return {**self.counters, "spec_accepted_per_pos": list(self.accepted_per_pos)}

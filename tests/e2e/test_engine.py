@@ -165,3 +165,16 @@ def test_penalties_and_bias_change_output(llm, prompts):
     forced = llm.generate([prompts[4]], SamplingParams(max_tokens=3, temperature=0.0,
                                                        logit_bias={42: 100}))[0].token_ids
     assert forced == [42, 42, 42]
+
+
+def test_identical_prompts_share_kv_by_fork(llm, prompts):
+    start = _free(llm)
+    forks = llm.engine.scheduler.num_forks
+    p = prompts[7]
+    sp = SamplingParams(max_tokens=12, temperature=0.8, seed=11)
+    solo = llm.generate([p], sp)[0].token_ids
+    outs = llm.generate([p, p, p], [GREEDY, sp, GREEDY])
+    assert llm.engine.scheduler.num_forks >= forks + 2
+    assert outs[0].token_ids == outs[2].token_ids == llm.generate([p], GREEDY)[0].token_ids
+    assert outs[1].token_ids == solo
+    assert _free(llm) == start

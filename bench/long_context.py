@@ -1,0 +1,265 @@
+"""Long context: sparse decode (TidalDecode, Quest), windowed attention and Probe-and-Skip prefill,
+each against the exact (dense) path in the same run, on the embedded SmolLM2-135M.
+
+* decode: time per generated token vs context length (end to end), and one layer's decode attention
+  alone (dense paged decode vs selection + sparse decode over the same pool);
+* prefill: time at each length with and without token skipping (one chunk, no prefix cache);
+* fidelity on real text no one here wrote (CPython's ``pydoc_data.topics``): needle retrieval at several
+  depths of a prose haystack, and teacher-forced perplexity of a document's continuation after a long
+  context, for every method and budget;
+* window: peak KV blocks in use over a long windowed generation (memory stays bounded).
+
+    python -m bench.long_context                # full run (1K..8K), writes bench/results/long_context.json
+    python -m bench.long_context --quick        # a reduced run that checks the script end to end
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+NEEDLE = " The secret passphrase is {code}. Remember it."
+QUESTION = "\n\nQuestion: What is the secret passphrase? Answer: The secret passphrase is"
+
+
+def haystack(tokenizer, length: int) -> list:
+    from pydoc_data.topics import topics
+
+    ids = []
+    for key in sorted(topics):
+        ids.extend(tokenizer.encode(topics[key], add_special_tokens=False))
+        if len(ids) >= length:
+            return ids[:length]
+    raise ValueError("pydoc topics are shorter than the requested haystack")
+
+
+def methods(budgets: list) -> list:
+    from server.engine.request import SkipOptions, SparsityOptions
+
+    out = [("dense", None, None)]
+    for b in budgets:
+        out += [(f"tidal-{b}", SparsityOptions(method="tidal", budget=b), None),
+                (f"quest-{b}", SparsityOptions(method="quest", budget=b), None)]
+    out += [("window-1024", SparsityOptions(method="window", window=1024, sinks=4), None),
+            ("spts-0.5", None, SkipOptions(method="spts", ratio=0.5)),
+            ("spts-0.3", None, SkipOptions(method="spts", ratio=0.3))]
+    return out
+
+
+def decode_time(llm, prompt: list, sparsity, n: int) -> float:
+    """Seconds per decode step after the prefill (median over the steps)."""
+    from server.engine.request import SamplingParams
+
+    eng = llm.engine
+    eng.add_request("d", prompt, SamplingParams(max_tokens=n + 1, temperature=0.0, ignore_eos=True,
+                                                sparsity=sparsity))
+    while eng.scheduler.requests["d"].num_output_tokens == 0:
+        eng.step()
+    times = []
+    while eng.has_unfinished_requests():
+        t = time.perf_counter()
+        eng.step()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def attention_time(context: int, budget: int, reps: int) -> dict:
+    """One layer's decode attention with SmolLM2's shapes (9 query, 3 kv heads, dim 64), batch 1, on the
+    device's backend: dense vs TidalDecode's sparse layer (sparse decode over budget slots)."""
+    from kernels import reference as ref
+    from kernels.backend import select_backend
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend = select_backend("auto", dev)
+    bs, hkv = 16, 3
+    k = torch.randn(context + bs, hkv, 64, device=dev)
+    v = torch.randn_like(k)
+    table = torch.arange(context // bs + 1, device=dev, dtype=torch.int32)[None]
+    kv = torch.tensor([context], device=dev, dtype=torch.int32)
+    q = torch.randn(1, 9, 64, device=dev)
+    slots = torch.randperm(context, device=dev)[:budget].reshape(1, 1, -1).expand(1, hkv, -1).contiguous()
+
+    def clock(fn):
+        fn()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t) / reps * 1e3
+
+    if backend.name == "torch":
+        dense = clock(lambda: ref.paged_decode(q, k, v, table, kv, bs, 0.125))
+    else:
+        from kernels.paged_attention import paged_decode
+        dense = clock(lambda: paged_decode(q, k, v, table, kv, bs, 0.125))
+    sparse = clock(lambda: backend.sparse_decode(q, k, v, slots, 0.125))
+    return {"dense_ms": dense, "sparse_ms": sparse, "speedup": dense / sparse}
+
+
+def prefill_time(llm, prompt: list, skipping) -> float:
+    from server.engine.request import SamplingParams
+
+    t = time.perf_counter()
+    llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0, skipping=skipping))
+    return time.perf_counter() - t
+
+
+def needle_prompt(tokenizer, hay: list, depth: float, code: str) -> list:
+    needle = tokenizer.encode(NEEDLE.format(code=code), add_special_tokens=False)
+    cut = int(len(hay) * depth)
+    return hay[:cut] + needle + hay[cut:] + tokenizer.encode(QUESTION, add_special_tokens=False)
+
+
+def needle_hits(llm, hay: list, depths: list, sparsity, skipping) -> list:
+    from server.engine.request import SamplingParams
+
+    hits = []
+    for i, depth in enumerate(depths):
+        code = f"{7391 + 1117 * i}"
+        prompt = needle_prompt(llm.tokenizer, hay, depth, code)
+        out = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, sparsity=sparsity,
+                                                     skipping=skipping))[0]
+        hits.append(code in out.text)
+    return hits
+
+
+def forced_perplexity(llm, context: list, continuation: list, sparsity, skipping) -> float:
+    """Perplexity of ``continuation`` decoded token by token after ``context`` (teacher forcing: each step's
+    sampled token is replaced by the true one), so sparse decode layers are what is measured."""
+    import math
+
+    from server.engine.request import SamplingParams
+
+    eng = llm.engine
+    nll, logits_rows = [], []
+    model_logits, execute = eng.model.compute_logits, eng.runner.execute
+
+    def capture(hidden):
+        out = model_logits(hidden)
+        logits_rows.append(out[-1])
+        return out
+
+    def forced(sched, requests):
+        out = execute(sched, requests)
+        if "p" in out.sampled:
+            target = continuation[len(nll)]
+            nll.append(-float(torch.log_softmax(logits_rows[-1].float(), -1)[target]))
+            out.sampled["p"] = [target]
+        return out
+
+    eng.model.compute_logits, eng.runner.execute = capture, forced
+    try:
+        eng.add_request("p", context, SamplingParams(max_tokens=len(continuation), temperature=0.0,
+                                                     ignore_eos=True, sparsity=sparsity, skipping=skipping))
+        while eng.has_unfinished_requests():
+            eng.step()
+    finally:
+        del eng.model.compute_logits, eng.runner.execute
+    return math.exp(sum(nll) / len(nll))
+
+
+def window_peak_blocks(llm, n: int, window: int) -> int:
+    from server.engine.request import SamplingParams, SparsityOptions
+
+    eng = llm.engine
+    eng.add_request("w", list(range(100, 140)), SamplingParams(
+        max_tokens=n, temperature=0.0, ignore_eos=True, sparsity=SparsityOptions(method="window", window=window)))
+    peak = 0
+    while eng.has_unfinished_requests():
+        eng.step()
+        peak = max(peak, eng.kv.pool.num_blocks - 1 - eng.kv.num_free_blocks)
+    return peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small contexts and counts: checks the script runs")
+    ap.add_argument("--contexts", default="1024,2048,4096,8000")
+    ap.add_argument("--prefill", default="2048,4096,8000")
+    ap.add_argument("--budgets", default="128,256")
+    ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--depths", default="0.1,0.5,0.9")
+    ap.add_argument("--fidelity-context", type=int, default=4000)
+    ap.add_argument("--ppl-tokens", type=int, default=64)
+    ap.add_argument("--window-tokens", type=int, default=2000)
+    ap.add_argument("--out", default=os.path.join(RESULTS, "long_context.json"))
+    args = ap.parse_args()
+    if args.quick:
+        args.contexts, args.prefill, args.budgets = "512,1024", "512,1024", "64"
+        args.decode_steps, args.depths, args.fidelity_context, args.ppl_tokens = 4, "0.5", 700, 8
+        args.window_tokens = 200
+    contexts = [int(x) for x in args.contexts.split(",")]
+    budgets = [int(x) for x in args.budgets.split(",")]
+    depths = [float(x) for x in args.depths.split(",")]
+
+    from server.engine.llm import LLM
+    from server.engine.request import SkipOptions
+
+    llm = LLM(num_blocks=1100, max_num_batched_tokens=8192, enable_prefix_caching=False)
+    hay = haystack(llm.tokenizer, max(contexts + [int(x) for x in args.prefill.split(",")]) + args.ppl_tokens
+                   + args.fidelity_context)
+    table = {m: {} for m, _, _ in methods(budgets)}
+    results = {"device": str(llm.engine.device), "backend": llm.engine.backend.name, "platform": platform.platform(),
+               "time": datetime.now(timezone.utc).isoformat(), "args": vars(args), "decode": [], "attention": [],
+               "prefill": [], "needle": {}, "perplexity": {}}
+
+    for ctx in contexts:
+        row = {"context": ctx}
+        for name, sparsity, skip in methods(budgets):
+            if skip is None and not name.startswith("window"):
+                row[name] = decode_time(llm, hay[:ctx], sparsity, args.decode_steps) * 1e3
+        results["decode"].append(row)
+        for b in budgets:
+            results["attention"].append({"context": ctx, "budget": b, **attention_time(ctx, b, 20)})
+        print(f"decode ms/token @ {ctx}: " + ", ".join(f"{k}={v:.1f}" for k, v in row.items() if k != "context"))
+
+    for n in (int(x) for x in args.prefill.split(",")):
+        base = prefill_time(llm, hay[:n], None)
+        row = {"length": n, "dense_s": base}
+        for ratio in (0.3, 0.5):
+            skip = SkipOptions(method="spts", ratio=ratio, min_prompt_len=min(1024, n))
+            row[f"spts-{ratio}_s"] = prefill_time(llm, hay[:n], skip)
+            row[f"spts-{ratio}_speedup"] = base / row[f"spts-{ratio}_s"]
+        results["prefill"].append(row)
+        print(f"prefill @ {n}: " + ", ".join(f"{k}={v:.2f}" for k, v in row.items() if k != "length"))
+
+    fid = hay[:args.fidelity_context]
+    doc = hay[-(args.fidelity_context + args.ppl_tokens):]
+    for name, sparsity, skip in methods(budgets):
+        if skip is not None:
+            skip = replace(skip, min_prompt_len=min(skip.min_prompt_len, len(fid) // 2))
+        hits = needle_hits(llm, fid, depths, sparsity, skip)
+        ppl = forced_perplexity(llm, doc[:-args.ppl_tokens], doc[-args.ppl_tokens:], sparsity, skip)
+        results["needle"][name] = dict(zip(map(str, depths), hits))
+        results["perplexity"][name] = ppl
+        table[name] = {"needle": f"{sum(hits)}/{len(hits)}", "ppl": ppl}
+    dense_ppl = results["perplexity"]["dense"]
+    results["window_kv_blocks"] = {"tokens": args.window_tokens, "window": 64,
+                                   "peak_blocks": window_peak_blocks(llm, args.window_tokens, 64)}
+
+    print(f"\nfidelity at {args.fidelity_context} tokens (needle depths {depths}; ppl over {args.ppl_tokens} "
+          f"forced tokens)")
+    print(f"{'method':<14}{'needle':>8}{'ppl':>10}{'vs dense':>10}")
+    for name, r in table.items():
+        print(f"{name:<14}{r['needle']:>8}{r['ppl']:>10.3f}{(r['ppl'] / dense_ppl - 1) * 100:>+9.2f}%")
+    print(f"\nattention (one layer, ms): " + "; ".join(
+        f"{a['context']}/{a['budget']}: dense {a['dense_ms']:.3f} sparse {a['sparse_ms']:.3f} ({a['speedup']:.1f}x)"
+        for a in results["attention"]))
+    print(f"window 64: peak {results['window_kv_blocks']['peak_blocks']} KV blocks over {args.window_tokens} tokens")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

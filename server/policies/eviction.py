@@ -1,0 +1,319 @@
+"""KV eviction policies: none | streaming | h2o | snapkv | lazy (LazyEviction), one object per request.
+
+Every policy keeps, per (layer, kv head), the same number C of resident KV entries (the budget), so
+one request's kv indices stay aligned across layers while each layer/head keeps its own tokens (a slot
+is not a token: keys carry their rotary position). A policy decides *which* entries to keep; the KV
+manager's ``compact`` moves them and frees the tail blocks.
+
+Time. ``t`` is the request's logical length after a step (tokens whose K/V were computed); the entry
+born in a step at time t is token t-1. Decisions are taken between steps, after the step's accepted
+tokens are final (never inside a speculative tree).
+
+Cadence (shared by lazy, h2o and streaming, so all three hold C..C+W entries): a policy may evict when
+its t crosses a multiple of the window W since its previous update (for one-token steps: t mod W == 0)
+and it holds more than C entries; it then keeps the C-W best older entries plus the last W. SnapKV
+evicts once, when the prompt is complete.
+
+Scores. The attention backends emit, per request and kv head, the attention probabilities of the
+request's last query, aggregated over the kv head's query group: (sum, max). H2O accumulates the sum;
+LazyEviction counts a recurrence when the max over the group reaches alpha (any query head of the
+group attended); SnapKV sums the last w prompt queries (``score_queries``) and max-pools.
+
+Budget: ``budget > 1`` is C in tokens; ``budget <= 1`` is a ratio of the request's maximum length
+(prompt + max_tokens), fixed when the request is added. So a request never holds more than C + W
+entries once its prompt is processed, and ``budget >= prompt + max_tokens`` never evicts.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from server.engine.request import EvictionOptions
+
+Tensor = torch.Tensor
+SNAPKV_POOL = 7  # SnapKV's 1-D pooling kernel over the observation-window scores
+
+
+def resolve_capacity(budget: float, max_len: int) -> int:
+    """C: entries kept per layer/kv head (see the module docstring)."""
+    return int(budget) if budget > 1 else max(1, math.ceil(budget * max_len))
+
+
+class EvictionPolicy(Protocol):
+    """One request's eviction state. The engine calls, per step of the request:
+    ``score_queries`` before the forward, ``observe`` after it, then ``select``; when the KV manager
+    could compact with the returned ``keep``, ``compacted(keep)``."""
+
+    name: str
+    capacity: int  # C
+    window: int  # W
+    num_entries: int  # resident entries the policy accounts for
+
+    def score_queries(self, completes_prompt: bool, num_new: int) -> int:
+        """Trailing queries of this step whose attention the policy needs (0: no scores)."""
+
+    def observe(self, t: int, num_resident: int, scores: Optional[tuple]) -> None:
+        """Account for the step's new entries and fold in its scores ((sum, max) [L, Hkv, >= N] or None)."""
+
+    def select(self, completes_prompt: bool) -> Optional[Tensor]:
+        """Entries to keep, int64 [L, Hkv, C] rows strictly increasing, or None (no eviction now)."""
+
+    def compacted(self, keep: Tensor) -> None:
+        """The KV manager applied ``keep``: reorder the per-entry statistics the same way."""
+
+
+class _SlotPolicy:
+    """Shared bookkeeping: per-(layer, kv head, entry) statistics as [L, Hkv, N] tensors, the cadence,
+    and the keep rule (top C-W older entries by ``_scores`` plus the last W)."""
+
+    name = "base"
+    needs_scores = True
+
+    def __init__(self, options: EvictionOptions, capacity: int, num_layers: int, num_kv_heads: int):
+        self.options = options
+        self.capacity = capacity
+        self.window = options.window
+        self.shape = (num_layers, num_kv_heads)
+        self.num_entries = 0
+        self.t = 0
+        self._crossed = False  # t crossed a multiple of W in the latest update
+        self.stats: dict[str, Tensor] = {}
+        self.device = torch.device("cpu")  # follows the scores (the model's device)
+
+    # -- hooks for subclasses --------------------------------------------------------------
+    def _new_stats(self, n: int, t: int) -> dict:
+        return {}
+
+    def _update(self, t: int, prob_sum: Tensor, prob_max: Tensor) -> None:
+        pass
+
+    def _scores(self) -> Tensor:
+        """[L, Hkv, N]: higher = keep."""
+        raise NotImplementedError
+
+    # -- protocol --------------------------------------------------------------------------
+    def score_queries(self, completes_prompt: bool, num_new: int) -> int:
+        return 1 if self.needs_scores else 0
+
+    def observe(self, t: int, num_resident: int, scores: Optional[tuple]) -> None:
+        if scores is not None and scores[0].device != self.device:
+            self.device = scores[0].device
+            self.stats = {k: v.to(self.device) for k, v in self.stats.items()}
+        n_new = num_resident - self.num_entries
+        if n_new > 0:
+            for key, value in self._new_stats(n_new, t).items():
+                old = self.stats.get(key)
+                self.stats[key] = value if old is None else torch.cat([old, value], dim=2)
+        self.num_entries = num_resident
+        if scores is not None:
+            n = num_resident
+            self._update(t, scores[0][:, :, :n].float(), scores[1][:, :, :n].float())
+        self._crossed = t // self.window > self.t // self.window
+        self.t = t
+
+    def select(self, completes_prompt: bool) -> Optional[Tensor]:
+        if not self._crossed or self.num_entries <= self.capacity:
+            return None
+        return self._keep(self._scores())
+
+    def compacted(self, keep: Tensor) -> None:
+        self.stats = {k: torch.gather(v, 2, keep.to(self.device)) for k, v in self.stats.items()}
+        self.num_entries = keep.shape[2]
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _keep(self, scores: Tensor) -> Tensor:
+        """Top (C - W) of the entries older than the last W by score (ties: the more recent entry),
+        plus the last W; sorted ascending per row. W is capped at C."""
+        n, c = scores.shape[2], self.capacity
+        recent = min(self.window, c)
+        older = n - recent
+        flipped = torch.flip(scores[:, :, :older].float(), dims=[2])  # a stable sort then prefers recent ties
+        order = older - 1 - torch.sort(flipped, dim=2, descending=True, stable=True).indices
+        top = torch.sort(order[:, :, :c - recent], dim=2).values
+        tail = torch.arange(older, n, device=top.device).expand(*self.shape, recent)
+        return torch.cat([top, tail], dim=2).to(torch.int64)
+
+    def _zeros(self, n: int) -> Tensor:
+        return torch.zeros(*self.shape, n, device=self.device)
+
+
+class NoEviction(_SlotPolicy):
+    name = "none"
+    needs_scores = False
+
+    def select(self, completes_prompt: bool) -> Optional[Tensor]:
+        return None
+
+
+class StreamingLLM(_SlotPolicy):
+    """Attention sinks (the first ``sinks`` entries) plus the most recent entries; needs no scores."""
+
+    name = "streaming"
+    needs_scores = False
+
+    def _scores(self) -> Tensor:
+        n = self.num_entries
+        s = torch.arange(n, dtype=torch.float32).expand(*self.shape, n).clone()  # recency
+        s[:, :, :self.options.sinks] = float("inf")
+        return s
+
+
+class H2O(_SlotPolicy):
+    """Heavy hitters: attention accumulated by each entry (summed over the query group) since it was
+    written; the lowest are evicted. Prompt entries start from the last W prompt queries' attention."""
+
+    name = "h2o"
+
+    def score_queries(self, completes_prompt: bool, num_new: int) -> int:
+        return min(self.window, num_new) if num_new > 1 else 1
+
+    def _new_stats(self, n: int, t: int) -> dict:
+        return {"acc": self._zeros(n)}
+
+    def _update(self, t: int, prob_sum: Tensor, prob_max: Tensor) -> None:
+        self.stats["acc"] += prob_sum
+
+    def _scores(self) -> Tensor:
+        return self.stats["acc"]
+
+
+class SnapKV(_SlotPolicy):
+    """Prompt compression once, at the end of prefill: the last w = W prompt queries vote (summed over
+    queries and group, max-pooled with kernel 7); keep the top C - w plus the window. A prompt that
+    fits is not compressed; the generated tokens are never evicted."""
+
+    name = "snapkv"
+
+    def score_queries(self, completes_prompt: bool, num_new: int) -> int:
+        return self.window if completes_prompt else 0
+
+    def _update(self, t: int, prob_sum: Tensor, prob_max: Tensor) -> None:
+        self._votes = F.max_pool1d(prob_sum, SNAPKV_POOL, stride=1, padding=SNAPKV_POOL // 2)
+
+    def observe(self, t: int, num_resident: int, scores: Optional[tuple]) -> None:
+        self._votes = None
+        super().observe(t, num_resident, scores)
+
+    def select(self, completes_prompt: bool) -> Optional[Tensor]:
+        if not completes_prompt or self._votes is None or self.num_entries <= self.capacity:
+            return None
+        return self._keep(self._votes)
+
+
+class LazyEviction(_SlotPolicy):
+    """LazyEviction (2506.15969): per entry ``last`` (step of its latest recurrence, i.e. attention
+    probability >= alpha) and ``mri`` (maximum recurrence interval). An entry born at step t starts with
+    last = t - 1, mri = 0. Entries likely to recur again soon, relative to their own rhythm, score high:
+    2/(1+exp(1+(t-last)/(mri+1e-5))) + (0 if mri == 0 else 2/(1+exp(mri-1)))."""
+
+    name = "lazy"
+
+    def _new_stats(self, n: int, t: int) -> dict:
+        return {"last": torch.full((*self.shape, n), float(t - 1), device=self.device), "mri": self._zeros(n)}
+
+    def _update(self, t: int, prob_sum: Tensor, prob_max: Tensor) -> None:
+        last, mri = self.stats["last"], self.stats["mri"]
+        hit = prob_max >= self.options.alpha
+        self.stats["mri"] = torch.where(hit, torch.maximum(mri, t - last), mri)
+        self.stats["last"] = torch.where(hit, torch.full_like(last, float(t)), last)
+
+    def _scores(self) -> Tensor:
+        return lazy_scores(self.t, self.stats["last"], self.stats["mri"])
+
+
+def lazy_scores(t: int, last: Tensor, mri: Tensor) -> Tensor:
+    """LazyEviction's importance score of every entry at step t."""
+    recency = 2.0 / (1.0 + torch.exp(1.0 + (t - last) / (mri + 1e-5)))
+    rhythm = torch.where(mri == 0, torch.zeros_like(mri), 2.0 / (1.0 + torch.exp(mri - 1.0)))
+    return recency + rhythm
+
+
+POLICIES = {cls.name: cls for cls in (NoEviction, StreamingLLM, H2O, SnapKV, LazyEviction)}
+
+
+def make_policy(options: EvictionOptions, capacity: int, num_layers: int, num_kv_heads: int) -> EvictionPolicy:
+    return POLICIES[options.method](options, capacity, num_layers, num_kv_heads)
+
+
+class EvictionDriver:
+    """Engine glue. Per request: resolve its options once (``attach``); before a step, ask the backends
+    for every layer's scores when a scheduled request's policy needs them (``prepare``); after the step,
+    once its tokens are final, feed the scores to the policy and compact through the KV manager
+    (``after_step``, which returns the plans for the next SchedulerOutput)."""
+
+    def __init__(self, default: EvictionOptions, num_layers: int, num_kv_heads: int):
+        self.default = default
+        self.num_layers, self.num_kv_heads = num_layers, num_kv_heads
+        self.all_layers = frozenset(range(num_layers))
+        self.counters = {"kv_evicted_tokens": 0, "kv_compactions": 0}
+
+    def attach(self, req) -> None:
+        options = req.params.eviction or self.default
+        if options.method != "none":
+            req.state["eviction_options"] = options
+
+    def _policy(self, req) -> Optional[EvictionPolicy]:
+        """The request's policy, rebuilt after a preemption (the recompute starts from a full cache)."""
+        options = req.state.get("eviction_options")
+        if options is None:
+            return None
+        policy = req.state.get("eviction")
+        if policy is None or req.state.get("eviction_epoch") != req.num_preemptions:
+            capacity = resolve_capacity(options.budget, req.num_prompt_tokens + req.params.max_tokens)
+            policy = req.state["eviction"] = make_policy(options, capacity, self.num_layers, self.num_kv_heads)
+            req.state["eviction_epoch"] = req.num_preemptions
+        return policy
+
+    @staticmethod
+    def _completes_prompt(req, s) -> bool:
+        start = s.positions[0]
+        return start < req.num_prompt_tokens <= start + len(s.token_ids)
+
+    def prepare(self, sched, requests: dict) -> None:
+        needs = False
+        for s in sched.requests:
+            policy = self._policy(requests[s.request_id])
+            if policy is None:
+                continue
+            q = policy.score_queries(self._completes_prompt(requests[s.request_id], s), len(s.token_ids))
+            if q:
+                needs, s.score_queries = True, q
+        if needs:
+            sched.score_layers = sched.score_layers | self.all_layers
+
+    def after_step(self, sched, step_out, requests: dict, kv) -> list:
+        """Plans of the compactions done (already applied to the KV manager's tables)."""
+        sums = maxs = None
+        if step_out.scores:
+            sums = torch.stack([step_out.scores[layer][0] for layer in range(self.num_layers)], dim=1)
+            maxs = torch.stack([step_out.scores[layer][1] for layer in range(self.num_layers)], dim=1)
+        plans = []
+        for b, s in enumerate(sched.requests):
+            req = requests.get(s.request_id)
+            if req is None or req.status.finished or not kv.has(s.request_id):
+                continue  # finished, aborted or preempted
+            policy = req.state.get("eviction")
+            if policy is None or req.state.get("eviction_epoch") != req.num_preemptions:
+                continue
+            # a verification step's last query is an unverified tree node: its scores are not observed
+            scores = None if sums is None or s.draft_parents is not None else (sums[b], maxs[b])
+            policy.observe(req.num_computed_tokens, kv.num_resident(s.request_id), scores)
+            keep = policy.select(self._completes_prompt(req, s))
+            if keep is None:
+                continue
+            plan = kv.compact(s.request_id, keep.cpu().numpy())
+            if plan is None:
+                continue  # no block free for copy-on-write: retry at the next crossing
+            self.counters["kv_evicted_tokens"] += policy.num_entries - keep.shape[2]
+            self.counters["kv_compactions"] += 1
+            policy.compacted(keep)
+            plans.append(plan)
+        return plans
+
+    def stats(self, running: list, kv) -> dict:
+        return {**self.counters,
+                "kv_resident_tokens": sum(kv.num_resident(r.request_id) for r in running if kv.has(r.request_id)),
+                "kv_logical_tokens": sum(r.num_computed_tokens for r in running)}

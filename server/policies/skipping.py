@@ -1,0 +1,247 @@
+"""TokenSkipPolicy: none | spts — Probe-and-Skip (2601.13155) for long prefills.
+
+A block Y = X + F(X) (F = attention or MLP) is computed only for an *active* subset of a prefill
+chunk's tokens; the others pass through bit-identically. The paper's internals are not public; the
+choices made here, each a knob of :class:`server.engine.request.SkipOptions`:
+
+* Where: prefill chunks of requests whose prompt has >= ``min_prompt_len`` tokens, in layers
+  ``start_layer`` and deeper. Each chunk is treated on its own (with chunked prefill, the chunk's last
+  ``probe_tokens`` tokens probe it); the last r tokens of a chunk, hence of the prompt, are always active.
+  Decode is never skipped.
+* Attention subset — Partial Attention Probing: at the layer, the last r tokens' queries attend over the
+  chunk's keys (causal); a token's importance is the probability mass it receives, averaged over query
+  heads and probes. Active queries then attend exactly (causal, over the full context).
+* MLP subset — Low-rank Transformation Probing: a rank-r truncated SVD of gate_up and of down (built
+  lazily from the weights the first time a layer is probed, kept for the model's lifetime; see
+  :func:`low_rank`) gives
+  f~(x) = D_r(silu(G_r x) * U_r x); a token's importance is ||f~(x)|| / ||h||, the predicted relative
+  size of its update.
+* Multi-Stage Delayed Pruning: layers [start_layer, L) are split into ``stages`` equal stages; stage s
+  skips ratio * (s + 1) / stages of the chunk's non-probe tokens in each block. A token skipped by both
+  blocks in every layer of a stage is *pruned*: skipped (and no longer probed) in all later layers.
+* KV of skipped and pruned tokens: the paged pool keeps one KV length for all layers of a request, so a
+  per-layer shorter KV would need per-layer block tables. We keep every token's K/V, computed from its
+  pass-through hidden state; K/V projections therefore run for every token, and later decode reads the
+  same number of entries as without skipping. The saving is in attention (active queries only), the
+  output projection and the MLP.
+* A skipping request computes lossy KV: it neither reads nor feeds the prefix cache
+  (:func:`lossy_prefill`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from kernels import reference as ref
+from server.engine.request import Request, SkipOptions
+
+Tensor = torch.Tensor
+
+
+def resolve_options(opts: Optional[SkipOptions]) -> Optional[SkipOptions]:
+    """None unless the request turned skipping on (there is no server-wide default)."""
+    return opts if opts is not None and opts.method != "none" else None
+
+
+def applies(opts: Optional[SkipOptions], req: Request) -> bool:
+    return opts is not None and req.num_prompt_tokens >= opts.min_prompt_len
+
+
+def lossy_prefill(req: Request) -> bool:
+    """Whether the request's prompt KV comes out of skipped blocks (then no prefix cache either way)."""
+    return applies(req.state.get("skipping"), req)
+
+
+def layer_ratios(opts: SkipOptions, num_layers: int) -> list:
+    """Per layer skip ratio: 0 below start_layer, then ratio * (s + 1) / stages in stage s."""
+    span = max(num_layers - opts.start_layer, 0)
+    out = [0.0] * num_layers
+    for i in range(opts.start_layer, num_layers):
+        stage = min((i - opts.start_layer) * opts.stages // max(span, 1), opts.stages - 1)
+        out[i] = opts.ratio * (stage + 1) / opts.stages
+    return out
+
+
+def stage_ends(opts: SkipOptions, num_layers: int) -> set:
+    """Layers after which pruning happens (the last layer of every stage but the final one)."""
+    ratios = layer_ratios(opts, num_layers)
+    return {i for i in range(opts.start_layer, num_layers - 1) if ratios[i + 1] != ratios[i]}
+
+
+def low_rank(w: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """(a [out, r], b [r, in]) with a @ b the best rank-r approximation of w [out, in] (truncated SVD).
+
+    Computed from the eigenvectors of the smaller Gram matrix (w^T w or w w^T): the same subspace as the
+    SVD's top singular vectors, deterministic, and an order of magnitude faster than a full SVD on CPU.
+    """
+    w32 = w.float()
+    if w.shape[1] <= w.shape[0]:
+        v = torch.linalg.eigh(w32.T @ w32).eigenvectors[:, -rank:]  # top right singular vectors
+        return (w32 @ v).to(w.dtype), v.T.contiguous().to(w.dtype)
+    u = torch.linalg.eigh(w32 @ w32.T).eigenvectors[:, -rank:]  # top left singular vectors
+    return u.contiguous().to(w.dtype), (u.T @ w32).to(w.dtype)
+
+
+class LowRankMLPProbe:
+    """Rank-r proxies of each layer's gated MLP, from truncated SVDs of its weights (built on first use)."""
+
+    def __init__(self):
+        self._proxies: dict = {}
+
+    def _proxy(self, layer: int, mlp, rank: int):
+        key = (layer, rank)
+        if key not in self._proxies:
+            self._proxies[key] = (low_rank(mlp.gate_up_proj.weight, rank), low_rank(mlp.down_proj.weight, rank))
+        return self._proxies[key]
+
+    def magnitude(self, layer: int, mlp, x: Tensor, h: Tensor, rank: int) -> Tensor:
+        """Predicted ||MLP(x)|| / ||h|| per row of x (the normed input) and h (the residual)."""
+        (gu_a, gu_b), (d_a, d_b) = self._proxy(layer, mlp, rank)
+        gate, up = F.linear(F.linear(x, gu_b), gu_a).chunk(2, dim=-1)
+        update = F.linear(F.linear(F.silu(gate) * up, d_b), d_a)
+        return update.float().norm(dim=-1) / h.float().norm(dim=-1).clamp(min=1e-6)
+
+
+def probe_attention(q_probe: Tensor, k: Tensor, scale: float) -> Tensor:
+    """Partial Attention Probing. q_probe: [r, Hq, D] (the chunk's last r queries), k: [n, Hkv, D] (the chunk's
+    keys). Returns each key's received attention [n], averaged over query heads and probes (causal)."""
+    r, hq, _ = q_probe.shape
+    n = k.shape[0]
+    kk = k.float().repeat_interleave(hq // k.shape[1], dim=1).transpose(0, 1)  # [Hq, n, D]
+    logits = torch.matmul(q_probe.float().transpose(0, 1), kk.transpose(1, 2)) * scale  # [Hq, r, n]
+    causal = torch.arange(n, device=k.device)[None, :] <= torch.arange(n - r, n, device=k.device)[:, None]
+    return torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1).mean(dim=(0, 1))
+
+
+class _Segment:
+    """One skipping request's prefill chunk: rows [start, start + n) of the flat batch."""
+
+    def __init__(self, b: int, start: int, n: int, kv_len: int, opts: SkipOptions, num_layers: int, meta):
+        self.b, self.start, self.n, self.kv_len, self.opts = b, start, n, kv_len, opts
+        self.ratios = layer_ratios(opts, num_layers)
+        self.stage_ends = stage_ends(opts, num_layers)
+        dev = meta.cu_seqlens_q.device
+        self.rows = torch.arange(start, start + n, device=dev)
+        self.r = min(opts.probe_tokens, n)
+        self.pruned = torch.zeros(n, dtype=torch.bool, device=dev)
+        self.skipped_all_stage = torch.ones(n, dtype=torch.bool, device=dev)
+        self.slots = ref.slots_for(meta.block_tables[b], kv_len, meta.block_size)
+        self.q_pos = torch.arange(kv_len - n, kv_len, device=dev)
+
+    def num_skipped(self, layer: int) -> int:
+        return max(int(self.ratios[layer] * (self.n - self.r)), int(self.pruned.sum()))
+
+    def choose(self, layer: int, importance: Optional[Tensor], skip_block: bool) -> Tensor:
+        """Local indices [m] (sorted) of the active tokens of one block; None importance = all active."""
+        k = self.num_skipped(layer) if skip_block else 0
+        if importance is None or k == 0:
+            return torch.arange(self.n, device=self.rows.device)
+        score = importance.masked_fill(self.pruned, float("-inf"))
+        score[self.n - self.r:] = float("inf")  # the probes are always active
+        keep = torch.topk(score, self.n - k).indices
+        return keep.sort().values
+
+    def end_layer(self, layer: int, attn_active: Tensor, mlp_active: Tensor) -> None:
+        """Delayed pruning: tokens skipped by both blocks through a whole stage are pruned at its end."""
+        skipped = torch.ones(self.n, dtype=torch.bool, device=self.rows.device)
+        skipped[attn_active] = False
+        skipped[mlp_active] = False
+        self.skipped_all_stage &= skipped
+        if layer in self.stage_ends:
+            self.pruned |= self.skipped_all_stage
+            self.skipped_all_stage = torch.ones_like(self.pruned)
+
+    def attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, local: Tensor, scale: float) -> Tensor:
+        """Exact causal attention of the active queries ``local`` over the request's whole KV."""
+        k = k_cache[self.slots].transpose(0, 1)  # [Hkv, L, D]
+        v = v_cache[self.slots].transpose(0, 1)
+        mask = torch.arange(self.kv_len, device=q.device)[None, :] <= self.q_pos[local][:, None]
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                           scale=scale, enable_gqa=q.shape[1] != k.shape[0])
+        return o.transpose(0, 1)
+
+
+class SkipPlanner:
+    """Runner-level: holds the low-rank MLP proxies; turns each step into a :class:`SkipPlan` (or None)."""
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.probe = LowRankMLPProbe()
+
+    def plan(self, sched, requests: dict, meta) -> Optional["SkipPlan"]:
+        segments, offset = [], 0
+        for b, s in enumerate(sched.requests):
+            req = requests[s.request_id]
+            opts = req.state.get("skipping")
+            n = len(s.token_ids)
+            if (opts is not None and applies(opts, req) and s.window == 0 and s.draft_parents is None
+                    and n > opts.probe_tokens and s.positions[0] < req.num_prompt_tokens
+                    and opts.start_layer < self.num_layers):
+                segments.append(_Segment(b, offset, n, s.kv_len, opts, self.num_layers, meta))
+            offset += n
+        return SkipPlan(segments, offset, self.probe) if segments else None
+
+
+class SkipPlan:
+    """Runs the decoder layers of one step with token skipping for its segments (see the module doc)."""
+
+    def __init__(self, segments: list, num_rows: int, probe: LowRankMLPProbe):
+        self.segments = segments
+        self.probe = probe
+        self.first_layer = min(s.opts.start_layer for s in segments)
+        dev = segments[0].rows.device
+        in_seg = torch.zeros(num_rows, dtype=torch.bool, device=dev)
+        for s in segments:
+            in_seg[s.rows] = True
+        self.other_rows = torch.nonzero(~in_seg).flatten()
+
+    def run(self, layers, h: Tensor, cos: Tensor, sin: Tensor, batch) -> Tensor:
+        ops = ref
+        if h.is_cuda:
+            from kernels import token_skip as ops
+        for i, layer in enumerate(layers):
+            h = layer(h, cos, sin, batch) if i < self.first_layer else self._layer(i, layer, h, cos, sin, batch, ops)
+        return h
+
+    def _layer(self, i: int, layer, h: Tensor, cos: Tensor, sin: Tensor, batch, ops) -> Tensor:
+        attn, meta = layer.self_attn, batch.attn
+        q, k, v = attn.project(layer.input_layernorm(h), cos, sin)
+        k_cache, v_cache = batch.kv_caches[i]
+        batch.backend.store_kv(k, v, k_cache, v_cache, meta)
+        active = [s for s in self.segments if i >= s.opts.start_layer]
+        # the backend serves the other rows; it also runs when a sparse plan or score emission must see
+        # every layer (their cost on the segment rows is then wasted, never wrong)
+        if self.other_rows.numel() or len(active) < len(self.segments) or meta.sparse is not None \
+                or i in meta.score_layers:
+            out = batch.backend.forward(i, q, k_cache, v_cache, meta, attn.scale)
+        else:
+            out = torch.empty_like(q)
+        attn_rows, attn_local = [self.other_rows], {}
+        for s in active:
+            skip_attn = s.opts.blocks in ("attention", "both")
+            imp = probe_attention(q[s.rows[-s.r:]], k[s.rows], attn.scale) if skip_attn and s.ratios[i] else None
+            local = attn_local[s] = s.choose(i, imp, skip_attn)
+            out[s.rows[local]] = s.attention(q[s.rows[local]], k_cache, v_cache, local, attn.scale)
+            attn_rows.append(s.rows[local])
+        for s in self.segments:
+            if s not in active:
+                attn_rows.append(s.rows)
+        rows = torch.cat(attn_rows)
+        flat = ops.gather_rows(out.reshape(out.shape[0], -1), rows)
+        h = ops.scatter_add_rows_(h, rows, attn.o_proj(flat))
+
+        mlp_rows = [self.other_rows] + [s.rows for s in self.segments if s not in active]
+        for s in active:
+            skip_mlp = s.opts.blocks in ("mlp", "both")
+            imp = None
+            if skip_mlp and s.ratios[i]:
+                hs = h[s.rows]
+                imp = self.probe.magnitude(i, layer.mlp, layer.post_attention_layernorm(hs), hs, s.opts.probe_rank)
+            local = s.choose(i, imp, skip_mlp)
+            s.end_layer(i, attn_local[s], local)
+            mlp_rows.append(s.rows[local])
+        rows = torch.cat(mlp_rows)
+        x = layer.post_attention_layernorm(ops.gather_rows(h, rows))
+        return ops.scatter_add_rows_(h, rows, layer.mlp(x))

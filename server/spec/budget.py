@@ -1,0 +1,131 @@
+"""How many draft tokens a step can afford: a measured step-cost model times running acceptance.
+
+For a step with B running decodes of which S speculate, every speculating request gets the same
+budget d from ``CANDIDATES`` (capped by its own ``num_draft_tokens``), chosen to maximise expected
+tokens per second::
+
+    (B + S * accepted(d)) / step_time(B, d)
+
+``step_time(B, d)`` is measured the first time a batch-size bucket (a power of two) speculates: a
+forward of B sequences of 1 + d tokens each, for every candidate d (short, bounded by
+``MEASURE_SECONDS``; sizes past the limit are extrapolated linearly). ``accepted(d)`` is
+the running mean of accepted draft tokens per verified tree at budget d (an EMA per method),
+starting from an optimistic prior so that every budget gets tried. When the batch is compute-bound
+the time grows with B(1 + d) and the rule picks d = 0 (no speculation); a budget that stops paying
+off is abandoned as its EMA falls; while d = 0 wins, the smallest budget is still tried once every
+``PROBE_EVERY`` steps so that a recovering acceptance rate is noticed.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Optional
+
+CANDIDATES = (0, 2, 4, 8, 16, 32, 64)
+MEASURE_SECONDS = 1.5
+EMA = 0.1
+PROBE_EVERY = 64
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class DraftBudget:
+    """``measure(num_seqs, q_len) -> seconds`` times one forward; None disables the cost model (every
+    request then drafts up to its own ``num_draft_tokens``)."""
+
+    def __init__(self, measure: Optional[Callable[[int, int], float]] = None):
+        self.measure = measure
+        self.step_time: dict = {}  # (batch bucket, d) -> seconds
+        self.accepted: dict = {}  # (method, d) -> EMA of accepted draft tokens per tree
+        self._steps = 0
+
+    @staticmethod
+    def candidates(cap: int) -> list:
+        return [d for d in CANDIDATES if d < cap] + [cap]
+
+    @staticmethod
+    def prior(d: int) -> float:
+        return 0.5 * math.log2(1 + d)
+
+    def expected(self, method: str, d: int) -> float:
+        return self.accepted.get((method, d), self.prior(d))
+
+    def _time(self, bucket: int, d: int, deadline: Optional[float]) -> float:
+        """Measured step time, measuring it now while the deadline allows, else extrapolated
+        linearly in d from the two largest measured budgets."""
+        key = (bucket, d)
+        if key in self.step_time:
+            return self.step_time[key]
+        done = sorted(m for (b, m) in self.step_time if b == bucket)
+        guess = None
+        if done:
+            hi = done[-1]
+            lo = done[-2] if len(done) > 1 else hi
+            t_hi, t_lo = self.step_time[(bucket, hi)], self.step_time[(bucket, lo)]
+            slope = (t_hi - t_lo) / (hi - lo) if hi > lo else t_hi / (1 + hi)
+            guess = t_hi + slope * (d - hi)
+        if guess is None or (deadline is not None and time.perf_counter() + guess < deadline):
+            self.step_time[key] = min(self.measure(bucket, 1 + d), self.measure(bucket, 1 + d))  # damp noise
+            return self.step_time[key]
+        return guess
+
+    def choose(self, num_decodes: int, methods: list, cap: int) -> int:
+        """The draft budget for this step; ``methods`` = the speculating decodes' methods, ``cap`` the
+        largest ``num_draft_tokens`` among them."""
+        if not methods:
+            return 0
+        if self.measure is None:
+            return cap
+        self._steps += 1
+        bucket = _bucket(max(num_decodes, len(methods)))
+        deadline = None
+        if (bucket, 0) not in self.step_time:
+            self.measure(bucket, 1)  # warm-up
+            deadline = time.perf_counter() + MEASURE_SECONDS
+        best, best_rate = 0, -1.0
+        for d in self.candidates(cap):
+            gain = sum(self.expected(m, d) for m in methods) if d else 0.0
+            rate = (num_decodes + gain) / self._time(bucket, d, deadline)
+            if rate > best_rate:
+                best, best_rate = d, rate
+        if best == 0 and self._steps % PROBE_EVERY == 0:
+            best = self.candidates(cap)[1]
+        return best
+
+    def record(self, method: str, d: int, accepted: int) -> None:
+        key = (method, d)
+        self.accepted[key] = (1 - EMA) * self.accepted.get(key, self.prior(d)) + EMA * accepted
+
+
+def measure_forward(runner, num_seqs: int, q_len: int, ctx_len: int = 256) -> float:
+    """Seconds for one forward (+ logits of every token) of ``num_seqs`` sequences of ``q_len`` new
+    tokens over ``ctx_len`` of context. Nothing is written to the KV pool (slot -1) and the reads
+    point at block 0, whose content does not matter for timing."""
+    import torch
+
+    from kernels.backend import AttentionMetadata
+    from server.runner.forward_batch import ForwardBatch
+
+    dev, bs = runner.device, runner.block_size
+    kv_len = ctx_len + q_len
+    n = num_seqs * q_len
+    meta = AttentionMetadata(
+        cu_seqlens_q=torch.arange(0, n + 1, q_len, dtype=torch.int32, device=dev),
+        kv_lens=torch.full((num_seqs,), kv_len, dtype=torch.int32, device=dev),
+        block_tables=torch.zeros(num_seqs, -(-kv_len // bs), dtype=torch.int32, device=dev),
+        slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=dev),
+        block_size=bs, q_lens=[q_len] * num_seqs, kv_lens_host=[kv_len] * num_seqs,
+        tree_mask=torch.ones(n, q_len, dtype=torch.bool, device=dev) if q_len > 1 else None)
+    batch = ForwardBatch(input_ids=torch.zeros(n, dtype=torch.long, device=dev),
+                         positions=torch.arange(n, device=dev) % q_len + ctx_len, attn=meta, backend=runner.backend,
+                         kv_caches=runner.kv_caches, logits_indices=torch.arange(n, device=dev))
+    with torch.inference_mode():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        start = time.perf_counter()
+        runner.model.compute_logits(runner.model(batch)).argmax(dim=-1)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    return time.perf_counter() - start

@@ -1,0 +1,148 @@
+"""Draft trees: the static Token Recycling template, breadth-first expansion, ancestor masks, depths.
+
+A draft tree is fed as ``[root] + tokens``: the root is the request's last accepted token (flat
+index 0) and draft node ``i`` is flat index ``i + 1``; ``parents[i]`` is the *draft* index of node
+i's parent, -1 for the root. Nodes are in breadth-first order (a parent always precedes its
+children, and the children of one parent are contiguous and ordered by priority), which is what
+the verifier and the KV compaction rely on.
+
+Template shape (the paper's 80-node template is not reproduced): each edge is labelled with the
+rank r of the child among its parent's top-k candidates, and a path's prior weight is the product
+of ``RANK_PRIOR[r]`` along it (a rank-r candidate of Token Recycling is accepted about that often).
+The template of n nodes holds the n heaviest paths; a prefix weighs more than its extensions, so
+they form a tree. This reproduces the paper's profile (wide near the root, thinning with depth).
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+# Rough acceptance of a Token Recycling candidate by its rank in M[token] (8 ranks).
+RANK_PRIOR = (0.55, 0.14, 0.07, 0.045, 0.03, 0.022, 0.017, 0.014)
+
+
+@dataclass(frozen=True)
+class DraftTree:
+    """Draft tokens in breadth-first order and the draft index of each one's parent (-1 = root)."""
+
+    tokens: tuple
+    parents: tuple
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+EMPTY = DraftTree((), ())
+
+
+@lru_cache(maxsize=64)
+def template(num_nodes: int, width: int = len(RANK_PRIOR)) -> tuple:
+    """The ``num_nodes`` heaviest rank paths (tuples of child ranks), in breadth-first order."""
+    heap = [(-RANK_PRIOR[r], (r,)) for r in range(width)]
+    heapq.heapify(heap)
+    chosen = []
+    while heap and len(chosen) < num_nodes:
+        neg_w, path = heapq.heappop(heap)
+        chosen.append(path)
+        for r in range(width):
+            heapq.heappush(heap, (neg_w * RANK_PRIOR[r], path + (r,)))
+    return tuple(sorted(chosen, key=lambda p: (len(p), p)))
+
+
+def expand(root: int, paths: tuple, candidates) -> DraftTree:
+    """Fill ``paths`` breadth-first: a node's token is ``candidates(parent_token)[rank]``.
+
+    ``candidates(t)`` returns t's ranked next-token list (may be shorter than the rank, or empty);
+    a node whose candidate is missing is dropped together with its subtree."""
+    index = {(): -1}
+    token_of = {(): root}
+    tokens, parents = [], []
+    for path in paths:
+        parent = path[:-1]
+        if parent not in index:
+            continue
+        cand = candidates(token_of[parent])
+        if path[-1] >= len(cand):
+            continue
+        index[path] = len(tokens)
+        token_of[path] = cand[path[-1]]
+        tokens.append(cand[path[-1]])
+        parents.append(index[parent])
+    return DraftTree(tuple(tokens), tuple(parents))
+
+
+def depths(parents) -> list:
+    """Depth of each draft node (children of the root have depth 1)."""
+    out = []
+    for p in parents:
+        out.append(1 if p < 0 else out[p] + 1)
+    return out
+
+
+def ancestor_mask(parents) -> np.ndarray:
+    """Bool [n + 1, n + 1] over the flat tree (root first): row i sees column j iff j is i or an ancestor."""
+    n = len(parents) + 1
+    mask = np.zeros((n, n), dtype=bool)
+    mask[:, 0] = True
+    for i, p in enumerate(parents, start=1):
+        mask[i] = mask[p + 1]
+        mask[i, i] = True
+    return mask
+
+
+def children(parents) -> tuple:
+    """(first_child, num_children) per flat node (root = 0), using the contiguity of siblings."""
+    n = len(parents) + 1
+    first = [0] * n
+    count = [0] * n
+    for i, p in enumerate(parents, start=1):
+        if count[p + 1] == 0:
+            first[p + 1] = i
+        count[p + 1] += 1
+    return first, count
+
+
+def best_first(root: int, budget: int, grow) -> DraftTree:
+    """The ``budget`` heaviest nodes of a weighted tree grown lazily, in breadth-first order.
+
+    ``grow(path, token)`` yields ``(label, child_token, factor)`` for a node (``path`` = labels
+    from the root, ``()`` for the root); a node weighs the product of the factors along its path,
+    all in (0, 1], so every chosen node's parent is chosen too. Siblings are ordered heaviest first."""
+    tie = 0
+    heap = []
+
+    def push(path, token, weight):
+        nonlocal tie
+        for label, child, factor in grow(path, token):
+            tie += 1
+            heapq.heappush(heap, (-weight * factor, tie, path + (label,), child))
+
+    push((), root, 1.0)
+    kids: dict = {}
+    while heap and budget > 0:
+        neg_w, _, path, token = heapq.heappop(heap)
+        kids.setdefault(path[:-1], []).append((path, token))  # popped heaviest first
+        budget -= 1
+        push(path, token, -neg_w)
+    tokens, parents = [], []
+    level = [((), -1)]
+    while level:
+        nxt = []
+        for path, index in level:
+            for child_path, token in kids.get(path, ()):
+                tokens.append(token)
+                parents.append(index)
+                nxt.append((child_path, len(tokens) - 1))
+        level = nxt
+    return DraftTree(tuple(tokens), tuple(parents))
+
+
+def check_bfs(parents) -> None:
+    """Raise ValueError unless the tree is in breadth-first order with contiguous siblings,
+    i.e. every parent precedes its child and the parent indices never decrease."""
+    for i, p in enumerate(parents):
+        if not -1 <= p < i or (i and p < parents[i - 1]):
+            raise ValueError("draft tree must be breadth-first with contiguous siblings")

@@ -1,0 +1,15 @@
+"""A server that cannot load its model says why in one line and exits non-zero."""
+import subprocess
+import sys
+
+
+def test_missing_model_fails_with_one_line(tmp_path):
+    bad = tmp_path / "garbage.gguf"
+    bad.write_bytes(b"not a gguf file at all" * 10)
+    for model, words in [(str(tmp_path / "missing.gguf"), "not found"), (str(bad), "gguf")]:
+        proc = subprocess.run([sys.executable, "-m", "server", "serve", "--model", model, "--port", "0"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1
+        errors = [line for line in proc.stderr.splitlines() if "model load failed" in line]
+        assert len(errors) == 1 and words in errors[0].lower(), proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr

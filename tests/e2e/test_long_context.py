@@ -1,0 +1,78 @@
+"""Sparse decode attention, windowed attention and token skipping on the embedded model: exact when the
+budget covers the context, bounded memory with a window, and batch-invariant in a mixed batch."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from pydoc_data.topics import topics
+
+from server.engine.llm import LLM
+from server.engine.request import SamplingParams, SkipOptions, SparsityOptions
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, logprobs=0)
+SKIP = SkipOptions(method="spts", min_prompt_len=128, start_layer=6, ratio=0.5, probe_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(num_blocks=600, max_num_batched_tokens=512)
+
+
+@pytest.fixture(scope="module")
+def doc(llm):
+    text = topics["assignment"] + topics["for"]
+    return llm.tokenizer.encode(text, add_special_tokens=False)[:200]
+
+
+@pytest.fixture(scope="module")
+def dense(llm, doc):
+    return llm.generate([doc], GREEDY)[0]
+
+
+def _logprobs(out):
+    return [lp for lp, _ in out.logprobs]
+
+
+@pytest.mark.parametrize("opts", [SparsityOptions(method="tidal", budget=1024),
+                                  SparsityOptions(method="quest", budget=1024),
+                                  SparsityOptions(method="window", window=1024, sinks=4)],
+                         ids=["tidal", "quest", "window"])
+def test_budget_covering_the_context_equals_dense(llm, doc, dense, opts):
+    out = llm.generate([doc], replace(GREEDY, sparsity=opts))[0]
+    assert out.token_ids == dense.token_ids
+    assert _logprobs(out) == pytest.approx(_logprobs(dense), abs=1e-4)
+
+
+def test_skip_ratio_zero_is_dense(llm, doc, dense):
+    out = llm.generate([doc], replace(GREEDY, skipping=replace(SKIP, ratio=0.0)))[0]
+    assert out.token_ids == dense.token_ids
+    assert _logprobs(out) == pytest.approx(_logprobs(dense), abs=1e-5)
+
+
+def test_mixed_batch_gives_each_request_its_solo_tokens(llm, doc):
+    params = [GREEDY,
+              replace(GREEDY, sparsity=SparsityOptions(method="tidal", budget=48)),
+              replace(GREEDY, sparsity=SparsityOptions(method="quest", budget=48)),
+              replace(GREEDY, skipping=SKIP),
+              replace(GREEDY, sparsity=SparsityOptions(method="window", window=48, sinks=4))]
+    prompts = [doc[i * 7:] for i in range(len(params))]  # distinct prompts: no prefix sharing between them
+    solo = [llm.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
+    together = llm.generate(prompts, params)
+    assert [o.token_ids for o in together] == solo
+    assert solo[1] != solo[0] or solo[2] != solo[0] or solo[3] != solo[0]  # the lossy methods did something
+    assert llm.engine.kv.num_requests == 0
+
+
+@pytest.mark.slow  # ~minutes on 2 CPU cores; bench/long_context.py reports the same peak (window_kv_blocks)
+def test_window_bounds_kv_blocks_over_2000_tokens():
+    llm = LLM(num_blocks=600, max_num_batched_tokens=512)
+    eng = llm.engine
+    params = SamplingParams(max_tokens=2000, temperature=0.0, ignore_eos=True,
+                            sparsity=SparsityOptions(method="window", window=64, sinks=4))
+    eng.add_request("w", list(range(100, 140)), params)
+    peak = 0
+    while eng.has_unfinished_requests():
+        eng.step()
+        peak = max(peak, eng.kv.pool.num_blocks - 1 - eng.kv.num_free_blocks)
+    assert peak <= 1 + 64 // eng.kv.block_size + 2

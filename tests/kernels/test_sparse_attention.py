@@ -1,0 +1,110 @@
+"""Sparse decode attention, TidalDecode/Quest selection and token-skip row ops against torch oracles."""
+import pytest
+import torch
+
+from kernels import reference as ref
+from kernels.selection import pages_to_slots, quest_page_bounds, top_pages, topk_token_slots
+from kernels.sparse_attention import sparse_decode
+from kernels.token_skip import gather_rows, scatter_add_rows_
+
+TOL = {torch.float32: dict(atol=1e-4, rtol=2e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+NUM_KV_HEADS = {1: 2, 3: 2, 8: 1}  # group size -> kv heads
+
+
+def _random_slot_lists(kv_lens, block_tables, block_size, hkv, n, gen):
+    """Per (request, kv head) n distinct kv indices (fewer for short requests, -1 padded), as physical slots."""
+    out = torch.full((len(kv_lens), hkv, n), -1, dtype=torch.long)
+    for b, kv_len in enumerate(kv_lens):
+        slots = ref.slots_for(block_tables[b].cpu(), kv_len, block_size)
+        for h in range(hkv):
+            pick = torch.randperm(kv_len, generator=gen)[:n]
+            out[b, h, :len(pick)] = slots[pick]
+    return out
+
+
+def _masked_softmax_oracle(q, k_cache, v_cache, block_tables, kv_lens, block_size, slots, scale):
+    """Dense attention over each request's whole KV with logits outside the selected slots set to -inf."""
+    bsz, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    out = torch.empty(bsz, hq, d)
+    for b, kv_len in enumerate(kv_lens):
+        all_slots = ref.slots_for(block_tables[b].cpu(), kv_len, block_size)
+        for h in range(hq):
+            kvh = h // (hq // hkv)
+            logits = (k_cache[all_slots, kvh].float() @ q[b, h].float()) * scale
+            chosen = torch.isin(all_slots, slots[b, kvh][slots[b, kvh] >= 0].cpu())
+            p = torch.softmax(logits.masked_fill(~chosen, float("-inf")), dim=0)
+            out[b, h] = p @ v_cache[all_slots, kvh].float()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("group", [1, 3, 8])
+def test_sparse_decode_matches_references(paged_pool, device, poison, group, block_size, dtype):
+    kv_lens, hkv = [1, 33, 90], NUM_KV_HEADS[group]
+    k_cache, v_cache, tables, _ = paged_pool(kv_lens, hkv, 64, block_size, dtype)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(len(kv_lens), hkv * group, 64, generator=gen).to(device, dtype)
+    slots = _random_slot_lists(kv_lens, tables, block_size, hkv, 40, gen).to(device)
+    out = sparse_decode(q, k_cache, v_cache, slots, 0.125)
+    expect = ref.sparse_decode(q, k_cache, v_cache, slots, 0.125)
+    torch.testing.assert_close(out, expect, **TOL[dtype])
+    oracle = _masked_softmax_oracle(q.cpu(), k_cache.cpu(), v_cache.cpu(), tables, kv_lens, block_size,
+                                    slots.cpu(), 0.125)
+    torch.testing.assert_close(expect.float().cpu(), oracle, **TOL[dtype])
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_tidal_selection_is_topk_of_dense_scores(paged_pool, device, group):
+    kv_lens, hkv, block_size, budget = [5, 70, 130], NUM_KV_HEADS[group], 16, 24
+    k_cache, v_cache, tables, kv = paged_pool(kv_lens, hkv, 64, block_size, torch.float32)
+    q = torch.randn(len(kv_lens), hkv * group, 64, generator=torch.Generator().manual_seed(2)).to(device)
+    _, (score_sum, _) = ref.paged_decode(q, k_cache, v_cache, tables, kv, block_size, 0.125, return_scores=True)
+    padded = ref.padded_slots(tables, kv, max(kv_lens), block_size)
+    budgets = torch.full((3,), budget, device=device)
+    slots, kv_idx = topk_token_slots(score_sum, padded, kv, budgets)
+    for b, kv_len in enumerate(kv_lens):
+        for h in range(hkv):
+            k = min(budget - 1, kv_len - 1)
+            expect = set(torch.topk(score_sum[b, h, :kv_len - 1], k).indices.tolist()) | {kv_len - 1}
+            chosen = kv_idx[b, h][kv_idx[b, h] >= 0].tolist()
+            assert set(chosen) == expect and len(chosen) == len(expect)
+            assert slots[b, h][kv_idx[b, h] >= 0].tolist() == padded[b, chosen].tolist()
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_quest_bound_covers_every_page(paged_pool, device, group):
+    kv_lens, hkv, bs = [3, 50, 100], NUM_KV_HEADS[group], 16
+    k_cache, _, tables, kv = paged_pool(kv_lens, hkv, 64, bs, torch.float32)
+    q = torch.randn(len(kv_lens), hkv * group, 64, generator=torch.Generator().manual_seed(3)).to(device)
+    blocks = k_cache.view(-1, bs, hkv, 64)
+    kmin, kmax = blocks.amin(1), blocks.amax(1)  # full blocks: stale slots past kv_len only loosen the bound
+    num_pages = (kv + bs - 1) // bs
+    bounds = quest_page_bounds(q, kmin, kmax, tables, num_pages)
+    for b, kv_len in enumerate(kv_lens):
+        slots = ref.slots_for(tables[b], kv_len, bs)
+        for h in range(hkv):
+            logits = q[b, h * group:(h + 1) * group].float() @ k_cache[slots, h].float().T  # [G, kv_len]
+            for p in range(int(num_pages[b])):
+                true_max = logits[:, p * bs:(p + 1) * bs].max()
+                assert bounds[b, h, p] >= true_max - 1e-4
+    pages = top_pages(bounds, num_pages, torch.tensor([32, 32, 32], device=device), bs)
+    assert (pages[:, :, 0] >= 0).all() and all((pages[b] == int(num_pages[b]) - 1).any(-1).all() for b in range(3))
+    slots = pages_to_slots(pages, tables, kv, bs)
+    assert slots.shape == (3, hkv, 2 * bs) and (slots[0] >= 0).sum() == hkv * 3  # a 3-token request: 3 slots
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_skip_gather_scatter(device, poison, dtype):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(37, 300, generator=gen).to(device, dtype)
+    rows = torch.tensor([0, 5, 6, 20, 36], device=device)
+    upd = torch.randn(5, 300, generator=gen).to(device, dtype)
+    torch.testing.assert_close(gather_rows(x, rows), ref.gather_rows(x, rows), atol=0, rtol=0)
+    got, expect = scatter_add_rows_(x.clone(), rows, upd), ref.scatter_add_rows_(x.clone(), rows, upd)
+    # float32: exact; bfloat16: the CPU interpreter rounds float32 -> bfloat16 differently (one ulp)
+    torch.testing.assert_close(got, expect, **(TOL[dtype] if dtype == torch.bfloat16 else dict(atol=0, rtol=0)))
+    untouched = torch.ones(37, dtype=torch.bool)
+    untouched[rows.cpu()] = False
+    assert torch.equal(got[untouched.to(device)], x[untouched.to(device)])

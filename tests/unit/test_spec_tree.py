@@ -1,0 +1,92 @@
+"""Draft-tree shapes and masks, checked against brute force (no model)."""
+import random
+
+import numpy as np
+import pytest
+
+from server.spec.tree import (RANK_PRIOR, ancestor_mask, best_first, check_bfs, children, depths, expand,
+                              template)
+
+
+def _random_parents(rng: random.Random, n: int) -> list:
+    """A random breadth-first tree: each node's parent is at or after the previous node's parent."""
+    parents, lo = [], -1
+    for i in range(n):
+        p = rng.randint(lo, i - 1)
+        parents.append(p)
+        lo = p
+    return parents
+
+
+def _ancestors(parents, i):
+    out = {i}
+    while i > 0:
+        i = parents[i - 1] + 1
+        out.add(i)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_ancestor_mask_equals_brute_force(seed):
+    rng = random.Random(seed)
+    parents = _random_parents(rng, rng.randint(0, 30))
+    check_bfs(parents)
+    mask = ancestor_mask(parents)
+    n = len(parents) + 1
+    brute = np.array([[j in _ancestors(parents, i) for j in range(n)] for i in range(n)])
+    assert (mask == brute).all()
+    d = depths(parents)
+    assert all(d[i] == len(_ancestors(parents, i + 1)) - 1 for i in range(len(parents)))
+
+
+def test_children_are_contiguous_ranges():
+    parents = [-1, -1, -1, 0, 0, 2, 3, 3]
+    first, count = children(parents)
+    for node in range(len(parents) + 1):
+        kids = [i + 1 for i, p in enumerate(parents) if p + 1 == node]
+        assert kids == list(range(first[node], first[node] + count[node]))
+
+
+@pytest.mark.parametrize("n", [1, 4, 16, 80])
+def test_template_is_the_heaviest_prefix_closed_tree(n):
+    paths = template(n)
+    assert len(paths) == n and len(set(paths)) == n
+    assert all(p[:-1] in paths or len(p) == 1 for p in paths)
+    weight = lambda p: float(np.prod([RANK_PRIOR[r] for r in p]))
+    lightest_in = min(weight(p) for p in paths)
+    frontier = [p + (r,) for p in list(paths) + [()] for r in range(len(RANK_PRIOR)) if p + (r,) not in paths]
+    assert max(weight(p) for p in frontier) <= lightest_in + 1e-12
+    assert [len(p) for p in paths] == sorted(len(p) for p in paths)  # breadth-first
+
+
+def test_template_profile_wide_then_narrow():
+    per_depth = np.bincount([len(p) for p in template(80)])[1:]
+    assert per_depth[0] >= 4 and per_depth[-1] < per_depth.max() and len(per_depth) >= 5
+
+
+def test_expand_fills_from_candidates_and_drops_missing_subtrees():
+    table = {5: [7, 8], 7: [9], 8: [], 9: [5, 6]}
+    tree = expand(5, template(12), lambda t: table.get(t, []))
+    check_bfs(tree.parents)
+    flat = [5, *tree.tokens]
+    for i, (tok, p) in enumerate(zip(tree.tokens, tree.parents)):
+        assert tok in table[flat[p + 1]]
+    assert set(tree.tokens) <= {7, 8, 9, 5, 6}
+    assert tree.tokens[:2] == (7, 8)
+
+
+def test_best_first_keeps_the_heaviest_nodes_breadth_first():
+    rng = random.Random(3)
+    factors = {}
+
+    def grow(path, token):
+        for r in range(3):
+            f = factors.setdefault(path + (r,), rng.uniform(0.05, 0.9))
+            yield r, token * 3 + r, f
+
+    tree = best_first(1, 10, grow)
+    check_bfs(tree.parents)
+    assert len(tree) == 10
+    # siblings are heaviest first
+    first, count = children(list(tree.parents))
+    assert all(count[i] <= 3 for i in range(len(count)))
