@@ -4,7 +4,7 @@ Prompt 128 tokens (real prose from CPython's ``pydoc_data.topics``), output 128 
 at 1, 8 and 32 concurrent requests. The systems are interleaved round by round and the
 median of the rounds is reported, because this machine's speed drifts over minutes.
 
-    python -m bench.offline_throughput [--rounds 3] [--batches 1,8,32] [--dtype float32]
+    python -m bench.offline_throughput [--rounds 3] [--batches 1,8,32] [--systems sift:float32,sift:bfloat16,hf:float32]
 """
 from __future__ import annotations
 
@@ -66,51 +66,67 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--no-hf", action="store_true", help="skip the HF baseline")
+    ap.add_argument("--systems", default="sift:float32,sift:bfloat16,hf:float32",
+                    help="comma-separated system:dtype pairs; the first hf entry is the baseline")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    systems = [tuple(x.split(":")) for x in args.systems.split(",")]
 
     from server.engine.llm import LLM
 
-    llm = LLM(dtype=args.dtype, max_num_seqs=max(batches), max_num_batched_tokens=4096)
-    prompts = real_prompts(llm.tokenizer, max(batches), args.prompt_len)
-    hf = None
-    if not args.no_hf:
-        from transformers import AutoModelForCausalLM
+    runners, prompts, pad = {}, None, None
+    for kind, dtype in systems:
+        name = f"{kind}-{dtype}"
+        if kind == "sift":
+            llm = LLM(dtype=dtype, max_num_seqs=max(batches), max_num_batched_tokens=4096)
+            prompts = prompts or real_prompts(llm.tokenizer, max(batches), args.prompt_len)
+            pad = llm.engine.eos_token_ids[0]
+            run_sift(llm, prompts[:2], 4)  # warm-up
+            runners[name] = lambda ps, llm=llm: run_sift(llm, ps, args.output_len)
+        elif kind == "hf":
+            from transformers import AutoModelForCausalLM
 
-        path = embedded_model_path()
-        hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                  torch_dtype=getattr(torch, args.dtype)).eval()
-    pad = llm.engine.eos_token_ids[0]
-    run_sift(llm, prompts[:2], 4)  # warm-up
-    results = {b: {"sift": [], "hf": []} for b in batches}
-    for r in range(args.rounds):
+            path = embedded_model_path()
+            hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                      torch_dtype=getattr(torch, dtype)).eval()
+            runners[name] = lambda ps, hf=hf: run_hf(hf, ps, args.output_len, pad)
+        else:
+            raise SystemExit(f"unknown system {kind!r}")
+    if prompts is None:
+        raise SystemExit("at least one sift system is needed (it supplies the tokenizer and prompts)")
+    results = {b: {name: [] for name in runners} for b in batches}
+    for r in range(args.rounds):  # interleaved: every system once per round and batch
         for b in batches:
-            results[b]["sift"].append(run_sift(llm, prompts[:b], args.output_len))
-            if hf is not None:
-                results[b]["hf"].append(run_hf(hf, prompts[:b], args.output_len, pad))
-            print(f"round {r + 1} batch {b}: sift {results[b]['sift'][-1]:.1f} tok/s"
-                  + (f", hf {results[b]['hf'][-1]:.1f} tok/s" if hf is not None else ""), flush=True)
+            for name, fn in runners.items():
+                results[b][name].append(fn(prompts[:b]))
+            print(f"round {r + 1} batch {b}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in results[b].items()),
+                  flush=True)
 
+    base = next((n for n in runners if n.startswith("hf")), None)
     rows = []
     for b in batches:
-        s = statistics.median(results[b]["sift"])
-        h = statistics.median(results[b]["hf"]) if results[b]["hf"] else None
-        rows.append({"batch": b, "sift_tok_s": round(s, 1), "hf_tok_s": round(h, 1) if h else None,
-                     "speedup": round(s / h, 2) if h else None,
-                     "sift_runs": [round(x, 1) for x in results[b]["sift"]],
-                     "hf_runs": [round(x, 1) for x in results[b]["hf"]]})
-    print(f"\n{'batch':>5} | {'sift tok/s':>10} | {'hf tok/s':>9} | speedup")
+        row = {"batch": b}
+        for name in runners:
+            row[name] = round(statistics.median(results[b][name]), 1)
+            row[name + "_runs"] = [round(x, 1) for x in results[b][name]]
+        if base:
+            for name in runners:
+                if name != base:
+                    row[f"{name}_vs_{base}"] = round(row[name] / row[base], 2)
+        rows.append(row)
+    names = list(runners)
+    print("\nmedian output tok/s\n" + " | ".join(["batch"] + names + ([f"x {base}" for _ in names[:0]] if base else [])))
     for row in rows:
-        print(f"{row['batch']:>5} | {row['sift_tok_s']:>10} | {str(row['hf_tok_s']):>9} | {row['speedup']}")
+        cells = [str(row["batch"])] + [f"{row[n]}" + (f" ({row[n + '_vs_' + base]}x)" if base and n != base else "")
+                                       for n in names]
+        print(" | ".join(cells))
     os.makedirs(RESULTS, exist_ok=True)
     doc = {
         "bench": "offline_throughput",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-        "dtype": args.dtype, "prompt_len": args.prompt_len, "output_len": args.output_len,
-        "rounds": args.rounds, "median_of_rounds": rows,
+        "prompt_len": args.prompt_len, "output_len": args.output_len,
+        "rounds": args.rounds, "baseline": base, "median_of_rounds": rows,
     }
     with open(os.path.join(RESULTS, "offline_throughput.json"), "w") as f:
         json.dump(doc, f, indent=2)
