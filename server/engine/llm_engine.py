@@ -97,7 +97,7 @@ class LLMEngine:
                                      measure=lambda num_seqs, q_len: measure_forward(self.runner, num_seqs, q_len))
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, window_of=sparsity.window_of,
                                    exact_kv_of=self._exact_kv_tokens, speculator=self.speculator)
-        self.runner = ModelRunner(self.model, arch.num_layers, arch.num_kv_heads, arch.head_dim, self.backend,
+        self.runner = ModelRunner(self.model, arch.num_layers, self.backend,
                                   self.device, self.dtype, num_blocks, cc.block_size, speculator=self.speculator)
         ev = config.eviction
         self.eviction = EvictionDriver(EvictionOptions(method=ev.method, budget=ev.budget, window=ev.window,

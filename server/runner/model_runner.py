@@ -22,7 +22,7 @@ Tensor = torch.Tensor
 
 
 class ModelRunner:
-    def __init__(self, model, num_layers: int, num_kv_heads: int, head_dim: int, backend: AttentionBackend,
+    def __init__(self, model, num_layers: int, backend: AttentionBackend,
                  device: torch.device, dtype: torch.dtype, num_blocks: int, block_size: int, speculator=None):
         self.model = model
         self.speculator = speculator  # server.spec.Speculator: verifies draft trees
@@ -31,12 +31,7 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = block_size
         self.num_layers = num_layers
-        num_slots = num_blocks * block_size
-        self.kv_caches = [
-            (torch.zeros(num_slots, num_kv_heads, head_dim, dtype=dtype, device=device),
-             torch.zeros(num_slots, num_kv_heads, head_dim, dtype=dtype, device=device))
-            for _ in range(num_layers)
-        ]
+        self.kv_caches = model.make_kv_caches(num_blocks, block_size, dtype, device)
         self.sparse_planner = SparsePlanner(self.kv_caches, block_size)
         self.skip_planner = SkipPlanner(num_layers)
 

@@ -40,7 +40,7 @@ def runner():
               p + "mlp.down_proj.weight": torch.randn(h, i, generator=g) / i ** 0.5,
               p + "input_layernorm.weight": torch.ones(h), p + "post_attention_layernorm.weight": torch.ones(h)}
     model.load_weights(w)
-    return ModelRunner(model, ARCH.num_layers, 2, d, TorchBackend(), torch.device("cpu"), torch.float32, 16, 16)
+    return ModelRunner(model, ARCH.num_layers, TorchBackend(), torch.device("cpu"), torch.float32, 16, 16)
 
 
 def _prefill(runner, opts, n=100):

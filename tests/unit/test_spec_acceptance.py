@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from spec_trees import random_parents
 from server.config import SpecConfig
 from server.engine.outputs import ScheduledRequest
 from server.engine.request import Request, SamplingParams, SpecOptions
@@ -111,15 +112,6 @@ def test_relaxed_distribution_moves_bounded_mass(lam):
         assert torch.equal(relaxed_distribution(p, x, nearest, 0, 0.5), p)
 
 
-def _random_tree(rng, n):
-    parents, lo = [], -1
-    for i in range(n):
-        p = rng.randint(lo, i - 1)
-        parents.append(p)
-        lo = p
-    return parents
-
-
 @pytest.mark.parametrize("greedy", [True, False])
 def test_lantern_zero_delta_or_k_equals_strict(greedy):
     rng = random.Random(4)
@@ -128,7 +120,7 @@ def test_lantern_zero_delta_or_k_equals_strict(greedy):
     params = GREEDY if greedy else SAMPLE
     for trial in range(30):
         n = rng.randint(1, 10)
-        parents = _random_tree(rng, n)
+        parents = random_parents(rng, n)
         tokens = [rng.randrange(v) for _ in range(n + 1)]
         logits = torch.randn(n + 1, v, generator=torch.Generator().manual_seed(trial)) * 2
         strict = verify_trees(logits, [_tree_input(0, tokens, parents, params, seed=trial)])
@@ -147,7 +139,7 @@ def test_lantern_acceptance_non_decreasing_in_delta():
     trees = []
     for trial in range(200):
         n = rng.randint(1, 8)
-        trees.append((_random_tree(rng, n), [rng.randrange(v) for _ in range(n + 1)],
+        trees.append((random_parents(rng, n), [rng.randrange(v) for _ in range(n + 1)],
                       torch.randn(n + 1, v, generator=torch.Generator().manual_seed(trial))))
     prev_first, prev_mean = None, None
     for delta in (0.0, 0.05, 0.1, 0.2, 0.5):

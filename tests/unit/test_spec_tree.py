@@ -4,18 +4,9 @@ import random
 import numpy as np
 import pytest
 
+from spec_trees import random_parents
 from server.spec.tree import (RANK_PRIOR, ancestor_mask, best_first, check_bfs, children, depths, expand,
                               template)
-
-
-def _random_parents(rng: random.Random, n: int) -> list:
-    """A random breadth-first tree: each node's parent is at or after the previous node's parent."""
-    parents, lo = [], -1
-    for i in range(n):
-        p = rng.randint(lo, i - 1)
-        parents.append(p)
-        lo = p
-    return parents
 
 
 def _ancestors(parents, i):
@@ -29,7 +20,7 @@ def _ancestors(parents, i):
 @pytest.mark.parametrize("seed", range(20))
 def test_ancestor_mask_equals_brute_force(seed):
     rng = random.Random(seed)
-    parents = _random_parents(rng, rng.randint(0, 30))
+    parents = random_parents(rng, rng.randint(0, 30))
     check_bfs(parents)
     mask = ancestor_mask(parents)
     n = len(parents) + 1
