@@ -41,6 +41,10 @@ class AttentionMetadata:
     # per request: how many trailing queries of its chunk the emitted scores aggregate (None = 1 each);
     # > 1 only at the end of a prefill, for SnapKV's observation window (see kernels.reference.window_scores)
     score_queries: Optional[list] = None
+    # requests (batch indices) whose draft tree's per-query scores score layers also emit into ``tree_scores``:
+    # layer -> {b: (sum, max) [n, Hkv, kv_len]} (see kernels.reference.tree_scores)
+    score_trees: Optional[list] = None
+    tree_scores: dict = field(default_factory=dict)
     _cache: dict = field(default_factory=dict)  # per-step derived tensors shared across layers
 
     @property
@@ -104,6 +108,12 @@ class AttentionBackend:
                 ref.window_scores(q, k_cache, meta.block_tables, meta.cu_seqlens_q, meta.kv_lens, meta.block_size,
                                   scale, meta.score_queries, scores, meta.window, meta.sinks)
             meta.scores[layer] = scores
+            if meta.score_trees:
+                cu = meta.cu_seqlens_q.tolist()
+                meta.tree_scores[layer] = {
+                    b: ref.tree_scores(q[cu[b]:cu[b + 1]], k_cache, meta.block_tables[b], meta.kv_lens_host[b],
+                                       meta.block_size, scale, meta.tree_mask[cu[b]:cu[b + 1], :meta.q_lens[b]])
+                    for b in meta.score_trees}
         return out
 
     def decode(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, scale: float,

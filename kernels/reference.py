@@ -186,6 +186,27 @@ def window_scores(q: Tensor, k_cache: Tensor, block_tables: Tensor, cu_seqlens_q
         scores[1][b, :, :kv_len] = p.amax(dim=(1, 2))
 
 
+def tree_scores(q: Tensor, k_cache: Tensor, block_table: Tensor, kv_len: int, block_size: int, scale: float,
+                tree_mask: Tensor) -> tuple:
+    """Per-query attention probabilities of one request's draft tree (for eviction policies, which observe the
+    accepted path's queries one by one, as if they had been decoded one at a time).
+
+    q: [n, Hq, D], the tree's queries (root first), whose K/V are the last n of the request's ``kv_len`` entries;
+    tree_mask: bool [n, n] ancestors-only. Returns (sum, max) over each kv head's query group, each
+    [n, Hkv, kv_len] float32. Laid out as :func:`paged_decode` with one batch row per node, so a node's
+    probabilities match what a decode step of the same query would emit.
+    """
+    n, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    k = k_cache[slots_for(block_table, kv_len, block_size)].transpose(0, 1).float()  # [Hkv, L, D]
+    qg = q.float().view(n, hkv, hq // hkv, d)
+    logits = torch.matmul(qg, k.transpose(-1, -2)[None]) * scale  # [n, Hkv, G, L]
+    visible = torch.ones(n, kv_len, dtype=torch.bool, device=q.device)
+    visible[:, kv_len - n:] = tree_mask
+    p = torch.softmax(logits.masked_fill(~visible[:, None, None, :], float("-inf")), dim=-1)
+    return p.sum(dim=2), p.amax(dim=2)
+
+
 def copy_blocks(k_cache: Tensor, v_cache: Tensor, src: Tensor, dst: Tensor, block_size: int) -> None:
     """Copy whole blocks src[i] -> dst[i] (copy-on-write) in one layer's pool."""
     if src.numel() == 0:

@@ -95,13 +95,14 @@ class LLMEngine:
         self.kv = KVManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
         self.speculator = Speculator(config.spec, self.vocab_size, self.model.embed_tokens.weight, self.model_name,
                                      measure=lambda num_seqs, q_len: measure_forward(self.runner, num_seqs, q_len))
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, window_of=sparsity.window_of,
-                                   exact_kv_of=self._exact_kv_tokens, speculator=self.speculator)
-        self.runner = ModelRunner(self.model, arch.num_layers, self.backend,
-                                  self.device, self.dtype, num_blocks, cc.block_size, speculator=self.speculator)
         ev = config.eviction
         self.eviction = EvictionDriver(EvictionOptions(method=ev.method, budget=ev.budget, window=ev.window,
                                                        alpha=ev.alpha), arch.num_layers, arch.num_kv_heads)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, window_of=sparsity.window_of,
+                                   exact_kv_of=self._exact_kv_tokens, speculator=self.speculator,
+                                   draft_depth_of=self.eviction.draft_depth)
+        self.runner = ModelRunner(self.model, arch.num_layers, self.backend,
+                                  self.device, self.dtype, num_blocks, cc.block_size, speculator=self.speculator)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._pending: list[RequestOutput] = []
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0}

@@ -50,6 +50,8 @@ class StepOutput:
     prompt_logprobs: dict = field(default_factory=dict)  # request_id -> (chunk start, [(logprob, top)] for targets start+1..)
     scores: dict = field(default_factory=dict)  # layer -> (sum, max) tensors, rows in scheduled order
     spec_stats: dict = field(default_factory=dict)  # request_id -> (num_draft, num_accepted)
+    accepted_nodes: dict = field(default_factory=dict)  # request_id -> flat tree indices of the accepted drafts
+    tree_scores: dict = field(default_factory=dict)  # layer -> {batch row: (sum, max) [n, Hkv, kv_len]} of trees
 
 
 @dataclass

