@@ -7,8 +7,9 @@
 2. Generations: the full cache's greedy continuation of real prompts is forced through every policy
    (teacher forcing with the full-cache output): argmax agreement.
 3. Needle: a sentence with a number hidden in real text; does a greedy answer still recall it?
-4. Capacity: one fixed KV pool. Peak blocks a generation holds with and without eviction -> how many
-   concurrent generations fit; then throughput of that many concurrent generations in the pool.
+4. Capacity: one fixed KV pool and reserved admission (a request starts only while every running
+   request's peak KV fits, so nothing is preempted): how many 1,000-token generations run at once with
+   and without eviction, and the throughput of the same request set.
 
 Every configuration of a section runs as concurrent requests of one engine (each request carries its
 own ``kv_eviction`` options), so the numbers share one path and one run.
@@ -145,41 +146,39 @@ def needle(llm, configs: dict, length: int, depths=(0.25, 0.5, 0.75)) -> dict:
 
 
 def capacity(args, policy: str, budget: float) -> dict:
-    """Fixed pool: peak blocks per generation -> generations that fit; throughput of that many at once."""
+    """Fixed pool, reserved admission (a request is admitted only while every running request's peak KV fits):
+    how many generations run at once with and without eviction, and the throughput of the same request set."""
     from server.engine.llm import LLM
 
-    prompt_len, gen = args.capacity_prompt, args.gen_tokens
-    max_len = prompt_len + gen + 16
+    prompt_len, gen = args.capacity_prompt, args.capacity_gen
     bs = 16
     full_blocks = -(-(prompt_len + gen) // bs)
     pool = args.pool_requests * full_blocks + 1
     opts = {"none": None, policy: EvictionOptions(method=policy, budget=budget, window=args.window, alpha=args.alpha)}
-    result = {"pool_blocks": pool, "block_size": bs, "prompt_tokens": prompt_len, "gen_tokens": gen}
-    llm = LLM(num_blocks=max(pool, full_blocks + 2), block_size=bs, max_model_len=max_len,
-              max_num_seqs=256, max_num_batched_tokens=4096, enable_prefix_caching=False, dtype=args.dtype)
-    prompts_src = long_documents(llm.tokenizer, 64, prompt_len)
+    result = {"pool_blocks": pool, "block_size": bs, "prompt_tokens": prompt_len, "gen_tokens": gen,
+              "requests": args.capacity_requests, "admission": "reserve"}
+    llm = LLM(num_blocks=pool, block_size=bs, max_model_len=prompt_len + gen + 16, max_num_seqs=256,
+              max_num_batched_tokens=4096, enable_prefix_caching=False, dtype=args.dtype, admission="reserve")
+    src = long_documents(llm.tokenizer, 64, prompt_len)
+    prompts = [src[i % len(src)] for i in range(args.capacity_requests)]
     engine = llm.engine
-    for name, o in opts.items():  # peak blocks of one generation on its own
-        engine.add_request("probe", prompts_src[0], SamplingParams(max_tokens=gen, temperature=0.0,
-                                                                   ignore_eos=True, eviction=o))
-        peak = 0
-        while engine.has_unfinished_requests():
-            engine.step()
-            if engine.kv.has("probe"):
-                peak = max(peak, len(engine.kv.block_table("probe")))
-        result[f"{name}_peak_blocks"] = peak
-        result[f"{name}_fit"] = (pool - 1) // peak
-    n = result[f"{policy}_fit"]
-    for name, o in opts.items():  # throughput of n concurrent generations in the same pool
-        pre0 = engine.stats()["num_preemptions"]
-        prompts = [prompts_src[i % len(prompts_src)] for i in range(n)]
+    for name, o in opts.items():
+        for i, p in enumerate(prompts):
+            engine.add_request(f"{name}-{i}", p, SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True,
+                                                                eviction=o))
+        pre0, ntok, peak_running, peak_blocks = engine.stats()["num_preemptions"], 0, 0, 0
         t0 = time.perf_counter()
-        outs = llm.generate(prompts, SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True, eviction=o))
+        while engine.has_unfinished_requests():
+            ntok += sum(len(out.new_token_ids) for out in engine.step())
+            peak_running = max(peak_running, engine.scheduler.num_running)
+            peak_blocks = max(peak_blocks, pool - 1 - engine.kv.num_free_blocks)
         dt = time.perf_counter() - t0
-        result[f"{name}_tok_s@{n}"] = round(sum(len(x.token_ids) for x in outs) / dt, 1)
-        result[f"{name}_preemptions@{n}"] = engine.stats()["num_preemptions"] - pre0
-    result["fit_ratio"] = round(result[f"{policy}_fit"] / max(1, result["none_fit"]), 2)
-    result["throughput_ratio"] = round(result[f"{policy}_tok_s@{n}"] / result[f"none_tok_s@{n}"], 2)
+        result[f"{name}_concurrent"] = peak_running
+        result[f"{name}_peak_blocks_used"] = peak_blocks
+        result[f"{name}_tok_s"] = round(ntok / dt, 1)
+        result[f"{name}_preemptions"] = engine.stats()["num_preemptions"] - pre0
+    result["fit_ratio"] = round(result[f"{policy}_concurrent"] / max(1, result["none_concurrent"]), 2)
+    result["throughput_ratio"] = round(result[f"{policy}_tok_s"] / result["none_tok_s"], 2)
     return result
 
 
@@ -196,6 +195,8 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=1000)
     ap.add_argument("--needle-tokens", type=int, default=1500)
     ap.add_argument("--capacity-prompt", type=int, default=64)
+    ap.add_argument("--capacity-gen", type=int, default=1000, help="tokens each capacity-run generation produces")
+    ap.add_argument("--capacity-requests", type=int, default=16)
     ap.add_argument("--pool-requests", type=int, default=8, help="pool size in full-cache generations")
     ap.add_argument("--capacity-policy", default="lazy")
     ap.add_argument("--dtype", default="auto")
@@ -204,6 +205,7 @@ def main() -> None:
     if args.quick:
         args.docs, args.doc_tokens, args.gen_prompts, args.gen_tokens = 1, 160, 1, 32
         args.needle_tokens, args.pool_requests, args.window = 120, 2, 8
+        args.capacity_gen, args.capacity_requests = 48, 4
     policies, budgets = args.policies.split(","), [float(b) for b in args.budgets.split(",")]
     configs = eviction_configs(policies, budgets, args.window, args.alpha)
 

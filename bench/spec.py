@@ -72,6 +72,9 @@ def bench_drafters(llm, workloads, methods, concurrencies, max_tokens, draft_tok
             base_p = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
             totals = {m: [0.0, 0, None, {}] for m in ("none", *methods)}
             base_tokens = None
+            for m in methods:  # warm-up: the cost model times this batch size once, as a server does at start-up
+                run(llm, ps[:c], c, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True,
+                                                   speculative=SpecOptions(m, num_draft_tokens=draft_tokens)))
             for _ in range(rounds):
                 for m in methods:  # interleaved: baseline, method, baseline, method ...
                     for mm in ("none", m):

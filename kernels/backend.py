@@ -148,7 +148,8 @@ class TorchBackend(AttentionBackend):
     def _prefill(self, q, k_cache, v_cache, meta, scale):
         split = meta._cache.get("split")
         if split is None:
-            dec = [b for b, n in enumerate(meta.q_lens) if n == 1] if meta.tree_mask is None else []
+            # one-token rows (decodes, and draft trees with no drafts, whose ancestor mask is the root alone)
+            dec = [b for b, n in enumerate(meta.q_lens) if n == 1]
             split = meta._cache["split"] = (dec, [b for b, n in enumerate(meta.q_lens) if b not in set(dec)])
             if len(dec) > 1:  # decode rows of a mixed batch run batched, as in a pure decode step
                 rows = meta.cu_seqlens_q[dec].long()

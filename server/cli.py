@@ -60,6 +60,9 @@ ENGINE_FLAGS = (
           "most requests waiting for admission; beyond it requests get 429"),
     _Flag("long-prefill-token-threshold", "scheduler.long_prefill_token_threshold", int,
           "cap on one request's prefill chunk per step (0: no cap beyond the step budget)"),
+    _Flag("admission", "scheduler.admission", str, "admit requests while this step's KV fits (optimistic, "
+          "preempting when the pool runs dry) or while every running request's peak KV fits (reserve)",
+          ("optimistic", "reserve")),
     _Flag("speculative", "spec.method", str, "default speculative decoding method",
           ("none", "ngram", "recycling", "goose")),
     _Flag("num-draft-tokens", "spec.num_draft_tokens", int, "draft tokens per speculative step"),
@@ -73,6 +76,11 @@ ENGINE_FLAGS = (
     _Flag("kv-budget", "eviction.budget", float, "KV entries kept per request: tokens (> 1) or ratio (<= 1) of prompt + max_tokens"),
     _Flag("kv-window", "eviction.window", int, "recent window protected from eviction"),
     _Flag("kv-alpha", "eviction.alpha", float, "LazyEviction recurrence threshold (attention probability)"),
+    _Flag("token-skipping", "skipping.method", str, "default Probe-and-Skip token skipping for long prefills",
+          ("none", "spts")),
+    _Flag("skip-ratio", "skipping.ratio", float, "final fraction of prompt tokens skipped per block"),
+    _Flag("skip-start-layer", "skipping.start_layer", int, "first layer that skips tokens"),
+    _Flag("skip-min-prompt-len", "skipping.min_prompt_len", int, "prompts shorter than this are never skipped"),
     _Flag("attention-backend", "attention_backend", str, "attention kernels (auto: best for the device)",
           ("auto", "torch", "triton", "flash-attn")),
 )

@@ -56,8 +56,13 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_queued_requests: int = 1024
     long_prefill_token_threshold: int = 0  # 0 = no per-request chunk cap beyond the budget
+    # optimistic: admit while this step's blocks are free, preempt when the pool runs dry (vLLM's rule);
+    # reserve: admit only while every running request's peak KV fits the pool at once, so nothing is ever
+    # preempted; an evicting request's peak is its resident bound (C + W + drafts), not its length
+    admission: str = "optimistic"
 
     def __post_init__(self) -> None:
+        _check(self.admission in ("optimistic", "reserve"), f"admission: unknown value {self.admission!r}")
         _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")
         _check(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
         _check(self.max_queued_requests >= 0, "max_queued_requests must be >= 0")
@@ -105,6 +110,21 @@ class EvictionConfig:
 
 
 @dataclass(frozen=True)
+class SkippingConfig:
+    """Server-wide default for Probe-and-Skip token skipping of long prefills (requests may override)."""
+
+    method: str = "none"  # none | spts
+    ratio: float = 0.5
+    start_layer: int = 8
+    min_prompt_len: int = 1024
+
+    def __post_init__(self) -> None:
+        _check(self.method in ("none", "spts"), f"token_skipping: unknown method {self.method!r}")
+        _check(0 <= self.ratio < 1, "skip ratio must be in [0, 1)")
+        _check(self.start_layer >= 0 and self.min_prompt_len >= 1, "skip start layer >= 0, min prompt length >= 1")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -125,6 +145,7 @@ class EngineConfig:
     spec: SpecConfig = field(default_factory=SpecConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     eviction: EvictionConfig = field(default_factory=EvictionConfig)
+    skipping: SkippingConfig = field(default_factory=SkippingConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     attention_backend: str = "auto"  # auto | torch | triton | flash-attn
 

@@ -17,7 +17,7 @@ from server.cache.kv_manager import KVManager
 from server.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.outputs import RequestOutput
-from server.engine.request import EvictionOptions, Request, RequestStatus, SamplingParams
+from server.engine.request import EvictionOptions, Request, RequestStatus, SamplingParams, SkipOptions
 from server.engine.scheduler import QueueFullError, Scheduler
 from server.policies import skipping, sparsity
 from server.policies.eviction import EvictionDriver
@@ -100,9 +100,12 @@ class LLMEngine:
                                                        alpha=ev.alpha), arch.num_layers, arch.num_kv_heads)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, window_of=sparsity.window_of,
                                    exact_kv_of=self._exact_kv_tokens, speculator=self.speculator,
-                                   draft_depth_of=self.eviction.draft_depth)
+                                   draft_depth_of=self.eviction.draft_depth, peak_tokens_of=self._peak_tokens)
         self.runner = ModelRunner(self.model, arch.num_layers, self.backend,
                                   self.device, self.dtype, num_blocks, cc.block_size, speculator=self.speculator)
+        sk = config.skipping
+        self.default_skipping = SkipOptions(method=sk.method, ratio=sk.ratio, start_layer=sk.start_layer,
+                                            min_prompt_len=sk.min_prompt_len)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._pending: list[RequestOutput] = []
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0}
@@ -127,8 +130,9 @@ class LLMEngine:
                       eos_token_ids=self.eos_token_ids, generator=gen)
         req.state["sparsity"] = sparsity.make_policy(sparsity.resolve_options(params.sparsity, self.config.sparsity),
                                                      self.arch.num_layers)
-        if skipping.resolve_options(params.skipping) is not None:
-            req.state["skipping"] = params.skipping
+        skip = skipping.resolve_options(params.skipping, self.default_skipping)
+        if skip is not None:
+            req.state["skipping"] = skip
         self.eviction.attach(req)
         self.speculator.attach(req)
         self.scheduler.add_request(req)
@@ -139,6 +143,12 @@ class LLMEngine:
     def _exact_kv_tokens(req: Request) -> int:
         """Leading tokens whose KV the request computes exactly as a dense request would (prefix-cache safe)."""
         return 0 if skipping.lossy_prefill(req) else sparsity.exact_kv_of(req)
+
+    def _peak_tokens(self, req: Request) -> int:
+        """Most KV slots the request holds at once: its length, or its eviction policy's bound, plus a draft tree."""
+        peak = self.eviction.peak_tokens(req) or req.num_prompt_tokens + req.params.max_tokens
+        spec = req.state.get("spec")
+        return peak + (spec.options.num_draft_tokens if spec is not None else 0)
 
     def abort_request(self, request_id: str) -> None:
         for req in self.scheduler.abort([request_id]):
@@ -248,5 +258,7 @@ class LLMEngine:
             "prefix_cache_hits": kv.get("prefix_cache_hits", 0),
             **self.eviction.stats(self.scheduler.running, self.kv),
             **self.speculator.stats,
+            **self.runner.sparse_planner.counters,
+            **self.runner.skip_planner.counters,
             **self.counters,
         }

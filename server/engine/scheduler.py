@@ -34,7 +34,8 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVManager, max_model_len: int,
                  window_of: Optional[Callable[[Request], tuple]] = None,
                  exact_kv_of: Optional[Callable[[Request], int]] = None, speculator=None,
-                 draft_depth_of: Optional[Callable[[Request], Optional[int]]] = None):
+                 draft_depth_of: Optional[Callable[[Request], Optional[int]]] = None,
+                 peak_tokens_of: Optional[Callable[[Request], int]] = None):
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
@@ -47,6 +48,8 @@ class Scheduler:
         # deepest draft a request may take this step (None = any): an eviction policy must not see a decision
         # point inside a tree, so that speculation stays lossless with respect to the same eviction without it
         self.draft_depth_of = draft_depth_of or (lambda req: None)
+        # most KV entries a request holds at once (reserved admission): its whole length unless a policy bounds it
+        self.peak_tokens_of = peak_tokens_of or (lambda req: req.num_prompt_tokens + req.params.max_tokens)
         self._waiting: list = []  # heap of (priority, seq, request)
         self._seq = itertools.count()
         self.running: list[Request] = []
@@ -167,6 +170,8 @@ class Scheduler:
                 self._start(req, req.num_computed_tokens, 1, fork, scheduled)
                 budget -= 1
                 continue
+            if self.config.admission == "reserve" and not self._fits_reserved(req):
+                break
             blocks, num_cached = ([], 0)
             if req.params.prompt_logprobs is None and self.exact_kv_of(req) > 0:
                 blocks, num_cached = self.kv.get_computed_blocks(req.token_ids)
@@ -181,6 +186,15 @@ class Scheduler:
             budget -= n
         for entry in deferred:
             heapq.heappush(self._waiting, entry)
+
+    def _peak_blocks(self, req: Request) -> int:
+        tokens = min(self.peak_tokens_of(req), self.max_model_len)
+        return -(-tokens // self.kv.block_size)
+
+    def _fits_reserved(self, req: Request) -> bool:
+        """Reserved admission: the peaks of the running requests and of ``req`` fit the pool together."""
+        reserved = sum(self._peak_blocks(r) for r in self.running)
+        return reserved + self._peak_blocks(req) <= self.kv.pool.num_usable_blocks
 
     def _start(self, req: Request, num_cached: int, n: int, slots: list, scheduled: list) -> None:
         req.status = RequestStatus.RUNNING

@@ -275,6 +275,17 @@ class EvictionDriver:
         start = s.positions[0]
         return start < req.num_prompt_tokens <= start + len(s.token_ids)
 
+    def peak_tokens(self, req) -> Optional[int]:
+        """Most entries the request holds at once under its policy (None: no eviction): the whole prompt until
+        its first decision, then C + W for the periodic policies, and C plus every generated token for SnapKV."""
+        options = req.state.get("eviction_options")
+        if options is None:
+            return None
+        full = req.num_prompt_tokens + req.params.max_tokens
+        c = resolve_capacity(options.budget, full)
+        steady = c + (req.params.max_tokens if options.method == "snapkv" else options.window)
+        return min(full, max(req.num_prompt_tokens, steady))
+
     def draft_depth(self, req) -> Optional[int]:
         """Deepest draft tree the request may verify this step, or None (no limit). A periodic policy decides
         after the step whose t is a multiple of W; a tree whose accepted path crossed that point would let the

@@ -40,8 +40,9 @@ from server.engine.request import Request, SkipOptions
 Tensor = torch.Tensor
 
 
-def resolve_options(opts: Optional[SkipOptions]) -> Optional[SkipOptions]:
-    """None unless the request turned skipping on (there is no server-wide default)."""
+def resolve_options(opts: Optional[SkipOptions], default: Optional[SkipOptions] = None) -> Optional[SkipOptions]:
+    """The request's options, else the server default; None when skipping is off."""
+    opts = opts if opts is not None else default
     return opts if opts is not None and opts.method != "none" else None
 
 
@@ -169,6 +170,8 @@ class SkipPlanner:
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
         self.probe = LowRankMLPProbe()
+        # prompt tokens prefilled with skipping, and (token, block) computations skipped (attention + MLP)
+        self.counters = {"skip_prefill_tokens": 0, "skip_token_blocks": 0}
 
     def plan(self, sched, requests: dict, meta) -> Optional["SkipPlan"]:
         segments, offset = [], 0
@@ -181,15 +184,19 @@ class SkipPlanner:
                     and opts.start_layer < self.num_layers):
                 segments.append(_Segment(b, offset, n, s.kv_len, opts, self.num_layers, meta))
             offset += n
-        return SkipPlan(segments, offset, self.probe) if segments else None
+        if not segments:
+            return None
+        self.counters["skip_prefill_tokens"] += sum(s.n for s in segments)
+        return SkipPlan(segments, offset, self.probe, self.counters)
 
 
 class SkipPlan:
     """Runs the decoder layers of one step with token skipping for its segments (see the module doc)."""
 
-    def __init__(self, segments: list, num_rows: int, probe: LowRankMLPProbe):
+    def __init__(self, segments: list, num_rows: int, probe: LowRankMLPProbe, counters: dict):
         self.segments = segments
         self.probe = probe
+        self.counters = counters
         self.first_layer = min(s.opts.start_layer for s in segments)
         dev = segments[0].rows.device
         in_seg = torch.zeros(num_rows, dtype=torch.bool, device=dev)
@@ -241,6 +248,7 @@ class SkipPlan:
                 imp = self.probe.magnitude(i, layer.mlp, layer.post_attention_layernorm(hs), hs, s.opts.probe_rank)
             local = s.choose(i, imp, skip_mlp)
             s.end_layer(i, attn_local[s], local)
+            self.counters["skip_token_blocks"] += 2 * s.n - len(local) - len(attn_local[s])
             mlp_rows.append(s.rows[local])
         rows = torch.cat(mlp_rows)
         x = layer.post_attention_layernorm(ops.gather_rows(h, rows))

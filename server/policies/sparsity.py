@@ -182,6 +182,7 @@ class SparsePlanner:
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.index: Optional[QuestIndex] = None
+        self.counters = {"sparse_decode_tokens": 0}  # decode tokens that attended sparsely (quest, tidal)
 
     def plan(self, sched, requests: dict, meta: AttentionMetadata) -> Optional["SparsePlan"]:
         rows, picked, offset = [], [], 0
@@ -196,6 +197,7 @@ class SparsePlanner:
                     rows.append(offset)
                     picked.append((b, s, policy))
             offset += len(s.token_ids)
+        self.counters["sparse_decode_tokens"] += len(rows)
         if self.index is None:
             return SparsePlan(rows, picked, meta, None, self.block_size) if rows else None
         rewritten = [d for _, d in sched.block_copies]

@@ -86,7 +86,10 @@ class Speculator:
         if state is None or self._step_budget == 0:
             return None
         state.budget = min(self._step_budget, state.options.num_draft_tokens, max_nodes)
-        return state.drafter.propose(req.token_ids, state.budget)
+        tree = state.drafter.propose(req.token_ids, state.budget)
+        if not len(tree) and state.drafter.table is None:
+            return None  # nothing to verify and nothing to learn: a plain decode is cheaper
+        return tree
 
     # -- verification --------------------------------------------------------------------------
     def verify(self, logits: Tensor, items: list, requests: dict) -> dict:

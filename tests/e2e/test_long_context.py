@@ -76,3 +76,20 @@ def test_window_bounds_kv_blocks_over_2000_tokens():
         eng.step()
         peak = max(peak, eng.kv.pool.num_blocks - 1 - eng.kv.num_free_blocks)
     assert peak <= 1 + 64 // eng.kv.block_size + 2
+
+
+def test_server_default_skipping_and_technique_counters():
+    from server.config import CacheConfig, EngineConfig, SchedulerConfig, SkippingConfig
+
+    config = EngineConfig(cache=CacheConfig(num_blocks=600), scheduler=SchedulerConfig(max_num_batched_tokens=512),
+                          skipping=SkippingConfig(method="spts", ratio=0.5, start_layer=4, min_prompt_len=256))
+    llm = LLM(config=config)
+    prompt = llm.tokenizer.encode(topics["assignment"], add_special_tokens=False)[:400]
+    llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0.0,
+                                          sparsity=SparsityOptions(method="tidal", budget=64)))
+    stats = llm.engine.stats()
+    assert stats["skip_prefill_tokens"] == len(prompt)  # the server default applied to a request without options
+    assert stats["skip_token_blocks"] > 0
+    assert stats["sparse_decode_tokens"] == 3  # every decode step after the first token
+    llm.generate([prompt[:200]], SamplingParams(max_tokens=2, temperature=0.0))  # shorter than min_prompt_len
+    assert llm.engine.stats()["skip_prefill_tokens"] == len(prompt)

@@ -238,3 +238,27 @@ def test_compacted_blocks_return_to_the_pool_and_abort_leaks_nothing():
     mgr.allocate_slots("r", 5)
     mgr.free("r")
     assert mgr.num_free_blocks == 15 and mgr.num_requests == 0
+
+
+def test_driver_peak_tokens_and_draft_depth():
+    from server.engine.request import Request, SamplingParams
+    from server.policies.eviction import EvictionDriver
+
+    driver = EvictionDriver(EvictionOptions(method="none"), num_layers=1, num_kv_heads=1)
+    plain = Request("p", list(range(40)), SamplingParams(max_tokens=200))
+    driver.attach(plain)
+    assert driver.peak_tokens(plain) is None and driver.draft_depth(plain) is None
+    lazy = Request("l", list(range(40)), SamplingParams(max_tokens=200,
+                                                           eviction=EvictionOptions("lazy", budget=64, window=8)))
+    snap = Request("s", list(range(40)), SamplingParams(max_tokens=200,
+                                                           eviction=EvictionOptions("snapkv", budget=16, window=8)))
+    for r in (lazy, snap):
+        driver.attach(r)
+    assert driver.peak_tokens(lazy) == 64 + 8  # C + W
+    assert driver.peak_tokens(snap) == 16 + 200  # C, then every generated token (SnapKV never evicts them)
+    policy = driver._policy(lazy)
+    policy.num_entries, lazy.num_computed_tokens = 70, 101  # root at 101: decision points at t = 104, 112, ...
+    assert driver.draft_depth(lazy) == 2
+    policy.num_entries = 50  # t=104 keeps everything (53 <= 64); t=112 holds 61 <= 64; t=120 holds 69 > 64
+    assert driver.draft_depth(lazy) == 18
+    assert driver.draft_depth(snap) is None

@@ -74,3 +74,39 @@ def test_max_num_seqs():
     for i in range(3):
         s.add_request(_req(f"r{i}", 3, t=i))
     assert len(s.schedule().requests) == 2 and s.num_waiting == 1
+
+
+def _long_req(rid, n, max_tokens):
+    base = 1000 * (sum(map(ord, rid)) % 50)
+    return Request(rid, list(range(base + 1, base + n + 1)), SamplingParams(max_tokens=max_tokens))
+
+
+def _run_all(s):
+    admitted_together = 0
+    while s.has_unfinished():
+        out = s.schedule()
+        admitted_together = max(admitted_together, s.num_running)
+        s.update(out, {r.request_id: [7] for r in out.requests if r.sample})
+        for req in list(s.running):
+            if req.num_output_tokens >= req.params.max_tokens:
+                s.finish(req, RequestStatus.FINISHED_LENGTH)
+    return admitted_together
+
+
+def test_reserved_admission_counts_peaks_and_never_preempts():
+    # 8-token prompts + 24 tokens = 8 blocks of 4 at peak; 33 usable blocks hold 4 such requests at once
+    s = Scheduler(SchedulerConfig(admission="reserve"), KVManager(34, 4), max_model_len=256)
+    for i in range(6):
+        s.add_request(_long_req(f"r{i}", 8, 24))
+    assert _run_all(s) == 4 and s.num_preemptions == 0
+    # optimistic admission takes all six at once and has to preempt as they grow
+    s = Scheduler(SchedulerConfig(), KVManager(34, 4), max_model_len=256)
+    for i in range(6):
+        s.add_request(_long_req(f"r{i}", 8, 24))
+    assert _run_all(s) == 6 and s.num_preemptions > 0
+    # a policy bounding a request's resident KV to 16 tokens (4 blocks) lets 8 fit in the same pool
+    s = Scheduler(SchedulerConfig(admission="reserve"), KVManager(34, 4), max_model_len=256,
+                  peak_tokens_of=lambda req: 16)
+    for i in range(10):
+        s.add_request(_long_req(f"r{i}", 8, 24))
+    assert s.schedule() and s.num_running == 8
