@@ -71,6 +71,7 @@ class Sparsity(_Strict):
     sinks: Optional[int] = None
     selection_layer: Optional[int] = None
     reselection_layer: Optional[int] = None
+    correction_interval: Optional[int] = None
 
     def to_options(self) -> SparsityOptions:
         return SparsityOptions(**self.model_dump(exclude_unset=True))

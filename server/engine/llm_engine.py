@@ -100,7 +100,8 @@ class LLMEngine:
                                                        alpha=ev.alpha), arch.num_layers, arch.num_kv_heads)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, window_of=sparsity.window_of,
                                    exact_kv_of=self._exact_kv_tokens, speculator=self.speculator,
-                                   draft_depth_of=self.eviction.draft_depth, peak_tokens_of=self._peak_tokens)
+                                   draft_depth_of=self.eviction.draft_depth, peak_tokens_of=self._peak_tokens,
+                                   rewind_of=sparsity.rewind_of)
         self.runner = ModelRunner(self.model, arch.num_layers, self.backend,
                                   self.device, self.dtype, num_blocks, cc.block_size, speculator=self.speculator)
         sk = config.skipping

@@ -60,12 +60,15 @@ class SparsityOptions:
     sinks: int = 4
     selection_layer: int = 2
     reselection_layer: Optional[int] = None  # default: num_layers // 2
+    correction_interval: int = 0  # tidal KV correction: re-encode every T generated tokens densely (0 = off)
 
     def __post_init__(self) -> None:
         if self.method not in ("dense", "window", "quest", "tidal"):
             raise ValueError(f"sparsity.method: unknown value {self.method!r}")
         if self.budget < 1 or self.window < 1 or self.sinks < 0:
             raise ValueError("sparsity: budget and window must be >= 1, sinks >= 0")
+        if self.correction_interval < 0:
+            raise ValueError("sparsity.correction_interval must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ class Scheduler:
                  window_of: Optional[Callable[[Request], tuple]] = None,
                  exact_kv_of: Optional[Callable[[Request], int]] = None, speculator=None,
                  draft_depth_of: Optional[Callable[[Request], Optional[int]]] = None,
-                 peak_tokens_of: Optional[Callable[[Request], int]] = None):
+                 peak_tokens_of: Optional[Callable[[Request], int]] = None,
+                 rewind_of: Optional[Callable[[Request], int]] = None):
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
@@ -50,6 +51,9 @@ class Scheduler:
         self.draft_depth_of = draft_depth_of or (lambda req: None)
         # most KV entries a request holds at once (reserved admission): its whole length unless a policy bounds it
         self.peak_tokens_of = peak_tokens_of or (lambda req: req.num_prompt_tokens + req.params.max_tokens)
+        # after a step: latest computed tokens to recompute (TidalDecode's KV correction); 0 = none
+        self.rewind_of = rewind_of or (lambda req: 0)
+        self._block_copies: list = []  # copy-on-write decided between steps; sent with the next SchedulerOutput
         self._waiting: list = []  # heap of (priority, seq, request)
         self._seq = itertools.count()
         self.running: list[Request] = []
@@ -104,8 +108,8 @@ class Scheduler:
 
     # -- scheduling -----------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(compactions=self._compactions)
-        self._compactions = []
+        out = SchedulerOutput(compactions=self._compactions, block_copies=self._block_copies)
+        self._compactions, self._block_copies = [], []
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
         preempted_any = False
@@ -303,7 +307,21 @@ class Scheduler:
                 window, sinks = self.window_of(req)
                 if window:
                     self.kv.release_outside_window(req.request_id, sinks, window)
+                self._rewind(req)
         return touched
+
+    def _rewind(self, req: Request) -> None:
+        """Recompute the request's latest tokens in its next step (their K/V are overwritten)."""
+        if not self.kv.is_pristine(req.request_id):
+            return  # a compacted or windowed cache no longer maps kv index = position
+        k = self.rewind_of(req)
+        if not k:
+            return
+        copies = self.kv.truncate(req.request_id, req.num_computed_tokens - k)
+        if copies is None:
+            return
+        self._block_copies.extend(copies)
+        req.num_computed_tokens -= k
 
     def abort(self, request_ids: Iterable[str]) -> list[Request]:
         done = []

@@ -7,7 +7,10 @@
   selection layer (default 2) attends densely, and its attention of the current query, summed over
   each kv head's query group, picks the top-(budget - 1) earlier tokens per (request, kv head); the
   current token is always added. Later layers attend over that set only, except the re-selection
-  layer (default num_layers // 2), which attends densely and refreshes it.
+  layer (default num_layers // 2), which attends densely and refreshes it. KV correction (optional,
+  ``correction_interval`` T): the K/V of generated tokens come out of sparse layers; every T of them
+  the scheduler rewinds the request by those T tokens and re-feeds them as one dense chunk, which
+  overwrites their K/V with exact values (a T-token prefill every T steps).
 * ``quest`` (Quest): per block and layer the elementwise min/max of its keys (kept by
   :class:`QuestIndex`, updated at every KV write once a quest request exists); in every layer but
   the first two, each kv head reads the budget // block_size pages of highest bound
@@ -54,6 +57,10 @@ class SparsityPolicy:
         """Leading tokens whose KV equals a dense computation (what the prefix cache may share)."""
         return ALL_TOKENS
 
+    def rewind(self, req: Request) -> int:
+        """After a step: how many of the latest computed tokens to re-encode densely now (0: none)."""
+        return 0
+
 
 class WindowPolicy(SparsityPolicy):
     name = "window"
@@ -76,9 +83,18 @@ class TidalPolicy(SparsityPolicy):
         if not 0 <= sel < num_layers:
             raise ValueError(f"sparsity.selection_layer must be in [0, {num_layers})")
         self.roles = tuple(DENSE if i < sel else SELECT if i in (sel, resel) else TOKENS for i in range(num_layers))
+        self.dense_upto = 0  # tokens [0, dense_upto) have dense K/V (prefill, or corrected)
 
     def exact_kv_tokens(self, req: Request) -> int:
         return req.num_prompt_tokens  # generated tokens' KV comes out of sparse layers
+
+    def rewind(self, req: Request) -> int:
+        t = self.opts.correction_interval
+        done = max(self.dense_upto, req.num_prompt_tokens)
+        if not t or req.num_computed_tokens - done < t:
+            return 0
+        self.dense_upto = req.num_tokens  # the re-fed chunk ends with the newest token: all of it dense
+        return req.num_computed_tokens - done
 
 
 class QuestPolicy(SparsityPolicy):
@@ -110,6 +126,11 @@ def make_policy(opts: SparsityOptions, num_layers: int) -> SparsityPolicy:
 def window_of(req: Request) -> tuple[int, int]:
     policy = req.state.get("sparsity")
     return policy.window() if policy is not None else (0, 0)
+
+
+def rewind_of(req: Request) -> int:
+    policy = req.state.get("sparsity")
+    return policy.rewind(req) if policy is not None else 0
 
 
 def exact_kv_of(req: Request) -> int:

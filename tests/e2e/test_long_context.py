@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
 from pydoc_data.topics import topics
 
 from server.engine.llm import LLM
@@ -93,3 +94,44 @@ def test_server_default_skipping_and_technique_counters():
     assert stats["sparse_decode_tokens"] == 3  # every decode step after the first token
     llm.generate([prompt[:200]], SamplingParams(max_tokens=2, temperature=0.0))  # shorter than min_prompt_len
     assert llm.engine.stats()["skip_prefill_tokens"] == len(prompt)
+
+
+def _kv_rows(engine, rid, positions):
+    """K of every layer at the given positions of a pristine request: [L, n, Hkv, D]."""
+    table, bs = engine.kv.block_table(rid), engine.kv.block_size
+    slots = [table[p // bs] * bs + p % bs for p in positions]
+    return torch.stack([k[slots] for k, _ in engine.runner.kv_caches])
+
+
+def test_tidal_kv_correction_rewrites_generated_kv_densely(llm, doc):
+    """Every T generated tokens the request re-encodes them in one dense chunk: their K then equals a dense
+    prefill of the same tokens, while without correction the sparse layers leave them different."""
+    engine, prompt, t = llm.engine, doc[:160], 8
+
+    def generated_k(interval):
+        rid = f"tidal-kvc-{interval}"
+        opts = SparsityOptions(method="tidal", budget=16, correction_interval=interval)
+        engine.add_request(rid, prompt, SamplingParams(max_tokens=4 * t, temperature=0.0, ignore_eos=True,
+                                                       sparsity=opts))
+        req = engine.scheduler.requests[rid]
+        while req.num_computed_tokens < len(prompt) + 2 * t + 1:
+            engine.step()
+        positions = list(range(len(prompt), len(prompt) + 2 * t))
+        rows, tokens = _kv_rows(engine, rid, positions), list(req.token_ids)
+        engine.abort_request(rid)
+        engine.step()
+        return rows, tokens[:len(prompt) + 2 * t]
+
+    def dense_k(tokens):
+        engine.add_request("dense-ref", tokens, SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=0))
+        engine.step()  # the whole prefill in one step (prompt_logprobs: no prefix-cache reuse)
+        rows = _kv_rows(engine, "dense-ref", list(range(len(prompt), len(tokens))))
+        engine.abort_request("dense-ref")
+        engine.step()
+        return rows
+
+    corrected, tokens = generated_k(t)
+    torch.testing.assert_close(corrected, dense_k(tokens), rtol=1e-3, atol=1e-3)
+    sparse, tokens = generated_k(0)
+    assert (sparse - dense_k(tokens)).abs().amax() > 1e-2
+    assert engine.kv.num_requests == 0
