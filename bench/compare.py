@@ -52,9 +52,11 @@ def server_specs(model: str, threads: int, tech_args: str, eos_id: int) -> dict:
     return {s.name: s for s in (
         ServerSpec("sift", sift, "/ready"),
         ServerSpec("sift-tech", sift + tuple(shlex.split(tech_args)), "/ready"),
-        # its default is one thread: give it the machine's cores, as a user tuning it would
+        # its default is one thread: give it the machine's cores, as a user tuning it would; and by default a
+        # waiting request cuts the running stream short ("interrupt_requests"): serve every request in full
         ServerSpec("llama.cpp", (py, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1", "--port",
-                                 "{port}", "--n_threads", str(threads), "--n_ctx", "4096"), "/v1/models",
+                                 "{port}", "--n_threads", str(threads), "--n_ctx", "4096",
+                                 "--interrupt_requests", "False"), "/v1/models",
                    None if has_llamacpp else "llama-cpp-python[server] is not installed "
                                              "(pip install 'sift[llamacpp]'; it compiles llama.cpp, ~6 min)",
                    # it has no ignore_eos: mask EOS instead, so every server generates the same lengths
