@@ -98,11 +98,14 @@ class ForcedDecoding:
         return out
 
 
-def eviction_configs(policies, budgets, window, alpha) -> dict:
+def eviction_configs(policies, budgets, window, alphas) -> dict:
+    """name -> options; with several LazyEviction thresholds, each gets its own config ``lazy(a=..)@B%``."""
     configs = {"full": None}
     for m in policies:
-        for b in budgets:
-            configs[f"{m}@{int(b * 100)}%"] = EvictionOptions(method=m, budget=b, window=window, alpha=alpha)
+        for a in (alphas if m == "lazy" else alphas[:1]):
+            label = f"lazy(a={a:g})" if m == "lazy" and len(alphas) > 1 else m
+            for b in budgets:
+                configs[f"{label}@{int(b * 100)}%"] = EvictionOptions(method=m, budget=b, window=window, alpha=a)
     return configs
 
 
@@ -154,7 +157,8 @@ def capacity(args, policy: str, budget: float) -> dict:
     bs = 16
     full_blocks = -(-(prompt_len + gen) // bs)
     pool = args.pool_requests * full_blocks + 1
-    opts = {"none": None, policy: EvictionOptions(method=policy, budget=budget, window=args.window, alpha=args.alpha)}
+    alpha = float(args.alpha.split(",")[0])
+    opts = {"none": None, policy: EvictionOptions(method=policy, budget=budget, window=args.window, alpha=alpha)}
     result = {"pool_blocks": pool, "block_size": bs, "prompt_tokens": prompt_len, "gen_tokens": gen,
               "requests": args.capacity_requests, "admission": "reserve"}
     llm = LLM(num_blocks=pool, block_size=bs, max_model_len=prompt_len + gen + 16, max_num_seqs=256,
@@ -188,7 +192,7 @@ def main() -> None:
     ap.add_argument("--policies", default="streaming,h2o,snapkv,lazy")
     ap.add_argument("--budgets", default="0.25,0.5,0.75")
     ap.add_argument("--window", type=int, default=32, help="W: LazyEviction window / recent window")
-    ap.add_argument("--alpha", type=float, default=1e-4)
+    ap.add_argument("--alpha", default="1e-4", help="LazyEviction threshold(s), comma-separated: one config each")
     ap.add_argument("--docs", type=int, default=4)
     ap.add_argument("--doc-tokens", type=int, default=2048)
     ap.add_argument("--gen-prompts", type=int, default=4)
@@ -196,7 +200,7 @@ def main() -> None:
     ap.add_argument("--needle-tokens", type=int, default=1500)
     ap.add_argument("--capacity-prompt", type=int, default=64)
     ap.add_argument("--capacity-gen", type=int, default=1000, help="tokens each capacity-run generation produces")
-    ap.add_argument("--capacity-requests", type=int, default=16)
+    ap.add_argument("--capacity-requests", type=int, default=16, help="0: no capacity run")
     ap.add_argument("--pool-requests", type=int, default=8, help="pool size in full-cache generations")
     ap.add_argument("--capacity-policy", default="lazy")
     ap.add_argument("--dtype", default="auto")
@@ -207,7 +211,8 @@ def main() -> None:
         args.needle_tokens, args.pool_requests, args.window = 120, 2, 8
         args.capacity_gen, args.capacity_requests = 48, 4
     policies, budgets = args.policies.split(","), [float(b) for b in args.budgets.split(",")]
-    configs = eviction_configs(policies, budgets, args.window, args.alpha)
+    alphas = [float(a) for a in args.alpha.split(",")]
+    configs = eviction_configs(policies, budgets, args.window, alphas)
 
     from server.engine.llm import LLM
 
@@ -226,13 +231,13 @@ def main() -> None:
     print(f"needle ({time.perf_counter() - t0:.0f}s)", flush=True)
     needle_rows = needle(llm, configs, args.needle_tokens)
     print(f"capacity ({time.perf_counter() - t0:.0f}s)", flush=True)
-    cap = capacity(args, args.capacity_policy, 0.5 if 0.5 in budgets else budgets[0])
+    cap = capacity(args, args.capacity_policy, 0.5 if 0.5 in budgets else budgets[0]) if args.capacity_requests else None
 
-    print(f"\n{'config':>16} | {'doc ppl':>8} | {'Δppl %':>7} | {'doc agree':>9} | {'resident':>8} | "
+    print(f"\n{'config':>22} | {'doc ppl':>8} | {'Δppl %':>7} | {'doc agree':>9} | {'resident':>8} | "
           f"{'gen agree':>9} | {'needle':>6}")
     for name in configs:
         d, g = doc_rows[name], gen_rows[name]
-        print(f"{name:>16} | {d['ppl']:>8} | {d['ppl_change_pct']:>7} | {d['agreement']:>9} | "
+        print(f"{name:>22} | {d['ppl']:>8} | {d['ppl_change_pct']:>7} | {d['agreement']:>9} | "
               f"{d['resident_frac']:>8} | {g['agreement']:>9} | {needle_rows[name]:>6}")
     print("\ncapacity:", json.dumps(cap))
     os.makedirs(RESULTS, exist_ok=True)

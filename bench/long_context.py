@@ -193,6 +193,7 @@ def main() -> None:
     ap.add_argument("--fidelity-context", type=int, default=4000)
     ap.add_argument("--ppl-tokens", type=int, default=64)
     ap.add_argument("--window-tokens", type=int, default=2000)
+    ap.add_argument("--no-speed", action="store_true", help="fidelity and window only (skip the timing sections)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "long_context.json"))
     args = ap.parse_args()
     if args.quick:
@@ -214,7 +215,7 @@ def main() -> None:
                "time": datetime.now(timezone.utc).isoformat(), "args": vars(args), "decode": [], "attention": [],
                "prefill": [], "needle": {}, "perplexity": {}}
 
-    for ctx in contexts:
+    for ctx in ([] if args.no_speed else contexts):
         row = {"context": ctx}
         for name, sparsity, skip in methods(budgets):
             if skip is None and not name.startswith("window") and "kvc" not in name:
@@ -224,7 +225,7 @@ def main() -> None:
             results["attention"].append({"context": ctx, "budget": b, **attention_time(ctx, b, 20)})
         print(f"decode ms/token @ {ctx}: " + ", ".join(f"{k}={v:.1f}" for k, v in row.items() if k != "context"))
 
-    for n in (int(x) for x in args.prefill.split(",")):
+    for n in ([] if args.no_speed else (int(x) for x in args.prefill.split(","))):
         base = prefill_time(llm, hay[:n], None)
         row = {"length": n, "dense_s": base}
         for ratio in (0.3, 0.5):
