@@ -124,6 +124,19 @@ def next_token_distributions(llm, prompt):
 
 
 def bench_lantern(llm, prompts, deltas, k, max_tokens, draft_tokens):
+    """Acceptance vs delta with the cost model off (every step drafts), so the sweep measures acceptance
+    itself rather than how often this CPU's cost model lets speculation run."""
+    from server.spec.budget import DraftBudget
+
+    speculator = llm.engine.speculator
+    budget, speculator.budget = speculator.budget, DraftBudget(None)
+    try:
+        return _lantern_sweep(llm, prompts, deltas, k, max_tokens, draft_tokens)
+    finally:
+        speculator.budget = budget
+
+
+def _lantern_sweep(llm, prompts, deltas, k, max_tokens, draft_tokens):
     nearest = llm.engine.speculator.nearest(torch.device("cpu")).cpu()
     greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     _, base, _ = run(llm, prompts, len(prompts), greedy)
