@@ -312,11 +312,9 @@ class Scheduler:
 
     def _rewind(self, req: Request) -> None:
         """Recompute the request's latest tokens in its next step (their K/V are overwritten)."""
-        if not self.kv.is_pristine(req.request_id):
-            return  # a compacted or windowed cache no longer maps kv index = position
-        k = self.rewind_of(req)
-        if not k:
-            return
+        k = self.rewind_of(req)  # cheap, and 0 for almost every request: checked before the block-table scan
+        if not k or not self.kv.is_pristine(req.request_id):
+            return  # a compacted cache (a state it never leaves) no longer maps kv index = position
         copies = self.kv.truncate(req.request_id, req.num_computed_tokens - k)
         if copies is None:
             return
