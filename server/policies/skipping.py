@@ -156,12 +156,10 @@ class _Segment:
 
     def attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, local: Tensor, scale: float) -> Tensor:
         """Exact causal attention of the active queries ``local`` over the request's whole KV."""
-        k = k_cache[self.slots].transpose(0, 1)  # [Hkv, L, D]
-        v = v_cache[self.slots].transpose(0, 1)
-        mask = torch.arange(self.kv_len, device=q.device)[None, :] <= self.q_pos[local][:, None]
-        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                           scale=scale, enable_gqa=q.shape[1] != k.shape[0])
-        return o.transpose(0, 1)
+        mask = None
+        if len(local) < self.kv_len:  # all of a fresh prompt active: plain causal
+            mask = torch.arange(self.kv_len, device=q.device)[None, :] <= self.q_pos[local][:, None]
+        return ref.causal_sdpa(q, k_cache[self.slots], v_cache[self.slots], scale, mask)
 
 
 class SkipPlanner:
