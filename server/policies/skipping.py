@@ -17,13 +17,19 @@ choices made here, each a knob of :class:`server.engine.request.SkipOptions`:
   f~(x) = D_r(silu(G_r x) * U_r x); a token's importance is ||f~(x)|| / ||h||, the predicted relative
   size of its update.
 * Multi-Stage Delayed Pruning: layers [start_layer, L) are split into ``stages`` equal stages; stage s
-  skips ratio * (s + 1) / stages of the chunk's non-probe tokens in each block. A token skipped by both
-  blocks in every layer of a stage is *pruned*: skipped (and no longer probed) in all later layers.
-* KV of skipped and pruned tokens: the paged pool keeps one KV length for all layers of a request, so a
-  per-layer shorter KV would need per-layer block tables. We keep every token's K/V, computed from its
-  pass-through hidden state; K/V projections therefore run for every token, and later decode reads the
-  same number of entries as without skipping. The saving is in attention (active queries only), the
-  output projection and the MLP.
+  skips ratio * (s + 1) / stages of the chunk's non-probe tokens in each block. At the end of a stage its
+  skip budget turns into pruning: the tokens skipped most often during the stage — in at least half of
+  its block decisions (attention and MLP, every layer), most skips first, up to the stage's ratio of
+  the chunk — are *pruned*: skipped (and no longer probed) in all later layers.
+* KV of pruned tokens: a token pruned at the end of a stage is dropped from the KV that later layers
+  *read* — in the rest of the prefill (active queries attend over the unpruned keys only) and in decode
+  (:class:`PrunedReads`: those layers read a slot list without the pruned tokens, through the sparse
+  decode kernel). The paged pool keeps one KV length for all layers of a request, so the slots stay
+  allocated (earlier layers read them) and their K/V is still written, from the pass-through hidden
+  state: any path that does not know about pruning (a speculative tree, an eviction policy's scores,
+  a tidal/quest selection) reads plausible values, never garbage. Such requests — with speculation,
+  eviction or a sparse decode policy — keep pruned tokens visible in decode. Per request,
+  ``state["prune_layer"][i]`` is the first layer that no longer reads kv index i.
 * A skipping request computes lossy KV: it neither reads nor feeds the prefix cache
   (:func:`lossy_prefill`).
 """
@@ -38,6 +44,7 @@ from kernels import reference as ref
 from server.engine.request import Request, SkipOptions
 
 Tensor = torch.Tensor
+QUERY_TILE = 512  # active queries per attention call in skipping layers (see _Segment.attention)
 
 
 def resolve_options(opts: Optional[SkipOptions], default: Optional[SkipOptions] = None) -> Optional[SkipOptions]:
@@ -119,7 +126,8 @@ def probe_attention(q_probe: Tensor, k: Tensor, scale: float) -> Tensor:
 class _Segment:
     """One skipping request's prefill chunk: rows [start, start + n) of the flat batch."""
 
-    def __init__(self, b: int, start: int, n: int, kv_len: int, opts: SkipOptions, num_layers: int, meta):
+    def __init__(self, b: int, start: int, n: int, kv_len: int, opts: SkipOptions, num_layers: int, meta,
+                 req: Request):
         self.b, self.start, self.n, self.kv_len, self.opts = b, start, n, kv_len, opts
         self.ratios = layer_ratios(opts, num_layers)
         self.stage_ends = stage_ends(opts, num_layers)
@@ -127,9 +135,14 @@ class _Segment:
         self.rows = torch.arange(start, start + n, device=dev)
         self.r = min(opts.probe_tokens, n)
         self.pruned = torch.zeros(n, dtype=torch.bool, device=dev)
-        self.skipped_all_stage = torch.ones(n, dtype=torch.bool, device=dev)
+        self.stage_skips = torch.zeros(n, dtype=torch.int32, device=dev)  # block decisions that skipped each token
+        self.stage_decisions = 0
         self.slots = ref.slots_for(meta.block_tables[b], kv_len, meta.block_size)
         self.q_pos = torch.arange(kv_len - n, kv_len, device=dev)
+        if kv_len == n or "prune_layer" not in req.state:  # a (re)started prefill: nothing pruned yet
+            req.state["prune_layer"] = torch.full((req.num_tokens,), num_layers, dtype=torch.int16, device=dev)
+            req.state.pop("pruned_reads", None)
+        self.prune_layer = req.state["prune_layer"]
 
     def num_skipped(self, layer: int) -> int:
         return max(int(self.ratios[layer] * (self.n - self.r)), int(self.pruned.sum()))
@@ -138,28 +151,49 @@ class _Segment:
         """Local indices [m] (sorted) of the active tokens of one block; None importance = all active."""
         k = self.num_skipped(layer) if skip_block else 0
         if importance is None or k == 0:
-            return torch.arange(self.n, device=self.rows.device)
+            return torch.nonzero(~self.pruned).flatten()
         score = importance.masked_fill(self.pruned, float("-inf"))
         score[self.n - self.r:] = float("inf")  # the probes are always active
         keep = torch.topk(score, self.n - k).indices
         return keep.sort().values
 
     def end_layer(self, layer: int, attn_active: Tensor, mlp_active: Tensor) -> None:
-        """Delayed pruning: tokens skipped by both blocks through a whole stage are pruned at its end."""
-        skipped = torch.ones(self.n, dtype=torch.bool, device=self.rows.device)
-        skipped[attn_active] = False
-        skipped[mlp_active] = False
-        self.skipped_all_stage &= skipped
+        """Delayed pruning (see the module doc): count this layer's skips; at a stage end, prune."""
+        for active in (attn_active, mlp_active):
+            skipped = torch.ones(self.n, dtype=torch.int32, device=self.rows.device)
+            skipped[active] = 0
+            self.stage_skips += skipped
+        self.stage_decisions += 2
         if layer in self.stage_ends:
-            self.pruned |= self.skipped_all_stage
-            self.skipped_all_stage = torch.ones_like(self.pruned)
+            cap = int(self.ratios[layer] * (self.n - self.r)) - int(self.pruned.sum())
+            score = self.stage_skips.masked_fill(self.pruned | (2 * self.stage_skips < self.stage_decisions), -1)
+            top = torch.topk(score, max(min(cap, self.n), 0))
+            newly = top.indices[top.values >= 0]
+            self.pruned[newly] = True
+            self.prune_layer[self.kv_len - self.n + newly] = layer + 1
+            self.stage_skips.zero_()
+            self.stage_decisions = 0
 
-    def attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, local: Tensor, scale: float) -> Tensor:
-        """Exact causal attention of the active queries ``local`` over the request's whole KV."""
-        mask = None
-        if len(local) < self.kv_len:  # all of a fresh prompt active: plain causal
-            mask = torch.arange(self.kv_len, device=q.device)[None, :] <= self.q_pos[local][:, None]
-        return ref.causal_sdpa(q, k_cache[self.slots], v_cache[self.slots], scale, mask)
+    def attention(self, layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor, local: Tensor,
+                  scale: float) -> Tensor:
+        """Causal attention of the active queries ``local`` over the request's KV that ``layer`` still reads
+        (every kv index not pruned before it). Queries go in position-ordered tiles, each over the keys up to
+        its last query, so the work follows the causal triangle rather than the full rectangle."""
+        keys = torch.nonzero(self.prune_layer[:self.kv_len] > layer).flatten()
+        if len(local) == self.kv_len and keys.numel() == self.kv_len:  # a fresh prompt, all of it: plain causal
+            return ref.causal_sdpa(q, k_cache[self.slots], v_cache[self.slots], scale)
+        q_pos = self.q_pos[local]
+        m = len(local)
+        last = [min((t + 1) * QUERY_TILE, m) - 1 for t in range(-(-m // QUERY_TILE))]
+        ends = torch.searchsorted(keys, q_pos[last], right=True).tolist()
+        out = torch.empty_like(q)
+        for t, end in enumerate(ends):
+            rows = slice(t * QUERY_TILE, (t + 1) * QUERY_TILE)
+            kk = keys[:end]
+            slots = self.slots[kk]
+            out[rows] = ref.causal_sdpa(q[rows], k_cache[slots], v_cache[slots], scale,
+                                        kk[None, :] <= q_pos[rows, None])
+        return out
 
 
 class SkipPlanner:
@@ -180,7 +214,7 @@ class SkipPlanner:
             if (opts is not None and applies(opts, req) and s.window == 0 and s.draft_parents is None
                     and n > opts.probe_tokens and s.positions[0] < req.num_prompt_tokens
                     and opts.start_layer < self.num_layers):
-                segments.append(_Segment(b, offset, n, s.kv_len, opts, self.num_layers, meta))
+                segments.append(_Segment(b, offset, n, s.kv_len, opts, self.num_layers, meta, req))
             offset += n
         if not segments:
             return None
@@ -228,7 +262,7 @@ class SkipPlan:
             skip_attn = s.opts.blocks in ("attention", "both")
             imp = probe_attention(q[s.rows[-s.r:]], k[s.rows], attn.scale) if skip_attn and s.ratios[i] else None
             local = attn_local[s] = s.choose(i, imp, skip_attn)
-            out[s.rows[local]] = s.attention(q[s.rows[local]], k_cache, v_cache, local, attn.scale)
+            out[s.rows[local]] = s.attention(i, q[s.rows[local]], k_cache, v_cache, local, attn.scale)
             attn_rows.append(s.rows[local])
         for s in self.segments:
             if s not in active:

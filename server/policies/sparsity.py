@@ -16,8 +16,12 @@
   the first two, each kv head reads the budget // block_size pages of highest bound
   sum_i max(q_i min_i, q_i max_i), the current page always included.
 
+* pruned reads (:class:`PrunedReads`, not a method a request names): a request whose Probe-and-Skip
+  prefill pruned prompt tokens (server/policies/skipping.py) reads, in each layer, every kv index but
+  the ones pruned before that layer.
+
 Sparse attention reads, never deletes: prefill stays dense and the full KV stays resident. Only
-decode steps (one query) of tidal/quest requests are sparse, also inside a mixed batch.
+decode steps (one query) of tidal/quest/pruned requests are sparse, also inside a mixed batch.
 Lossy requests never feed the prefix cache beyond their exact KV (:meth:`SparsityPolicy.exact_kv_tokens`).
 """
 from __future__ import annotations
@@ -34,7 +38,7 @@ from server.config import SparsityConfig
 from server.engine.request import Request, SparsityOptions
 
 Tensor = torch.Tensor
-DENSE, SELECT, TOKENS, PAGES = range(4)  # a request's role in one decode layer
+DENSE, SELECT, TOKENS, PAGES, KEEP = range(5)  # a request's role in one decode layer
 ALL_TOKENS = 1 << 62
 QUEST_DENSE_LAYERS = 2  # Quest leaves the first two layers dense
 
@@ -48,6 +52,10 @@ class SparsityPolicy:
     def __init__(self, opts: SparsityOptions, num_layers: int):
         self.opts = opts
         self.roles = (DENSE,) * num_layers
+
+    @property
+    def budget(self) -> int:
+        return self.opts.budget
 
     def window(self) -> tuple[int, int]:
         """(window, sinks) of the attention masks; window 0 = unbounded."""
@@ -110,6 +118,46 @@ class QuestPolicy(SparsityPolicy):
 
 
 POLICIES = {p.name: p for p in (SparsityPolicy, WindowPolicy, TidalPolicy, QuestPolicy)}
+
+
+class PrunedReads:
+    """Decode reads of a request whose token-skipping prefill pruned prompt tokens: layer i reads every kv
+    index except those with ``prune_layer <= i`` (``prune_layer`` [prefilled tokens], int16, num_layers =
+    never pruned), as a slot list through the sparse decode kernel. Same interface as a sparse-decode
+    :class:`SparsityPolicy` (roles, budget) plus :meth:`read_slots`."""
+
+    name = "pruned"
+    sparse_decode = True
+    budget = 0
+
+    def __init__(self, prune_layer: Tensor, num_layers: int):
+        self.prune_layer = prune_layer
+        self.thresholds = sorted({int(x) for x in prune_layer.unique().tolist()} - {num_layers})
+        self.roles = tuple(DENSE if i < self.thresholds[0] else KEEP for i in range(num_layers))
+        self._kept: dict = {}  # number of thresholds passed -> kept kv indices among the prefilled ones
+
+    def read_slots(self, layer: int, slots: Tensor, kv_len: int) -> Tensor:
+        """The physical slots layer reads: ``slots`` [>= kv_len] maps kv index -> slot."""
+        key = sum(t <= layer for t in self.thresholds)
+        if key not in self._kept:
+            self._kept[key] = torch.nonzero(self.prune_layer > layer).flatten()
+        n = self.prune_layer.numel()
+        idx = torch.cat([self._kept[key], torch.arange(n, kv_len, device=slots.device)])
+        return slots[idx]
+
+
+def pruned_reads(req: Request, num_layers: int) -> Optional[PrunedReads]:
+    """The decode reads of a request whose prefill pruned tokens, or None. Requests whose other options
+    read the KV on their own terms (speculative trees, eviction scores, a sparse method) keep every token."""
+    reads = req.state.get("pruned_reads")
+    if reads is None:
+        prune = req.state.get("prune_layer")
+        policy = req.state.get("sparsity")
+        if (prune is None or int(prune.min()) >= num_layers or "spec" in req.state or "eviction_options" in req.state
+                or (policy is not None and policy.name != "dense")):
+            return None
+        reads = req.state["pruned_reads"] = PrunedReads(prune, num_layers)
+    return reads
 
 
 def resolve_options(opts: Optional[SparsityOptions], default: SparsityConfig) -> SparsityOptions:
@@ -203,13 +251,16 @@ class SparsePlanner:
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.index: Optional[QuestIndex] = None
-        self.counters = {"sparse_decode_tokens": 0}  # decode tokens that attended sparsely (quest, tidal)
+        # decode tokens that attended sparsely (quest, tidal, pruned reads)
+        self.counters = {"sparse_decode_tokens": 0}
 
     def plan(self, sched, requests: dict, meta: AttentionMetadata) -> Optional["SparsePlan"]:
         rows, picked, offset = [], [], 0
         for b, s in enumerate(sched.requests):
             req = requests[s.request_id]
             policy = req.state.get("sparsity")
+            if policy is None or not policy.sparse_decode:
+                policy = pruned_reads(req, len(self.kv_caches)) if "prune_layer" in req.state else None
             if policy is not None and policy.sparse_decode:
                 if policy.name == "quest" and self.index is None:
                     self.index = QuestIndex(self.kv_caches, self.block_size)
@@ -253,8 +304,9 @@ class SparsePlan:
             block_size=block_size, q_lens=[1] * n, kv_lens_host=[s.kv_len for _, s, _ in picked])
         self.sub._cache["slots"] = ref.padded_slots(self.sub.block_tables, self.sub.kv_lens, self.sub.max_kv_len,
                                                     block_size)
-        self.budgets = torch.tensor([p.opts.budget for _, _, p in picked], device=dev)
-        self.max_selected = min(int(max(p.opts.budget for _, _, p in picked)), self.sub.max_kv_len)
+        self.policies = [p for _, _, p in picked]
+        self.budgets = torch.tensor([p.budget for p in self.policies], device=dev)
+        self.max_selected = min(int(max(p.budget for p in self.policies)), self.sub.max_kv_len)
         self.tidal_slots: Optional[Tensor] = None  # [n, Hkv, max_selected], filled by the selection layers
         all_rows_sparse = n == meta.num_seqs
         self.layers, cache = [], {}
@@ -264,7 +316,7 @@ class SparsePlan:
             key = (roles, need_dense)
             if key not in cache:
                 groups = [torch.tensor([i for i, r in enumerate(roles) if r == role], device=dev)
-                          for role in (SELECT, TOKENS, PAGES)]
+                          for role in (SELECT, TOKENS, PAGES, KEEP)]
                 cache[key] = None if all(g.numel() == 0 for g in groups) else (need_dense, *groups)
             self.layers.append(cache[key])
 
@@ -275,7 +327,7 @@ class SparsePlan:
         groups = self.layers[layer] if self.layers is not None else None
         if groups is None:
             return backend.dense_forward(layer, q, k_cache, v_cache, meta, scale)
-        need_dense, select, tokens, pages = groups
+        need_dense, select, tokens, pages, keep = groups
         out = backend.dense_forward(layer, q, k_cache, v_cache, meta, scale) if need_dense else torch.empty_like(q)
         if select.numel():
             out[self.rows[select]] = self._select(backend, layer, q, select, k_cache, v_cache, scale)
@@ -284,10 +336,12 @@ class SparsePlan:
             lists.append(self.tidal_slots[tokens])
         if pages.numel():
             lists.append(self._quest_slots(layer, q[self.rows[pages]], pages))
+        if keep.numel():
+            lists.append(self._kept_slots(layer, keep, k_cache.shape[1]))
         if lists:
             width = max(x.shape[2] for x in lists)
             slots = torch.cat([F.pad(x, (0, width - x.shape[2]), value=-1) for x in lists])
-            sparse_rows = self.rows[torch.cat([g for g in (tokens, pages) if g.numel()])]
+            sparse_rows = self.rows[torch.cat([g for g in (tokens, pages, keep) if g.numel()])]
             out[sparse_rows] = backend.sparse_decode(q[sparse_rows], k_cache, v_cache, slots, scale)
         return out
 
@@ -308,6 +362,14 @@ class SparsePlan:
         bounds = quest_page_bounds(q, self.index.key_min[layer], self.index.key_max[layer], tables, num_pages)
         chosen = top_pages(bounds, num_pages, self.budgets[pages], bs)
         return pages_to_slots(chosen, tables, lens, bs)
+
+    def _kept_slots(self, layer: int, keep: Tensor, num_kv_heads: int) -> Tensor:
+        """Slot lists [len(keep), Hkv, N] of pruned-reads rows (every kv head reads the same tokens)."""
+        lists = [self.policies[i].read_slots(layer, self.sub._cache["slots"][i], self.sub.kv_lens_host[i])
+                 for i in keep.tolist()]
+        width = max(x.numel() for x in lists)
+        slots = torch.stack([F.pad(x, (0, width - x.numel()), value=-1) for x in lists])
+        return slots[:, None, :].expand(-1, num_kv_heads, -1)
 
     def _subset(self, idx: Tensor) -> AttentionMetadata:
         """Decode-only metadata of some sparse rows (all of them when idx covers every row)."""
