@@ -161,9 +161,13 @@ class LLMEngine:
     # -- the step -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []
+        t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         if not sched.requests:
             return outputs
+        # a decode-only step: every row is one new token or a draft tree (a prefill chunk has neither mark)
+        decode_only = all(s.draft_parents is not None or (len(s.token_ids) == 1 and s.positions[0] >=
+                          self.scheduler.requests[s.request_id].num_prompt_tokens) for s in sched.requests)
         self.eviction.prepare(sched, self.scheduler.requests)
         step_out = self.runner.execute(sched, self.scheduler.requests)
         prompt_lps = step_out.prompt_logprobs
@@ -179,6 +183,7 @@ class LLMEngine:
         # the step's tokens are final now (stops applied, drafts verified): policies may evict
         for plan in self.eviction.after_step(sched, step_out, self.scheduler.requests, self.kv):
             self.scheduler.queue_compaction(plan)
+        self.speculator.observe_step(time.perf_counter() - t0, decode_only)
         return outputs
 
     def _process_tokens(self, req: Request, new_tokens: list, new_logprobs: list) -> RequestOutput:

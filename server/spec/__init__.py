@@ -79,6 +79,13 @@ class Speculator:
         cap = max((o.num_draft_tokens for o in opts), default=0)
         self._step_budget = self.budget.choose(len(decodes), [o.method for o in opts], cap)
 
+    def observe_step(self, seconds: float, decode_only: bool) -> None:
+        """The engine's wall time for the step just run (only decode-only steps teach the cost model)."""
+        if decode_only:
+            self.budget.observe(seconds)
+        else:
+            self.budget.current = None
+
     def propose(self, req: Request, max_nodes: int) -> Optional[DraftTree]:
         """A draft tree for a decoding request, or None when it does not speculate this step.
         An empty tree still goes through verification, so Token Recycling learns from the root."""

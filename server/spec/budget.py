@@ -14,6 +14,13 @@ starting from an optimistic prior so that every budget gets tried. When the batc
 the time grows with B(1 + d) and the rule picks d = 0 (no speculation); a budget that stops paying
 off is abandoned as its EMA falls; while d = 0 wins, the smallest budget is still tried once every
 ``PROBE_EVERY`` steps so that a recovering acceptance rate is noticed.
+
+The forward alone misses what a speculative step costs around it (drafting, tree masks, verification,
+Token Recycling's table updates, per-request attention of tree rows). So the engine reports the wall
+time of every decode-only step (:meth:`DraftBudget.observe`), and each (bucket, d) keeps an EMA of
+observed / modelled time that scales its modelled time; a budget not yet observed borrows d = 0's
+factor. d = 0 itself is observed first and then again every ``PROBE_EVERY`` steps while speculation
+wins, so the comparison is always against the plain step's real cost.
 """
 from __future__ import annotations
 
@@ -39,6 +46,8 @@ class DraftBudget:
         self.measure = measure
         self.step_time: dict = {}  # (batch bucket, d) -> seconds
         self.accepted: dict = {}  # (method, d) -> EMA of accepted draft tokens per tree
+        self.overhead: dict = {}  # (bucket, d) -> EMA of observed step time / modelled forward time
+        self.current: Optional[tuple] = None  # (bucket, d) of the step being run, None if nobody speculates
         self._steps = 0
 
     @staticmethod
@@ -74,6 +83,7 @@ class DraftBudget:
     def choose(self, num_decodes: int, methods: list, cap: int) -> int:
         """The draft budget for this step; ``methods`` = the speculating decodes' methods, ``cap`` the
         largest ``num_draft_tokens`` among them."""
+        self.current = None
         if not methods:
             return 0
         if self.measure is None:
@@ -84,15 +94,28 @@ class DraftBudget:
         if (bucket, 0) not in self.step_time:
             self.measure(bucket, 1)  # warm-up
             deadline = time.perf_counter() + MEASURE_SECONDS
+        base = self.overhead.get((bucket, 0), 1.0)
         best, best_rate = 0, -1.0
         for d in self.candidates(cap):
             gain = sum(self.expected(m, d) for m in methods) if d else 0.0
-            rate = (num_decodes + gain) / self._time(bucket, d, deadline)
+            rate = (num_decodes + gain) / (self._time(bucket, d, deadline) * self.overhead.get((bucket, d), base))
             if rate > best_rate:
                 best, best_rate = d, rate
         if best == 0 and self._steps % PROBE_EVERY == 0:
             best = self.candidates(cap)[1]
+        elif best > 0 and ((bucket, 0) not in self.overhead or self._steps % PROBE_EVERY == 0):
+            best = 0  # observe the plain step's real cost
+        self.current = (bucket, best)
         return best
+
+    def observe(self, seconds: float) -> None:
+        """Wall time of the decode-only step run under the last :meth:`choose` (see the module doc)."""
+        if self.current is None or self.current not in self.step_time:
+            return
+        ratio = seconds / self.step_time[self.current]
+        old = self.overhead.get(self.current)
+        self.overhead[self.current] = ratio if old is None else (1 - EMA) * old + EMA * ratio
+        self.current = None
 
     def record(self, method: str, d: int, accepted: int) -> None:
         key = (method, d)

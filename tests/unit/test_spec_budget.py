@@ -1,0 +1,37 @@
+"""The draft-budget rule: a modelled forward cost, scaled by what decode steps really took."""
+from server.spec.budget import PROBE_EVERY, DraftBudget
+
+
+def _run(budget, steps, decodes, step_seconds, accepted=3):
+    """Drive ``steps`` decode steps; ``step_seconds(d)`` is the wall time a step at budget d takes."""
+    chosen = []
+    for _ in range(steps):
+        d = budget.choose(decodes, ["recycling"] * decodes, 8)
+        chosen.append(d)
+        if d:
+            budget.record("recycling", d, min(accepted, d))
+        budget.observe(step_seconds(d))
+    return chosen
+
+
+def test_memory_bound_forward_speculates():
+    budget = DraftBudget(lambda b, q: 0.010)  # flat: a wider step costs nothing more
+    chosen = _run(budget, 40, 1, lambda d: 0.010)
+    assert chosen[0] == 0  # the plain step's real cost is observed first
+    assert sum(d > 0 for d in chosen[1:]) >= len(chosen) - 1 - 40 // PROBE_EVERY - 1
+
+
+def test_compute_bound_forward_does_not_speculate():
+    budget = DraftBudget(lambda b, q: 0.001 * b * q)  # time grows with every token
+    chosen = _run(budget, 40, 32, lambda d: 0.032 * (1 + d))
+    assert sum(d > 0 for d in chosen) <= 40 // PROBE_EVERY + 1
+
+
+def test_observed_overhead_turns_speculation_off():
+    """The forward model says drafts are free, but speculative steps really take 3x: after a few
+    observations the rule stops speculating (it never trades throughput for drafts)."""
+    budget = DraftBudget(lambda b, q: 0.010)
+    chosen = _run(budget, 60, 8, lambda d: 0.010 if d == 0 else 0.030, accepted=1)
+    assert any(d > 0 for d in chosen[:10])  # tried at first, on the model's word
+    assert sum(d > 0 for d in chosen[30:]) <= 1  # then dropped (at most a periodic probe)
+    assert budget.overhead[(8, 0)] == 1.0 and min(v for (b, d), v in budget.overhead.items() if d) > 2.0
