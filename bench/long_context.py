@@ -41,7 +41,9 @@ def haystack(tokenizer, length: int) -> list:
     raise ValueError("pydoc topics are shorter than the requested haystack")
 
 
-def methods(budgets: list) -> list:
+def methods(budgets: list, tidal_layers: tuple = ()) -> list:
+    """(name, sparsity, skipping) of every compared method; ``tidal_layers`` ((selection, re-selection)
+    pairs) adds TidalDecode variants for the fidelity section."""
     from server.engine.request import SkipOptions, SparsityOptions
 
     out = [("dense", None, None)]
@@ -49,6 +51,9 @@ def methods(budgets: list) -> list:
         out += [(f"tidal-{b}", SparsityOptions(method="tidal", budget=b), None),
                 (f"quest-{b}", SparsityOptions(method="quest", budget=b), None)]
     top = max(budgets)  # TidalDecode's optional KV correction (every 32 generated tokens), fidelity only
+    for sel, resel in tidal_layers:
+        out.append((f"tidal-{top}-sel{sel}", SparsityOptions(method="tidal", budget=top, selection_layer=sel,
+                                                            reselection_layer=resel), None))
     out += [(f"tidal-{top}-kvc32", SparsityOptions(method="tidal", budget=top, correction_interval=32), None),
             ("window-1024", SparsityOptions(method="window", window=1024, sinks=4), None),
             ("spts-0.5", None, SkipOptions(method="spts", ratio=0.5)),
@@ -194,6 +199,8 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=64)
     ap.add_argument("--window-tokens", type=int, default=2000)
     ap.add_argument("--no-speed", action="store_true", help="fidelity and window only (skip the timing sections)")
+    ap.add_argument("--tidal-selection", default="", help="extra TidalDecode selection layers to compare for fidelity, "
+                    "e.g. 6,12 (re-selection halfway from there to the last layer)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "long_context.json"))
     args = ap.parse_args()
     if args.quick:
@@ -208,9 +215,11 @@ def main() -> None:
     from server.engine.request import SkipOptions
 
     llm = LLM(num_blocks=1100, max_num_batched_tokens=8192, enable_prefix_caching=False)
+    num_layers = llm.engine.arch.num_layers
+    selection = tuple((s, s + (num_layers - s) // 2) for s in (int(x) for x in args.tidal_selection.split(",") if x))
     hay = haystack(llm.tokenizer, max(contexts + [int(x) for x in args.prefill.split(",")]) + args.ppl_tokens
                    + args.fidelity_context)
-    table = {m: {} for m, _, _ in methods(budgets)}
+    table = {m: {} for m, _, _ in methods(budgets, selection)}
     results = {"device": str(llm.engine.device), "backend": llm.engine.backend.name, "platform": platform.platform(),
                "time": datetime.now(timezone.utc).isoformat(), "args": vars(args), "decode": [], "attention": [],
                "prefill": [], "needle": {}, "perplexity": {}}
@@ -218,7 +227,7 @@ def main() -> None:
     for ctx in ([] if args.no_speed else contexts):
         row = {"context": ctx}
         for name, sparsity, skip in methods(budgets):
-            if skip is None and not name.startswith("window") and "kvc" not in name:
+            if skip is None and not name.startswith("window") and "kvc" not in name and "sel" not in name:
                 row[name] = decode_time(llm, hay[:ctx], sparsity, args.decode_steps) * 1e3
         results["decode"].append(row)
         for b in budgets:
@@ -237,7 +246,7 @@ def main() -> None:
 
     fid = hay[:args.fidelity_context]
     doc = hay[-(args.fidelity_context + args.ppl_tokens):]
-    for name, sparsity, skip in methods(budgets):
+    for name, sparsity, skip in methods(budgets, selection):
         if skip is not None:
             skip = replace(skip, min_prompt_len=min(skip.min_prompt_len, len(fid) // 2))
         hits = needle_hits(llm, fid, depths, sparsity, skip)

@@ -177,6 +177,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--deltas", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.4])
     ap.add_argument("--lantern-k", type=int, default=16)
+    ap.add_argument("--no-lantern", action="store_true", help="drafters only (skip the LANTERN delta sweep)")
     ap.add_argument("--out", default="bench/results/spec.json")
     args = ap.parse_args()
     if args.quick:
@@ -186,8 +187,9 @@ def main():
     workloads = {"humaneval": humaneval_prompts(llm.tokenizer, n), "chat": chat_prompts(llm.tokenizer, n)}
     drafters = bench_drafters(llm, workloads, args.methods, args.concurrency, args.max_tokens,
                               args.num_draft_tokens, args.rounds)
-    lantern = bench_lantern(llm, workloads["humaneval"][:4 if args.quick else 8], args.deltas, args.lantern_k,
-                            args.max_tokens, args.num_draft_tokens)
+    lantern = [] if args.no_lantern else bench_lantern(llm, workloads["humaneval"][:4 if args.quick else 8],
+                                                       args.deltas, args.lantern_k, args.max_tokens,
+                                                       args.num_draft_tokens)
     result = dict(device=str(llm.engine.device), machine=platform.machine(), args=vars(args),
                   drafters=drafters, lantern=lantern)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -95,7 +95,10 @@ class Speculator:
         state.budget = min(self._step_budget, state.options.num_draft_tokens, max_nodes)
         tree = state.drafter.propose(req.token_ids, state.budget)
         if not len(tree) and state.drafter.table is None:
-            return None  # nothing to verify and nothing to learn: a plain decode is cheaper
+            # nothing to verify and nothing to learn: a plain decode is cheaper. The budget rule still
+            # counts it: its gain is per speculating request, found drafts or not
+            self.budget.record(state.options.method, self._step_budget, 0)
+            return None
         return tree
 
     # -- verification --------------------------------------------------------------------------
@@ -132,8 +135,8 @@ class Speculator:
 
     def _record(self, state: SpecState, num_draft: int, v: Verdict) -> None:
         accepted = len(v.nodes)
+        self.budget.record(state.options.method, self._step_budget, accepted)  # an empty tree gains nothing
         if num_draft:
-            self.budget.record(state.options.method, self._step_budget, accepted)
             self.counters["spec_num_drafts"] += 1
             self.counters["spec_num_draft_tokens"] += num_draft
             self.counters["spec_num_accepted_tokens"] += accepted

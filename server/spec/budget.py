@@ -13,7 +13,9 @@ the running mean of accepted draft tokens per verified tree at budget d (an EMA 
 starting from an optimistic prior so that every budget gets tried. When the batch is compute-bound
 the time grows with B(1 + d) and the rule picks d = 0 (no speculation); a budget that stops paying
 off is abandoned as its EMA falls; while d = 0 wins, the smallest budget is still tried once every
-``PROBE_EVERY`` steps so that a recovering acceptance rate is noticed.
+``PROBE_EVERY`` steps so that a recovering acceptance rate is noticed. A budget must promise
+``MARGIN`` more throughput than the plain step: a marginal modelled gain is within the noise of
+the model and of the machine, and the rule's promise is never to cost throughput.
 
 The forward alone misses what a speculative step costs around it (drafting, tree masks, verification,
 Token Recycling's table updates, per-request attention of tree rows). So the engine reports the wall
@@ -29,6 +31,7 @@ import time
 from typing import Callable, Optional
 
 CANDIDATES = (0, 2, 4, 8, 16, 32, 64)
+MARGIN = 0.1  # a budget must promise this much more throughput than the plain step to be chosen
 MEASURE_SECONDS = 1.5
 EMA = 0.1
 PROBE_EVERY = 64
@@ -47,7 +50,8 @@ class DraftBudget:
         self.step_time: dict = {}  # (batch bucket, d) -> seconds
         self.accepted: dict = {}  # (method, d) -> EMA of accepted draft tokens per tree
         self.overhead: dict = {}  # (bucket, d) -> EMA of observed step time / modelled forward time
-        self.current: Optional[tuple] = None  # (bucket, d) of the step being run, None if nobody speculates
+        self.current: Optional[tuple] = None  # (bucket, d) of the step being run, None: not a sample
+        self._measured = False  # this step's choose() ran forwards to measure them
         self._steps = 0
 
     @staticmethod
@@ -77,6 +81,7 @@ class DraftBudget:
             guess = t_hi + slope * (d - hi)
         if guess is None or (deadline is not None and time.perf_counter() + guess < deadline):
             self.step_time[key] = min(self.measure(bucket, 1 + d), self.measure(bucket, 1 + d))  # damp noise
+            self._measured = True
             return self.step_time[key]
         return guess
 
@@ -89,6 +94,7 @@ class DraftBudget:
         if self.measure is None:
             return cap
         self._steps += 1
+        self._measured = False
         bucket = _bucket(max(num_decodes, len(methods)))
         deadline = None
         if (bucket, 0) not in self.step_time:
@@ -99,13 +105,16 @@ class DraftBudget:
         for d in self.candidates(cap):
             gain = sum(self.expected(m, d) for m in methods) if d else 0.0
             rate = (num_decodes + gain) / (self._time(bucket, d, deadline) * self.overhead.get((bucket, d), base))
+            if d:
+                rate /= 1 + MARGIN  # unmodelled costs and noise: a marginal gain is not worth the risk
             if rate > best_rate:
                 best, best_rate = d, rate
         if best == 0 and self._steps % PROBE_EVERY == 0:
             best = self.candidates(cap)[1]
         elif best > 0 and ((bucket, 0) not in self.overhead or self._steps % PROBE_EVERY == 0):
             best = 0  # observe the plain step's real cost
-        self.current = (bucket, best)
+        # a step that also timed forwards for the model is no sample of its own cost
+        self.current = None if self._measured else (bucket, best)
         return best
 
     def observe(self, seconds: float) -> None:

@@ -35,3 +35,15 @@ def test_observed_overhead_turns_speculation_off():
     assert any(d > 0 for d in chosen[:10])  # tried at first, on the model's word
     assert sum(d > 0 for d in chosen[30:]) <= 1  # then dropped (at most a periodic probe)
     assert budget.overhead[(8, 0)] == 1.0 and min(v for (b, d), v in budget.overhead.items() if d) > 2.0
+
+
+def test_steps_that_measure_are_not_samples():
+    """The first step at a batch size times forwards for the model inside the step: that time is the cost
+    model's, not the step's, so it must not inflate the plain step's observed cost."""
+    budget = DraftBudget(lambda b, q: 0.010)
+    budget.choose(4, ["ngram"] * 4, 8)
+    assert budget.current is None  # measured this step
+    budget.observe(5.0)
+    assert (4, 0) not in budget.overhead
+    d = budget.choose(4, ["ngram"] * 4, 8)
+    assert budget.current == (4, d)
