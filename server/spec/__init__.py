@@ -30,6 +30,7 @@ class SpecState:
     options: SpecOptions
     drafter: Drafter
     budget: int = 0  # the budget the current tree was built under
+    boost: float = 1.0  # this request's acceptance relative to its method's (DraftBudget.boost)
 
 
 def can_speculate(params) -> bool:
@@ -75,9 +76,10 @@ class Speculator:
     def plan(self, running: list) -> None:
         """Choose this step's draft budget from the decodes about to run."""
         decodes = [r for r in running if r.num_tokens - r.num_computed_tokens == 1]
-        opts = [r.state["spec"].options for r in decodes if "spec" in r.state]
-        cap = max((o.num_draft_tokens for o in opts), default=0)
-        self._step_budget = self.budget.choose(len(decodes), [o.method for o in opts], cap)
+        states = [r.state["spec"] for r in decodes if "spec" in r.state]
+        cap = max((s.options.num_draft_tokens for s in states), default=0)
+        self._step_budget = self.budget.choose(len(decodes), [s.options.method for s in states], cap,
+                                               [s.boost for s in states])
 
     def observe_step(self, seconds: float, decode_only: bool) -> None:
         """The engine's wall time for the step just run (only decode-only steps teach the cost model)."""
@@ -97,7 +99,7 @@ class Speculator:
         if not len(tree) and state.drafter.table is None:
             # nothing to verify and nothing to learn: a plain decode is cheaper. The budget rule still
             # counts it: its gain is per speculating request, found drafts or not
-            self.budget.record(state.options.method, self._step_budget, 0)
+            self._record_acceptance(state, 0)
             return None
         return tree
 
@@ -135,7 +137,7 @@ class Speculator:
 
     def _record(self, state: SpecState, num_draft: int, v: Verdict) -> None:
         accepted = len(v.nodes)
-        self.budget.record(state.options.method, self._step_budget, accepted)  # an empty tree gains nothing
+        self._record_acceptance(state, accepted)  # an empty tree gains nothing
         if num_draft:
             self.counters["spec_num_drafts"] += 1
             self.counters["spec_num_draft_tokens"] += num_draft
@@ -145,6 +147,11 @@ class Speculator:
                 self.accepted_per_pos.extend([0] * (accepted - len(self.accepted_per_pos)))
             for i in range(accepted):
                 self.accepted_per_pos[i] += 1
+
+    def _record_acceptance(self, state: SpecState, accepted: int) -> None:
+        method = state.options.method
+        state.boost = self.budget.boost(state.boost, method, self._step_budget, accepted)
+        self.budget.record(method, self._step_budget, accepted)
 
     def nearest(self, device: torch.device) -> Tensor:
         if self._nearest is None:

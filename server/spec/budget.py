@@ -10,12 +10,15 @@ tokens per second::
 forward of B sequences of 1 + d tokens each, for every candidate d (short, bounded by
 ``MEASURE_SECONDS``; sizes past the limit are extrapolated linearly). ``accepted(d)`` is
 the running mean of accepted draft tokens per verified tree at budget d (an EMA per method),
-starting from an optimistic prior so that every budget gets tried. When the batch is compute-bound
+starting from an optimistic prior so that every budget gets tried, times each request's own
+``boost`` (its acceptance relative to the method's, a faster EMA): acceptance differs far more
+between a repetitive code prompt and free prose than between budgets. When the batch is compute-bound
 the time grows with B(1 + d) and the rule picks d = 0 (no speculation); a budget that stops paying
-off is abandoned as its EMA falls; while d = 0 wins, the smallest budget is still tried once every
-``PROBE_EVERY`` steps so that a recovering acceptance rate is noticed. A budget must promise
-``MARGIN`` more throughput than the plain step: a marginal modelled gain is within the noise of
-the model and of the machine, and the rule's promise is never to cost throughput.
+off is abandoned as its EMA falls; while d = 0 wins, the most promising budget is still tried once
+every ``PROBE_EVERY`` steps so that a recovering acceptance rate (a new prompt, a code block) is
+noticed. A budget must promise ``MARGIN`` more throughput than the plain step: a marginal modelled
+gain is within the noise of the model and of the machine, and the rule's promise is never to cost
+throughput.
 
 The forward alone misses what a speculative step costs around it (drafting, tree masks, verification,
 Token Recycling's table updates, per-request attention of tree rows). So the engine reports the wall
@@ -34,7 +37,8 @@ CANDIDATES = (0, 2, 4, 8, 16, 32, 64)
 MARGIN = 0.1  # a budget must promise this much more throughput than the plain step to be chosen
 MEASURE_SECONDS = 1.5
 EMA = 0.1
-PROBE_EVERY = 64
+BOOST_EMA = 0.3  # per request: reacts within a few steps
+PROBE_EVERY = 32
 
 
 def _bucket(n: int) -> int:
@@ -85,9 +89,10 @@ class DraftBudget:
             return self.step_time[key]
         return guess
 
-    def choose(self, num_decodes: int, methods: list, cap: int) -> int:
-        """The draft budget for this step; ``methods`` = the speculating decodes' methods, ``cap`` the
-        largest ``num_draft_tokens`` among them."""
+    def choose(self, num_decodes: int, methods: list, cap: int, boosts: Optional[list] = None) -> int:
+        """The draft budget for this step; ``methods`` = the speculating decodes' methods, ``boosts`` their
+        requests' acceptance relative to their method's (default 1: see :meth:`boost`), ``cap`` the largest
+        ``num_draft_tokens`` among them."""
         self.current = None
         if not methods:
             return 0
@@ -101,16 +106,15 @@ class DraftBudget:
             self.measure(bucket, 1)  # warm-up
             deadline = time.perf_counter() + MEASURE_SECONDS
         base = self.overhead.get((bucket, 0), 1.0)
-        best, best_rate = 0, -1.0
+        rates = {}
         for d in self.candidates(cap):
-            gain = sum(self.expected(m, d) for m in methods) if d else 0.0
-            rate = (num_decodes + gain) / (self._time(bucket, d, deadline) * self.overhead.get((bucket, d), base))
-            if d:
-                rate /= 1 + MARGIN  # unmodelled costs and noise: a marginal gain is not worth the risk
-            if rate > best_rate:
-                best, best_rate = d, rate
+            gain = sum(self.expected(m, d) * b for m, b in zip(methods, boosts or [1.0] * len(methods))) if d else 0.0
+            rates[d] = (num_decodes + gain) / (self._time(bucket, d, deadline) * self.overhead.get((bucket, d), base))
+        best_spec = max((d for d in rates if d), key=rates.get)
+        # unmodelled costs and noise: a marginal gain is not worth the risk
+        best = best_spec if rates[best_spec] > rates[0] * (1 + MARGIN) else 0
         if best == 0 and self._steps % PROBE_EVERY == 0:
-            best = self.candidates(cap)[1]
+            best = best_spec  # re-measure the most promising budget's acceptance
         elif best > 0 and ((bucket, 0) not in self.overhead or self._steps % PROBE_EVERY == 0):
             best = 0  # observe the plain step's real cost
         # a step that also timed forwards for the model is no sample of its own cost
@@ -125,6 +129,12 @@ class DraftBudget:
         old = self.overhead.get(self.current)
         self.overhead[self.current] = ratio if old is None else (1 - EMA) * old + EMA * ratio
         self.current = None
+
+    def boost(self, old: float, method: str, d: int, accepted: int) -> float:
+        """A request's acceptance relative to its method's at budget d, as a running mean: how much more
+        (repetitive code) or less (free prose) than the average this request's drafts are accepted."""
+        ratio = accepted / max(self.expected(method, d), 0.25)
+        return min((1 - BOOST_EMA) * old + BOOST_EMA * ratio, 8.0)
 
     def record(self, method: str, d: int, accepted: int) -> None:
         key = (method, d)
