@@ -165,9 +165,7 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched.requests:
             return outputs
-        # a decode-only step: every row is one new token or a draft tree (a prefill chunk has neither mark)
-        decode_only = all(s.draft_parents is not None or (len(s.token_ids) == 1 and s.positions[0] >=
-                          self.scheduler.requests[s.request_id].num_prompt_tokens) for s in sched.requests)
+        sample = self.speculator.samples_step(sched, self.scheduler.requests)
         self.eviction.prepare(sched, self.scheduler.requests)
         step_out = self.runner.execute(sched, self.scheduler.requests)
         prompt_lps = step_out.prompt_logprobs
@@ -183,7 +181,7 @@ class LLMEngine:
         # the step's tokens are final now (stops applied, drafts verified): policies may evict
         for plan in self.eviction.after_step(sched, step_out, self.scheduler.requests, self.kv):
             self.scheduler.queue_compaction(plan)
-        self.speculator.observe_step(time.perf_counter() - t0, decode_only)
+        self.speculator.observe_step(time.perf_counter() - t0, sample)
         return outputs
 
     def _process_tokens(self, req: Request, new_tokens: list, new_logprobs: list) -> RequestOutput:

@@ -159,10 +159,9 @@ class _Segment:
 
     def end_layer(self, layer: int, attn_active: Tensor, mlp_active: Tensor) -> None:
         """Delayed pruning (see the module doc): count this layer's skips; at a stage end, prune."""
-        for active in (attn_active, mlp_active):
-            skipped = torch.ones(self.n, dtype=torch.int32, device=self.rows.device)
-            skipped[active] = 0
-            self.stage_skips += skipped
+        self.stage_skips += 2  # both blocks skipped each token, except where it was active
+        self.stage_skips[attn_active] -= 1
+        self.stage_skips[mlp_active] -= 1
         self.stage_decisions += 2
         if layer in self.stage_ends:
             cap = int(self.ratios[layer] * (self.n - self.r)) - int(self.pruned.sum())

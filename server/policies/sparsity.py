@@ -260,7 +260,7 @@ class SparsePlanner:
             req = requests[s.request_id]
             policy = req.state.get("sparsity")
             if policy is None or not policy.sparse_decode:
-                policy = pruned_reads(req, len(self.kv_caches)) if "prune_layer" in req.state else None
+                policy = pruned_reads(req, len(self.kv_caches))
             if policy is not None and policy.sparse_decode:
                 if policy.name == "quest" and self.index is None:
                     self.index = QuestIndex(self.kv_caches, self.block_size)

@@ -81,12 +81,17 @@ class Speculator:
         self._step_budget = self.budget.choose(len(decodes), [s.options.method for s in states], cap,
                                                [s.boost for s in states])
 
-    def observe_step(self, seconds: float, decode_only: bool) -> None:
-        """The engine's wall time for the step just run (only decode-only steps teach the cost model)."""
-        if decode_only:
-            self.budget.observe(seconds)
-        else:
-            self.budget.current = None
+    def samples_step(self, sched, requests: dict) -> bool:
+        """Whether the step about to run teaches the cost model: it awaits a sample and the step is
+        decode-only (every row one new token or a draft tree). Ask before the step: finished requests
+        leave ``requests`` during it."""
+        return self.budget.current is not None and all(
+            s.draft_parents is not None or (len(s.token_ids) == 1 and s.positions[0] >=
+                                            requests[s.request_id].num_prompt_tokens) for s in sched.requests)
+
+    def observe_step(self, seconds: float, sample: bool) -> None:
+        """The engine's wall time for the step just run (``sample``: from :meth:`samples_step`)."""
+        self.budget.observe(seconds if sample else None)
 
     def propose(self, req: Request, max_nodes: int) -> Optional[DraftTree]:
         """A draft tree for a decoding request, or None when it does not speculate this step.

@@ -121,9 +121,11 @@ class DraftBudget:
         self.current = None if self._measured else (bucket, best)
         return best
 
-    def observe(self, seconds: float) -> None:
-        """Wall time of the decode-only step run under the last :meth:`choose` (see the module doc)."""
-        if self.current is None or self.current not in self.step_time:
+    def observe(self, seconds: Optional[float]) -> None:
+        """Wall time of the decode-only step run under the last :meth:`choose` (see the module doc); None:
+        the step was no sample (it also ran prefill work)."""
+        if seconds is None or self.current is None or self.current not in self.step_time:
+            self.current = None
             return
         ratio = seconds / self.step_time[self.current]
         old = self.overhead.get(self.current)
