@@ -41,10 +41,22 @@ def haystack(tokenizer, length: int) -> list:
     raise ValueError("pydoc topics are shorter than the requested haystack")
 
 
-def methods(budgets: list, tidal_layers: tuple = ()) -> list:
+def skip_configs(spec: str) -> list:
+    """(name, SkipOptions) of Probe-and-Skip settings "start:ratio,..." (e.g. 8:0.5 = skipping from layer 8,
+    rising to half the tokens)."""
+    from server.engine.request import SkipOptions
+
+    out = []
+    for item in (x for x in spec.split(",") if x):
+        start, ratio = item.split(":")
+        out.append((f"spts-L{start}-{ratio}", SkipOptions(method="spts", start_layer=int(start), ratio=float(ratio))))
+    return out
+
+
+def methods(budgets: list, tidal_layers: tuple = (), skips: str = "") -> list:
     """(name, sparsity, skipping) of every compared method; ``tidal_layers`` ((selection, re-selection)
-    pairs) adds TidalDecode variants for the fidelity section."""
-    from server.engine.request import SkipOptions, SparsityOptions
+    pairs) adds TidalDecode variants for the fidelity section; ``skips`` the Probe-and-Skip settings."""
+    from server.engine.request import SparsityOptions
 
     out = [("dense", None, None)]
     for b in budgets:
@@ -55,10 +67,8 @@ def methods(budgets: list, tidal_layers: tuple = ()) -> list:
         out.append((f"tidal-{top}-sel{sel}", SparsityOptions(method="tidal", budget=top, selection_layer=sel,
                                                             reselection_layer=resel), None))
     out += [(f"tidal-{top}-kvc32", SparsityOptions(method="tidal", budget=top, correction_interval=32), None),
-            ("window-1024", SparsityOptions(method="window", window=1024, sinks=4), None),
-            ("spts-0.5", None, SkipOptions(method="spts", ratio=0.5)),
-            ("spts-0.3", None, SkipOptions(method="spts", ratio=0.3))]
-    return out
+            ("window-1024", SparsityOptions(method="window", window=1024, sinks=4), None)]
+    return out + [(name, None, opts) for name, opts in skip_configs(skips)]
 
 
 def decode_time(llm, prompt: list, sparsity, n: int) -> float:
@@ -201,6 +211,8 @@ def main() -> None:
     ap.add_argument("--no-speed", action="store_true", help="fidelity and window only (skip the timing sections)")
     ap.add_argument("--tidal-selection", default="", help="extra TidalDecode selection layers to compare for fidelity, "
                     "e.g. 6,12 (re-selection halfway from there to the last layer)")
+    ap.add_argument("--skip", default="8:0.5,4:0.8,2:0.9",
+                    help="Probe-and-Skip settings start_layer:ratio,... (the first is the server default)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "long_context.json"))
     args = ap.parse_args()
     if args.quick:
@@ -212,14 +224,13 @@ def main() -> None:
     depths = [float(x) for x in args.depths.split(",")]
 
     from server.engine.llm import LLM
-    from server.engine.request import SkipOptions
 
     llm = LLM(num_blocks=1100, max_num_batched_tokens=8192, enable_prefix_caching=False)
     num_layers = llm.engine.arch.num_layers
     selection = tuple((s, s + (num_layers - s) // 2) for s in (int(x) for x in args.tidal_selection.split(",") if x))
     hay = haystack(llm.tokenizer, max(contexts + [int(x) for x in args.prefill.split(",")]) + args.ppl_tokens
                    + args.fidelity_context)
-    table = {m: {} for m, _, _ in methods(budgets, selection)}
+    table = {m: {} for m, _, _ in methods(budgets, selection, args.skip)}
     results = {"device": str(llm.engine.device), "backend": llm.engine.backend.name, "platform": platform.platform(),
                "time": datetime.now(timezone.utc).isoformat(), "args": vars(args), "decode": [], "attention": [],
                "prefill": [], "needle": {}, "perplexity": {}}
@@ -237,16 +248,15 @@ def main() -> None:
     for n in ([] if args.no_speed else (int(x) for x in args.prefill.split(","))):
         base = prefill_time(llm, hay[:n], None)
         row = {"length": n, "dense_s": base}
-        for ratio in (0.3, 0.5):
-            skip = SkipOptions(method="spts", ratio=ratio, min_prompt_len=min(1024, n))
-            row[f"spts-{ratio}_s"] = prefill_time(llm, hay[:n], skip)
-            row[f"spts-{ratio}_speedup"] = base / row[f"spts-{ratio}_s"]
+        for name, skip in skip_configs(args.skip):
+            row[f"{name}_s"] = prefill_time(llm, hay[:n], replace(skip, min_prompt_len=min(1024, n)))
+            row[f"{name}_speedup"] = base / row[f"{name}_s"]
         results["prefill"].append(row)
         print(f"prefill @ {n}: " + ", ".join(f"{k}={v:.2f}" for k, v in row.items() if k != "length"))
 
     fid = hay[:args.fidelity_context]
     doc = hay[-(args.fidelity_context + args.ppl_tokens):]
-    for name, sparsity, skip in methods(budgets, selection):
+    for name, sparsity, skip in methods(budgets, selection, args.skip):
         if skip is not None:
             skip = replace(skip, min_prompt_len=min(skip.min_prompt_len, len(fid) // 2))
         hits = needle_hits(llm, fid, depths, sparsity, skip)

@@ -125,15 +125,22 @@ class _SlotPolicy:
         self.num_entries = keep.shape[2]
 
     # -- helpers ---------------------------------------------------------------------------
-    def _keep(self, scores: Tensor) -> Tensor:
-        """Top (C - W) of the entries older than the last W by score (ties: the more recent entry),
-        plus the last W; sorted ascending per row. W is capped at C."""
+    def _keep(self, scores: Tensor, tie: Optional[Tensor] = None) -> Tensor:
+        """Top (C - W) of the entries older than the last W by score, ties broken by ``tie`` (higher kept; by
+        default, and among equal ``tie``, the more recent entry), plus the last W; sorted ascending per row.
+        W is capped at C."""
         n, c = scores.shape[2], self.capacity
         recent = min(self.window, c)
         older = n - recent
-        flipped = torch.flip(scores[:, :, :older].float(), dims=[2])  # a stable sort then prefers recent ties
-        order = older - 1 - torch.sort(flipped, dim=2, descending=True, stable=True).indices
-        top = torch.sort(order[:, :, :c - recent], dim=2).values
+        if tie is None:
+            tie = torch.arange(older, device=scores.device, dtype=torch.float32).expand(*self.shape, older)
+        # rank by tie (recent first among equals), then a stable sort by score keeps that order within ties
+        first = torch.sort(torch.flip(tie[:, :, :older].float(), dims=[2]), dim=2, descending=True,
+                           stable=True).indices
+        first = older - 1 - first
+        by_score = torch.sort(torch.gather(scores[:, :, :older].float(), 2, first), dim=2, descending=True,
+                              stable=True).indices
+        top = torch.sort(torch.gather(first, 2, by_score)[:, :, :c - recent], dim=2).values
         tail = torch.arange(older, n, device=top.device).expand(*self.shape, recent)
         return torch.cat([top, tail], dim=2).to(torch.int64)
 
@@ -210,21 +217,34 @@ class LazyEviction(_SlotPolicy):
     """LazyEviction (2506.15969): per entry ``last`` (step of its latest recurrence, i.e. attention
     probability >= alpha) and ``mri`` (maximum recurrence interval). An entry born at step t starts with
     last = t - 1, mri = 0. Entries likely to recur again soon, relative to their own rhythm, score high:
-    2/(1+exp(1+(t-last)/(mri+1e-5))) + (0 if mri == 0 else 2/(1+exp(mri-1)))."""
+    2/(1+exp(1+(t-last)/(mri+1e-5))) + (0 if mri == 0 else 2/(1+exp(mri-1))).
+
+    Ties. Every entry that recurs at every step scores the same (last = t, mri = 1), and at short
+    contexts or small alpha that is most of the cache — attention sinks included. The paper leaves ties
+    open; here they go to the entry with more recent attention (an EMA of its probability, decay
+    ``TIE_DECAY``), so a sink outranks a token that merely clears alpha. The score order is unchanged."""
 
     name = "lazy"
+    TIE_DECAY = 0.9
 
     def _new_stats(self, n: int, t: int) -> dict:
-        return {"last": torch.full((*self.shape, n), float(t - 1), device=self.device), "mri": self._zeros(n)}
+        return {"last": torch.full((*self.shape, n), float(t - 1), device=self.device), "mri": self._zeros(n),
+                "attn": self._zeros(n)}
 
     def _update(self, t: int, prob_sum: Tensor, prob_max: Tensor) -> None:
         last, mri = self.stats["last"], self.stats["mri"]
         hit = prob_max >= self.options.alpha
         self.stats["mri"] = torch.where(hit, torch.maximum(mri, t - last), mri)
         self.stats["last"] = torch.where(hit, torch.full_like(last, float(t)), last)
+        self.stats["attn"].mul_(self.TIE_DECAY).add_(prob_max, alpha=1 - self.TIE_DECAY)
 
     def _scores(self) -> Tensor:
         return lazy_scores(self.t, self.stats["last"], self.stats["mri"])
+
+    def select(self, completes_prompt: bool) -> Optional[Tensor]:
+        if not self._crossed or self.num_entries <= self.capacity:
+            return None
+        return self._keep(self._scores(), self.stats["attn"])
 
 
 def lazy_scores(t: int, last: Tensor, mri: Tensor) -> Tensor:

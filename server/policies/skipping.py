@@ -45,6 +45,9 @@ from server.engine.request import Request, SkipOptions
 
 Tensor = torch.Tensor
 QUERY_TILE = 512  # active queries per attention call in skipping layers (see _Segment.attention)
+# cost of a masked (query, key) pair relative to one under the fused causal kernel (SDPA on CPU, measured
+# 1.1-1.3x at 2K-8K keys); chooses between _Segment.attention's two ways
+MASKED_COST = 1.25
 
 
 def resolve_options(opts: Optional[SkipOptions], default: Optional[SkipOptions] = None) -> Optional[SkipOptions]:
@@ -112,15 +115,18 @@ class LowRankMLPProbe:
         return update.float().norm(dim=-1) / h.float().norm(dim=-1).clamp(min=1e-6)
 
 
-def probe_attention(q_probe: Tensor, k: Tensor, scale: float) -> Tensor:
+def probe_attention(q_probe: Tensor, k: Tensor, scale: float, hidden: Optional[Tensor] = None) -> Tensor:
     """Partial Attention Probing. q_probe: [r, Hq, D] (the chunk's last r queries), k: [n, Hkv, D] (the chunk's
-    keys). Returns each key's received attention [n], averaged over query heads and probes (causal)."""
+    keys), ``hidden`` ([n] bool) the keys the layer no longer reads. Returns each key's received attention
+    [n], averaged over query heads and probes (causal)."""
     r, hq, _ = q_probe.shape
     n = k.shape[0]
     kk = k.float().repeat_interleave(hq // k.shape[1], dim=1).transpose(0, 1)  # [Hq, n, D]
     logits = torch.matmul(q_probe.float().transpose(0, 1), kk.transpose(1, 2)) * scale  # [Hq, r, n]
-    causal = torch.arange(n, device=k.device)[None, :] <= torch.arange(n - r, n, device=k.device)[:, None]
-    return torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1).mean(dim=(0, 1))
+    unseen = torch.arange(n, device=k.device)[None, :] > torch.arange(n - r, n, device=k.device)[:, None]
+    if hidden is not None:
+        unseen = unseen | hidden[None, :]
+    return torch.softmax(logits.masked_fill(unseen, float("-inf")), dim=-1).mean(dim=(0, 1))
 
 
 class _Segment:
@@ -176,22 +182,34 @@ class _Segment:
     def attention(self, layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor, local: Tensor,
                   scale: float) -> Tensor:
         """Causal attention of the active queries ``local`` over the request's KV that ``layer`` still reads
-        (every kv index not pruned before it). Queries go in position-ordered tiles, each over the keys up to
-        its last query, so the work follows the causal triangle rather than the full rectangle."""
+        (every kv index not pruned before it), gathered once. Two ways, whichever the cost model prefers:
+
+        * *placed*: every kept key gets a query row (the active queries at their own key index — an active
+          token is never pruned — zeros elsewhere) and one fused causal call covers the kept-key triangle;
+          no mask, so it wins while most kept tokens are active;
+        * *tiled*: the active queries in position-ordered tiles, each over the keys up to its last query
+          under a mask, so the work follows the active queries' causal triangle; it wins once few are.
+        """
         keys = torch.nonzero(self.prune_layer[:self.kv_len] > layer).flatten()
-        if len(local) == self.kv_len and keys.numel() == self.kv_len:  # a fresh prompt, all of it: plain causal
+        m, nk = len(local), keys.numel()
+        if m == self.kv_len and nk == self.kv_len:  # a fresh prompt, all of it: plain causal
             return ref.causal_sdpa(q, k_cache[self.slots], v_cache[self.slots], scale)
         q_pos = self.q_pos[local]
-        m = len(local)
+        kslots = self.slots[keys]
+        k_kept, v_kept = k_cache[kslots], v_cache[kslots]
         last = [min((t + 1) * QUERY_TILE, m) - 1 for t in range(-(-m // QUERY_TILE))]
         ends = torch.searchsorted(keys, q_pos[last], right=True).tolist()
+        tiled = sum((min(m, (t + 1) * QUERY_TILE) - t * QUERY_TILE) * end for t, end in enumerate(ends))
+        if MASKED_COST * tiled > nk * nk / 2:
+            at = torch.searchsorted(keys, q_pos)
+            placed = q.new_zeros((nk,) + q.shape[1:])
+            placed[at] = q
+            return ref.causal_sdpa(placed, k_kept, v_kept, scale)[at]
         out = torch.empty_like(q)
         for t, end in enumerate(ends):
             rows = slice(t * QUERY_TILE, (t + 1) * QUERY_TILE)
-            kk = keys[:end]
-            slots = self.slots[kk]
-            out[rows] = ref.causal_sdpa(q[rows], k_cache[slots], v_cache[slots], scale,
-                                        kk[None, :] <= q_pos[rows, None])
+            out[rows] = ref.causal_sdpa(q[rows], k_kept[:end], v_kept[:end], scale,
+                                        keys[:end][None, :] <= q_pos[rows, None])
         return out
 
 
@@ -259,7 +277,8 @@ class SkipPlan:
         attn_rows, attn_local = [self.other_rows], {}
         for s in active:
             skip_attn = s.opts.blocks in ("attention", "both")
-            imp = probe_attention(q[s.rows[-s.r:]], k[s.rows], attn.scale) if skip_attn and s.ratios[i] else None
+            imp = (probe_attention(q[s.rows[-s.r:]], k[s.rows], attn.scale, s.pruned) if skip_attn and s.ratios[i]
+                   else None)
             local = attn_local[s] = s.choose(i, imp, skip_attn)
             out[s.rows[local]] = s.attention(i, q[s.rows[local]], k_cache, v_cache, local, attn.scale)
             attn_rows.append(s.rows[local])
@@ -274,9 +293,12 @@ class SkipPlan:
         for s in active:
             skip_mlp = s.opts.blocks in ("mlp", "both")
             imp = None
-            if skip_mlp and s.ratios[i]:
-                hs = h[s.rows]
-                imp = self.probe.magnitude(i, layer.mlp, layer.post_attention_layernorm(hs), hs, s.opts.probe_rank)
+            if skip_mlp and s.ratios[i]:  # probe the tokens still in play (pruned ones stay skipped)
+                live = torch.nonzero(~s.pruned).flatten()
+                hs = h[s.rows[live]]
+                imp = torch.full((s.n,), float("-inf"), device=h.device)
+                imp[live] = self.probe.magnitude(i, layer.mlp, layer.post_attention_layernorm(hs), hs,
+                                                 s.opts.probe_rank)
             local = s.choose(i, imp, skip_mlp)
             s.end_layer(i, attn_local[s], local)
             self.counters["skip_token_blocks"] += 2 * s.n - len(local) - len(attn_local[s])

@@ -98,6 +98,20 @@ def test_lazy_fires_only_on_multiples_of_w_and_keeps_exactly_c_plus_last_w():
     assert fired == [t for t in range(12, 60, 4)]  # C + W bounds the cache between evictions
 
 
+def test_lazy_ties_go_to_the_entries_with_more_recent_attention():
+    """Entries that recur at every step all score the same; a sink (most of the mass) outranks the others,
+    which go by recent attention, whatever their age; the score order itself is unchanged."""
+    pol = _lazy(capacity=4, window=2, alpha=0.01, layers=1, heads=1)
+    probs = [0.6, 0.02, 0.1, 0.02, 0.04, 0.2, 0.02]  # every entry clears alpha at every step
+    for t in range(1, 9):
+        n = min(t, len(probs))
+        p = torch.tensor(probs[:n]) / sum(probs[:n])
+        pol.observe(t, n, _scores(p.tolist()))
+    s = lazy_scores(pol.t, pol.stats["last"], pol.stats["mri"])[0, 0]
+    assert torch.all(s[:5] == s[0])  # a tie among the older five (entry 6 joined at the last step)
+    assert pol.select(False).tolist() == [[[0, 2, 5, 6]]]  # sink and the 0.1 entry, then the last W = 2
+
+
 def test_streaming_keeps_sinks_and_the_most_recent():
     pol = StreamingLLM(EvictionOptions(method="streaming", window=4, sinks=2), 8, 2, 3)
     pol.observe(12, 12, None)

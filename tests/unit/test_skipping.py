@@ -143,10 +143,11 @@ def _masked_attention(q, k_cache, v_cache, visible, q_pos, scale):
     return torch.einsum("hqk,khd->qhd", torch.softmax(logits, dim=-1), v)
 
 
-def test_pruned_tokens_leave_later_layers_kv_reads(runner, monkeypatch):
+@pytest.mark.parametrize("masked_cost", [0.0, 1e9], ids=["tiled", "placed"])
+def test_pruned_tokens_leave_later_layers_kv_reads(runner, monkeypatch, masked_cost):
     """Delayed pruning drops a pruned token from what later layers read: in the rest of the prefill (active
-    queries' attention == masked softmax over the unpruned keys) and in decode (the step reads a slot list
-    without the pruned tokens from the pruning layer on)."""
+    queries' attention == masked softmax over the unpruned keys, both ways of computing it) and in decode
+    (the step reads a slot list without the pruned tokens from the pruning layer on)."""
     calls = []
     real = skipping._Segment.attention
 
@@ -157,6 +158,7 @@ def test_pruned_tokens_leave_later_layers_kv_reads(runner, monkeypatch):
         return out
 
     monkeypatch.setattr(skipping, "QUERY_TILE", 16)  # several query tiles
+    monkeypatch.setattr(skipping, "MASKED_COST", masked_cost)
     monkeypatch.setattr(skipping._Segment, "attention", spy)
     req = Request("r", list(torch.randint(0, 64, (100,), generator=torch.Generator().manual_seed(4)).tolist()),
                   SamplingParams(max_tokens=4))
