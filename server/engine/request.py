@@ -80,9 +80,9 @@ class SkipOptions:
     start_layer: int = 8
     ratio: float = 0.5  # final skip ratio (raised in stages with depth)
     probe_tokens: int = 32  # the last r prompt tokens: always active, they probe
-    stages: int = 3  # Multi-Stage Delayed Pruning: the skip ratio rises over this many stages of depth
-    probe_rank: int = 32  # rank of the low-rank MLP probe
-    blocks: str = "both"  # which blocks skip tokens: attention | mlp | both
+    stages: int = 0  # Multi-Stage Delayed Pruning: the skip ratio rises over this many stages (0: one per layer)
+    probe_rank: int = 128  # rank of the MLP probe: how many of the MLP's heaviest neurons it keeps
+    blocks: str = "attention"  # which blocks skip tokens: attention | mlp | both (pruned tokens skip both)
 
     def __post_init__(self) -> None:
         if self.method not in ("none", "spts"):
@@ -91,8 +91,8 @@ class SkipOptions:
             raise ValueError("token_skipping.ratio must be in [0, 1)")
         if self.min_prompt_len < 1 or self.start_layer < 0 or self.probe_tokens < 1:
             raise ValueError("token_skipping: min_prompt_len and probe_tokens must be >= 1, start_layer >= 0")
-        if self.stages < 1 or self.probe_rank < 1:
-            raise ValueError("token_skipping: stages and probe_rank must be >= 1")
+        if self.stages < 0 or self.probe_rank < 1:
+            raise ValueError("token_skipping: stages must be >= 0 and probe_rank >= 1")
         if self.blocks not in ("attention", "mlp", "both"):
             raise ValueError(f"token_skipping.blocks: unknown value {self.blocks!r}")
 

@@ -146,15 +146,20 @@ class PrunedReads:
         return slots[idx]
 
 
+def reads_every_token(req: Request) -> bool:
+    """Whether the request's options read the KV on their own terms (speculative trees, eviction scores, a
+    sparse method): then tokens its prefill pruned stay visible, and their KV must stay written."""
+    policy = req.state.get("sparsity")
+    return "spec" in req.state or "eviction_options" in req.state or (policy is not None and policy.name != "dense")
+
+
 def pruned_reads(req: Request, num_layers: int) -> Optional[PrunedReads]:
     """The decode reads of a request whose prefill pruned tokens, or None. Requests whose other options
     read the KV on their own terms (speculative trees, eviction scores, a sparse method) keep every token."""
     reads = req.state.get("pruned_reads")
     if reads is None:
         prune = req.state.get("prune_layer")
-        policy = req.state.get("sparsity")
-        if (prune is None or int(prune.min()) >= num_layers or "spec" in req.state or "eviction_options" in req.state
-                or (policy is not None and policy.name != "dense")):
+        if prune is None or int(prune.min()) >= num_layers or reads_every_token(req):
             return None
         reads = req.state["pruned_reads"] = PrunedReads(prune, num_layers)
     return reads

@@ -51,6 +51,8 @@ class Speculator:
         self._shared: Optional[RecyclingTable] = None
         self._nearest: Optional[Tensor] = None
         self._step_budget = 0
+        self._probe: Optional[str] = None
+        self._probe_turn = 0
         self.counters = {"spec_num_drafts": 0, "spec_num_draft_tokens": 0, "spec_num_accepted_tokens": 0,
                          "spec_relaxed_accepts": 0}
         self.accepted_per_pos: list = []
@@ -80,6 +82,11 @@ class Speculator:
         cap = max((s.options.num_draft_tokens for s in states), default=0)
         self._step_budget = self.budget.choose(len(decodes), [s.options.method for s in states], cap,
                                                [s.boost for s in states])
+        self._probe = None  # a probe step: only this request drafts (requests take turns)
+        if self.budget.probing:
+            spec = [r for r in decodes if "spec" in r.state]
+            self._probe = spec[self._probe_turn % len(spec)].request_id
+            self._probe_turn += 1
 
     def samples_step(self, sched, requests: dict) -> bool:
         """Whether the step about to run teaches the cost model: it awaits a sample and the step is
@@ -97,7 +104,7 @@ class Speculator:
         """A draft tree for a decoding request, or None when it does not speculate this step.
         An empty tree still goes through verification, so Token Recycling learns from the root."""
         state = req.state.get("spec")
-        if state is None or self._step_budget == 0:
+        if state is None or self._step_budget == 0 or self._probe not in (None, req.request_id):
             return None
         state.budget = min(self._step_budget, state.options.num_draft_tokens, max_nodes)
         tree = state.drafter.propose(req.token_ids, state.budget)

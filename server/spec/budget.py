@@ -15,8 +15,9 @@ starting from an optimistic prior so that every budget gets tried, times each re
 between a repetitive code prompt and free prose than between budgets. When the batch is compute-bound
 the time grows with B(1 + d) and the rule picks d = 0 (no speculation); a budget that stops paying
 off is abandoned as its EMA falls; while d = 0 wins, the most promising budget is still tried once
-every ``PROBE_EVERY`` steps so that a recovering acceptance rate (a new prompt, a code block) is
-noticed. A budget must promise ``MARGIN`` more throughput than the plain step: a marginal modelled
+every ``PROBE_EVERY`` steps, by one request in turn (``probing``; a whole batch drafting 16 tokens
+each would cost that step several plain steps), so that a recovering acceptance rate (a new prompt,
+a code block) is noticed. A budget must promise ``MARGIN`` more throughput than the plain step: a marginal modelled
 gain is within the noise of the model and of the machine, and the rule's promise is never to cost
 throughput.
 
@@ -56,6 +57,7 @@ class DraftBudget:
         self.overhead: dict = {}  # (bucket, d) -> EMA of observed step time / modelled forward time
         self.current: Optional[tuple] = None  # (bucket, d) of the step being run, None: not a sample
         self._measured = False  # this step's choose() ran forwards to measure them
+        self.probing = False  # this step's budget is a probe: only one request should draft (the caller picks)
         self._steps = 0
 
     @staticmethod
@@ -94,6 +96,7 @@ class DraftBudget:
         requests' acceptance relative to their method's (default 1: see :meth:`boost`), ``cap`` the largest
         ``num_draft_tokens`` among them."""
         self.current = None
+        self.probing = False
         if not methods:
             return 0
         if self.measure is None:
@@ -113,12 +116,14 @@ class DraftBudget:
         best_spec = max((d for d in rates if d), key=rates.get)
         # unmodelled costs and noise: a marginal gain is not worth the risk
         best = best_spec if rates[best_spec] > rates[0] * (1 + MARGIN) else 0
-        if best == 0 and self._steps % PROBE_EVERY == 0:
-            best = best_spec  # re-measure the most promising budget's acceptance
+        self.probing = best == 0 and self._steps % PROBE_EVERY == 0
+        if self.probing:
+            best = best_spec  # re-measure the most promising budget's acceptance, on one request only
         elif best > 0 and ((bucket, 0) not in self.overhead or self._steps % PROBE_EVERY == 0):
             best = 0  # observe the plain step's real cost
-        # a step that also timed forwards for the model is no sample of its own cost
-        self.current = None if self._measured else (bucket, best)
+        # a step that also timed forwards for the model, or a probe (one request drafts), is no sample of
+        # the (bucket, budget) step's cost
+        self.current = None if self._measured or self.probing else (bucket, best)
         return best
 
     def observe(self, seconds: Optional[float]) -> None:

@@ -72,7 +72,8 @@ def test_ratio_zero_is_identical_to_no_skipping(runner):
 
 
 def test_skipped_tokens_pass_through_and_probes_stay_active(runner, monkeypatch):
-    opts = SkipOptions(method="spts", min_prompt_len=10, start_layer=1, ratio=0.7, stages=2, probe_tokens=8)
+    opts = SkipOptions(method="spts", min_prompt_len=10, start_layer=1, ratio=0.7, stages=2, probe_tokens=8,
+                       blocks="both")
     seen = []
     real_layer = skipping.SkipPlan._layer
 
@@ -121,13 +122,19 @@ def test_attention_probe_is_a_distribution():
     assert imp.shape == (20,) and torch.isclose(imp.sum(), torch.tensor(1.0))
 
 
-def test_low_rank_is_the_truncated_svd():
+def test_mlp_probe_is_the_mlp_on_its_heaviest_neurons():
+    from models.layers import GatedMLP
     g = torch.Generator().manual_seed(3)
-    for shape in ((40, 12), (12, 40)):
-        w = torch.randn(*shape, generator=g)
-        a, b = skipping.low_rank(w, 5)
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        torch.testing.assert_close(a @ b, (u[:, :5] * s[:5]) @ vh[:5])
+    mlp = GatedMLP(8, 12).to_empty(device="cpu")
+    for p in mlp.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=g))
+    mlp.down_proj.weight.data[:, [2, 7, 9]] *= 100  # the three heaviest neurons
+    gate_up, down = skipping.heavy_neurons(mlp, 3)
+    torch.testing.assert_close(down, mlp.down_proj.weight[:, [2, 7, 9]])
+    torch.testing.assert_close(gate_up, mlp.gate_up_proj.weight[[2, 7, 9, 14, 19, 21]])
+    x, h = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    full = skipping.LowRankMLPProbe().magnitude(0, mlp, x, h, 12)  # every neuron: the true relative update
+    torch.testing.assert_close(full, mlp(x).norm(dim=-1) / h.norm(dim=-1))
 
 
 PRUNING = SkipOptions(method="spts", min_prompt_len=10, start_layer=1, ratio=0.7, stages=2, probe_tokens=8)

@@ -47,3 +47,31 @@ def test_steps_that_measure_are_not_samples():
     assert (4, 0) not in budget.overhead
     d = budget.choose(4, ["ngram"] * 4, 8)
     assert budget.current == (4, d)
+
+
+def test_probe_steps_draft_for_one_request_in_turn():
+    """Where speculation does not pay (compute-bound), the periodic probe lets one request draft, a different
+    one each time, and the probe is no sample of a whole speculative step's cost."""
+    from server.config import SpecConfig
+    from server.engine.request import Request, SamplingParams, SpecOptions
+    from server.spec import Speculator
+
+    spec = Speculator(SpecConfig(), 64, measure=lambda b, q: 0.001 * b * q)
+    reqs = []
+    for i in range(8):
+        req = Request(f"r{i}", [1, 2, 3, 4] * 8, SamplingParams(temperature=0.0, speculative=SpecOptions("ngram")))
+        req.num_computed_tokens = req.num_tokens - 1  # decoding: one new token to run
+        spec.attach(req)
+        reqs.append(req)
+    probes = []
+    for _ in range(3 * PROBE_EVERY):
+        spec.plan(reqs)
+        drafted = [r.request_id for r in reqs if spec.propose(r, 64) is not None]
+        if spec.budget.probing:
+            assert spec.budget.current is None
+            probes.append(drafted)
+        else:
+            assert drafted == []
+        spec.observe_step(0.008, spec.budget.current is not None)
+    assert len(probes) >= 2 and all(len(p) == 1 for p in probes)
+    assert probes[0] != probes[1]
