@@ -197,66 +197,12 @@ def window_peak_blocks(llm, n: int, window: int) -> int:
     return peak
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small contexts and counts: checks the script runs")
-    ap.add_argument("--contexts", default="1024,2048,4096,8000")
-    ap.add_argument("--prefill", default="2048,4096,8000")
-    ap.add_argument("--budgets", default="128,256")
-    ap.add_argument("--decode-steps", type=int, default=16)
-    ap.add_argument("--depths", default="0.1,0.5,0.9")
-    ap.add_argument("--fidelity-context", type=int, default=4000)
-    ap.add_argument("--ppl-tokens", type=int, default=64)
-    ap.add_argument("--window-tokens", type=int, default=2000)
-    ap.add_argument("--no-speed", action="store_true", help="fidelity and window only (skip the timing sections)")
-    ap.add_argument("--tidal-selection", default="", help="extra TidalDecode selection layers to compare for fidelity, "
-                    "e.g. 6,12 (re-selection halfway from there to the last layer)")
-    ap.add_argument("--skip", default="8:0.5,4:0.8,2:0.9",
-                    help="Probe-and-Skip settings start_layer:ratio,... (the first is the server default)")
-    ap.add_argument("--out", default=os.path.join(RESULTS, "long_context.json"))
-    args = ap.parse_args()
-    if args.quick:
-        args.contexts, args.prefill, args.budgets = "512,1024", "512,1024", "64"
-        args.decode_steps, args.depths, args.fidelity_context, args.ppl_tokens = 4, "0.5", 700, 8
-        args.window_tokens = 200
-    contexts = [int(x) for x in args.contexts.split(",")]
-    budgets = [int(x) for x in args.budgets.split(",")]
-    depths = [float(x) for x in args.depths.split(",")]
-
-    from server.engine.llm import LLM
-
-    llm = LLM(num_blocks=1100, max_num_batched_tokens=8192, enable_prefix_caching=False)
-    num_layers = llm.engine.arch.num_layers
-    selection = tuple((s, s + (num_layers - s) // 2) for s in (int(x) for x in args.tidal_selection.split(",") if x))
-    hay = haystack(llm.tokenizer, max(contexts + [int(x) for x in args.prefill.split(",")]) + args.ppl_tokens
-                   + args.fidelity_context)
-    table = {m: {} for m, _, _ in methods(budgets, selection, args.skip)}
-    results = {"device": str(llm.engine.device), "backend": llm.engine.backend.name, "platform": platform.platform(),
-               "time": datetime.now(timezone.utc).isoformat(), "args": vars(args), "decode": [], "attention": [],
-               "prefill": [], "needle": {}, "perplexity": {}}
-
-    for ctx in ([] if args.no_speed else contexts):
-        row = {"context": ctx}
-        for name, sparsity, skip in methods(budgets):
-            if skip is None and not name.startswith("window") and "kvc" not in name and "sel" not in name:
-                row[name] = decode_time(llm, hay[:ctx], sparsity, args.decode_steps) * 1e3
-        results["decode"].append(row)
-        for b in budgets:
-            results["attention"].append({"context": ctx, "budget": b, **attention_time(ctx, b, 20)})
-        print(f"decode ms/token @ {ctx}: " + ", ".join(f"{k}={v:.1f}" for k, v in row.items() if k != "context"))
-
-    for n in ([] if args.no_speed else (int(x) for x in args.prefill.split(","))):
-        base = prefill_time(llm, hay[:n], None)
-        row = {"length": n, "dense_s": base}
-        for name, skip in skip_configs(args.skip):
-            row[f"{name}_s"] = prefill_time(llm, hay[:n], replace(skip, min_prompt_len=min(1024, n)))
-            row[f"{name}_speedup"] = base / row[f"{name}_s"]
-        results["prefill"].append(row)
-        print(f"prefill @ {n}: " + ", ".join(f"{k}={v:.2f}" for k, v in row.items() if k != "length"))
-
+def fidelity(llm, hay: list, args, compared: list, depths: list, results: dict, table: dict) -> None:
+    """Needle retrieval and forced perplexity at ``args.fidelity_context`` tokens for every method, and the
+    window's peak KV blocks; fills ``results`` and ``table`` and prints the table."""
     fid = hay[:args.fidelity_context]
     doc = hay[-(args.fidelity_context + args.ppl_tokens):]
-    for name, sparsity, skip in methods(budgets, selection, args.skip):
+    for name, sparsity, skip in compared:
         if skip is not None:
             skip = replace(skip, min_prompt_len=min(skip.min_prompt_len, len(fid) // 2))
         hits = needle_hits(llm, fid, depths, sparsity, skip)
@@ -273,10 +219,73 @@ def main() -> None:
     print(f"{'method':<14}{'needle':>8}{'ppl':>10}{'vs dense':>10}")
     for name, r in table.items():
         print(f"{name:<14}{r['needle']:>8}{r['ppl']:>10.3f}{(r['ppl'] / dense_ppl - 1) * 100:>+9.2f}%")
+    print(f"window 64: peak {results['window_kv_blocks']['peak_blocks']} KV blocks over {args.window_tokens} tokens")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small contexts and counts: checks the script runs")
+    ap.add_argument("--contexts", default="1024,2048,4096,8000")
+    ap.add_argument("--prefill", default="2048,4096,8000")
+    ap.add_argument("--budgets", default="128,256")
+    ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--depths", default="0.1,0.5,0.9")
+    ap.add_argument("--fidelity-context", type=int, default=4000)
+    ap.add_argument("--ppl-tokens", type=int, default=64)
+    ap.add_argument("--window-tokens", type=int, default=2000)
+    ap.add_argument("--no-speed", action="store_true", help="fidelity and window only (skip the timing sections)")
+    ap.add_argument("--no-fidelity", action="store_true", help="timing sections only")
+    ap.add_argument("--tidal-selection", default="", help="extra TidalDecode selection layers to compare for fidelity, "
+                    "e.g. 6,12 (re-selection halfway from there to the last layer)")
+    ap.add_argument("--skip", default="8:0.5,4:0.8,2:0.9",
+                    help="Probe-and-Skip settings start_layer:ratio,... (the first is the server default)")
+    ap.add_argument("--out", default=os.path.join(RESULTS, "long_context.json"))
+    args = ap.parse_args()
+    if args.quick:
+        args.contexts, args.prefill, args.budgets = "512,1024", "512,1024", "64"
+        args.decode_steps, args.depths, args.fidelity_context, args.ppl_tokens = 4, "0.5", 700, 8
+        args.window_tokens = 200
+    contexts = [int(x) for x in args.contexts.split(",") if x]
+    prefills = [int(x) for x in args.prefill.split(",") if x]
+    budgets = [int(x) for x in args.budgets.split(",")]
+    depths = [float(x) for x in args.depths.split(",")]
+
+    from server.engine.llm import LLM
+
+    llm = LLM(num_blocks=1100, max_num_batched_tokens=8192, enable_prefix_caching=False)
+    num_layers = llm.engine.arch.num_layers
+    selection = tuple((s, s + (num_layers - s) // 2) for s in (int(x) for x in args.tidal_selection.split(",") if x))
+    hay = haystack(llm.tokenizer, max(contexts + prefills) + args.ppl_tokens
+                   + args.fidelity_context)
+    table = {m: {} for m, _, _ in methods(budgets, selection, args.skip)}
+    results = {"device": str(llm.engine.device), "backend": llm.engine.backend.name, "platform": platform.platform(),
+               "time": datetime.now(timezone.utc).isoformat(), "args": vars(args), "decode": [], "attention": [],
+               "prefill": [], "needle": {}, "perplexity": {}}
+
+    for ctx in ([] if args.no_speed else contexts):
+        row = {"context": ctx}
+        for name, sparsity, skip in methods(budgets):
+            if skip is None and not name.startswith("window") and "kvc" not in name and "sel" not in name:
+                row[name] = decode_time(llm, hay[:ctx], sparsity, args.decode_steps) * 1e3
+        results["decode"].append(row)
+        for b in budgets:
+            results["attention"].append({"context": ctx, "budget": b, **attention_time(ctx, b, 20)})
+        print(f"decode ms/token @ {ctx}: " + ", ".join(f"{k}={v:.1f}" for k, v in row.items() if k != "context"))
+
+    for n in ([] if args.no_speed else prefills):
+        base = prefill_time(llm, hay[:n], None)
+        row = {"length": n, "dense_s": base}
+        for name, skip in skip_configs(args.skip):
+            row[f"{name}_s"] = prefill_time(llm, hay[:n], replace(skip, min_prompt_len=min(1024, n)))
+            row[f"{name}_speedup"] = base / row[f"{name}_s"]
+        results["prefill"].append(row)
+        print(f"prefill @ {n}: " + ", ".join(f"{k}={v:.2f}" for k, v in row.items() if k != "length"))
+
+    if not args.no_fidelity:
+        fidelity(llm, hay, args, methods(budgets, selection, args.skip), depths, results, table)
     print(f"\nattention (one layer, ms): " + "; ".join(
         f"{a['context']}/{a['budget']}: dense {a['dense_ms']:.3f} sparse {a['sparse_ms']:.3f} ({a['speedup']:.1f}x)"
         for a in results["attention"]))
-    print(f"window 64: peak {results['window_kv_blocks']['peak_blocks']} KV blocks over {args.window_tokens} tokens")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)

@@ -194,10 +194,11 @@ def exact_kv_of(req: Request) -> int:
 class QuestIndex:
     """Per (layer, block, kv head) elementwise min and max of the block's keys.
 
-    Allocated when the first quest request is scheduled; from then on every KV write of every request
-    updates it (a block's first slot resets it), so blocks a quest request later adopts from the prefix
-    cache are already indexed. Blocks written before it existed, or rewritten outside store_kv (block
-    copies, compaction), are marked stale and recomputed from the pool before a quest request reads them.
+    Allocated when the first quest request is scheduled; from then on every KV write of a step with
+    sparse decode rows updates it (a block's first slot resets it), so blocks a quest request later
+    adopts from the prefix cache are mostly indexed already. Blocks written before it existed, in steps
+    without sparse rows (those run no sparse plan at all), or rewritten outside store_kv (block copies,
+    compaction) are marked stale and recomputed from the pool before a quest request reads them.
     """
 
     def __init__(self, kv_caches: list, block_size: int):
@@ -275,15 +276,21 @@ class SparsePlanner:
                     picked.append((b, s, policy))
             offset += len(s.token_ids)
         self.counters["sparse_decode_tokens"] += len(rows)
-        if self.index is None:
-            return SparsePlan(rows, picked, meta, None, self.block_size) if rows else None
-        rewritten = [d for _, d in sched.block_copies]
-        for compaction in sched.compactions:
-            rewritten.extend(d for _, d in compaction.copies)
-            rewritten.extend({int(x) // self.block_size for x in compaction.dst_slots})
-        self.index.note_writes([x for s in sched.requests for x in s.slot_mapping], rewritten)
-        quest_blocks = [blk for _, s, p in picked if p.name == "quest" for blk in s.block_table]
-        self.index.refresh(quest_blocks, self.kv_caches)
+        writes = [x for s in sched.requests for x in s.slot_mapping] if self.index is not None else []
+        if self.index is not None:  # once Quest is in use, every step's writes concern the index
+            rewritten = [d for _, d in sched.block_copies]
+            for compaction in sched.compactions:
+                rewritten.extend(d for _, d in compaction.copies)
+                rewritten.extend({int(x) // self.block_size for x in compaction.dst_slots})
+            if not rows:  # no plan records this step's keys: its blocks go stale (refreshed when read)
+                rewritten.extend({x // self.block_size for x in writes if x >= 0})
+                writes = []
+            self.index.note_writes(writes, rewritten)
+        if not rows:  # no plan: the step runs the backend's dense path as if no sparse request existed
+            return None
+        if self.index is not None:
+            self.index.refresh([blk for _, s, p in picked if p.name == "quest" for blk in s.block_table],
+                               self.kv_caches)
         return SparsePlan(rows, picked, meta, self.index, self.block_size)
 
 

@@ -5,6 +5,7 @@ import torch
 
 from server.cache.kv_manager import KVManager
 from server.config import SchedulerConfig, SparsityConfig
+from server.engine.outputs import ScheduledRequest, SchedulerOutput
 from server.engine.request import Request, SamplingParams, SparsityOptions
 from server.engine.scheduler import Scheduler
 from server.policies import sparsity
@@ -82,3 +83,18 @@ def test_quest_index_tracks_block_extrema():
     torch.testing.assert_close(index.key_max[0][1], k_cache[4:8].amax(0))
     index.refresh([2], [(k_cache, k_cache)])  # a stale block is recomputed from the pool
     torch.testing.assert_close(index.key_min[0][2], k_cache[8:12].amin(0))
+
+
+def test_a_step_without_sparse_rows_has_no_plan_and_stales_what_it_writes():
+    """Once Quest is in use, a step with no sparse decode row still runs the plain dense path (no plan, so
+    no per-layer sparse bookkeeping); the blocks it writes go stale and are recomputed when a quest request
+    reads them."""
+    bs = 4
+    k_cache = torch.randn(6 * bs, 2, 8)
+    planner = sparsity.SparsePlanner([(k_cache, k_cache)], bs)
+    planner.index = QuestIndex([(k_cache, k_cache)], bs)
+    planner.index.fresh = [True] * 6
+    req = Request("p", list(range(6)), SamplingParams(max_tokens=2))
+    s = ScheduledRequest("p", list(range(6)), list(range(6)), [8, 9, 10, 11, 12, 13], [2, 3], 6, True)
+    assert planner.plan(SchedulerOutput(requests=[s]), {"p": req}, None) is None
+    assert planner.index.fresh == [True, True, False, False, True, True]
