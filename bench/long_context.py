@@ -228,6 +228,7 @@ def main() -> None:
     ap.add_argument("--contexts", default="1024,2048,4096,8000")
     ap.add_argument("--prefill", default="2048,4096,8000")
     ap.add_argument("--budgets", default="128,256")
+    ap.add_argument("--prefill-rounds", type=int, default=2, help="interleaved rounds of the prefill timings")
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--depths", default="0.1,0.5,0.9")
     ap.add_argument("--fidelity-context", type=int, default=4000)
@@ -244,7 +245,7 @@ def main() -> None:
     if args.quick:
         args.contexts, args.prefill, args.budgets = "512,1024", "512,1024", "64"
         args.decode_steps, args.depths, args.fidelity_context, args.ppl_tokens = 4, "0.5", 700, 8
-        args.window_tokens = 200
+        args.window_tokens, args.prefill_rounds = 200, 1
     contexts = [int(x) for x in args.contexts.split(",") if x]
     prefills = [int(x) for x in args.prefill.split(",") if x]
     budgets = [int(x) for x in args.budgets.split(",")]
@@ -272,14 +273,22 @@ def main() -> None:
             results["attention"].append({"context": ctx, "budget": b, **attention_time(ctx, b, 20)})
         print(f"decode ms/token @ {ctx}: " + ", ".join(f"{k}={v:.1f}" for k, v in row.items() if k != "context"))
 
+    if prefills and not args.no_speed:
+        prefill_time(llm, hay[:min(prefills)], None)  # warm-up: the first forward of a process is slower
     for n in ([] if args.no_speed else prefills):
-        base = prefill_time(llm, hay[:n], None)
-        row = {"length": n, "dense_s": base}
-        for name, skip in skip_configs(args.skip):
-            row[f"{name}_s"] = prefill_time(llm, hay[:n], replace(skip, min_prompt_len=min(1024, n)))
+        configs = [("dense", None)] + [(name, replace(skip, min_prompt_len=min(1024, n)))
+                                       for name, skip in skip_configs(args.skip)]
+        times = {name: [] for name, _ in configs}
+        for _ in range(args.prefill_rounds):  # interleaved rounds, medians
+            for name, skip in configs:
+                times[name].append(prefill_time(llm, hay[:n], skip))
+        base = statistics.median(times["dense"])
+        row = {"length": n, "rounds": args.prefill_rounds, "dense_s": base}
+        for name, _ in configs[1:]:
+            row[f"{name}_s"] = statistics.median(times[name])
             row[f"{name}_speedup"] = base / row[f"{name}_s"]
         results["prefill"].append(row)
-        print(f"prefill @ {n}: " + ", ".join(f"{k}={v:.2f}" for k, v in row.items() if k != "length"))
+        print(f"prefill @ {n}: " + ", ".join(f"{k}={v:.2f}" for k, v in row.items() if k not in ("length", "rounds")))
 
     if not args.no_fidelity:
         fidelity(llm, hay, args, methods(budgets, selection, args.skip), depths, results, table)
