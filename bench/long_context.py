@@ -238,7 +238,7 @@ def main() -> None:
     ap.add_argument("--no-fidelity", action="store_true", help="timing sections only")
     ap.add_argument("--tidal-selection", default="", help="extra TidalDecode selection layers to compare for fidelity, "
                     "e.g. 6,12 (re-selection halfway from there to the last layer)")
-    ap.add_argument("--skip", default="8:0.5,4:0.8,2:0.9",
+    ap.add_argument("--skip", default="8:0.5,8:0.7,4:0.8",
                     help="Probe-and-Skip settings start_layer:ratio,... (the first is the server default)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "long_context.json"))
     args = ap.parse_args()
