@@ -95,6 +95,10 @@ class _SlotPolicy:
         """[L, Hkv, N]: higher = keep."""
         raise NotImplementedError
 
+    def _ties(self) -> Optional[Tensor]:
+        """[L, Hkv, N] that breaks ties among equal scores (higher = keep), or None: the more recent entry."""
+        return None
+
     # -- protocol --------------------------------------------------------------------------
     def score_queries(self, completes_prompt: bool, num_new: int) -> int:
         return 1 if self.needs_scores else 0
@@ -118,7 +122,7 @@ class _SlotPolicy:
     def select(self, completes_prompt: bool) -> Optional[Tensor]:
         if not self._crossed or self.num_entries <= self.capacity:
             return None
-        return self._keep(self._scores())
+        return self._keep(self._scores(), self._ties())
 
     def compacted(self, keep: Tensor) -> None:
         self.stats = {k: torch.gather(v, 2, keep.to(self.device)) for k, v in self.stats.items()}
@@ -241,10 +245,8 @@ class LazyEviction(_SlotPolicy):
     def _scores(self) -> Tensor:
         return lazy_scores(self.t, self.stats["last"], self.stats["mri"])
 
-    def select(self, completes_prompt: bool) -> Optional[Tensor]:
-        if not self._crossed or self.num_entries <= self.capacity:
-            return None
-        return self._keep(self._scores(), self.stats["attn"])
+    def _ties(self) -> Tensor:
+        return self.stats["attn"]
 
 
 def lazy_scores(t: int, last: Tensor, mri: Tensor) -> Tensor:

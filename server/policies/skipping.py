@@ -161,6 +161,8 @@ class _Segment:
             req.state["prune_layer"] = torch.full((req.num_tokens,), num_layers, dtype=torch.int16, device=dev)
             req.state.pop("pruned_reads", None)
         self.prune_layer = req.state["prune_layer"]
+        self.skips_attn = opts.blocks in ("attention", "both")  # which blocks choose an active subset
+        self.skips_mlp = opts.blocks in ("mlp", "both")
         self.drops_kv = not reads_every_token(req)  # pruned tokens' later-layer K/V are never read: skip them
 
     def num_skipped(self, layer: int) -> int:
@@ -178,7 +180,7 @@ class _Segment:
 
     def end_layer(self, layer: int, attn_active: Tensor, mlp_active: Tensor) -> None:
         """Delayed pruning (see the module doc): count this layer's skips; at a stage end, prune."""
-        for counts, active in ((self.opts.blocks != "mlp", attn_active), (self.opts.blocks != "attention", mlp_active)):
+        for counts, active in ((self.skips_attn, attn_active), (self.skips_mlp, mlp_active)):
             if counts:  # a decision of a block that skips tokens: every token skipped but the active ones
                 self.stage_skips += 1
                 self.stage_skips[active] -= 1
@@ -301,10 +303,9 @@ class SkipPlan:
             out = torch.empty_like(q)
         attn_rows, attn_local = [self.other_rows], {}
         for s in active:
-            skip_attn = s.opts.blocks in ("attention", "both")
-            imp = (probe_attention(q[s.rows[-s.r:]], k[s.rows], attn.scale, s.pruned) if skip_attn and s.ratios[i]
-                   else None)
-            local = attn_local[s] = s.choose(i, imp, skip_attn)
+            imp = (probe_attention(q[s.rows[-s.r:]], k[s.rows], attn.scale, s.pruned)
+                   if s.skips_attn and s.ratios[i] else None)
+            local = attn_local[s] = s.choose(i, imp, s.skips_attn)
             out[s.rows[local]] = s.attention(i, q[s.rows[local]], k_cache, v_cache, local, attn.scale)
             attn_rows.append(s.rows[local])
         for s in self.segments:
@@ -316,15 +317,14 @@ class SkipPlan:
 
         mlp_rows = [self.other_rows] + [s.rows for s in self.segments if s not in active]
         for s in active:
-            skip_mlp = s.opts.blocks in ("mlp", "both")
             imp = None
-            if skip_mlp and s.ratios[i]:  # probe the tokens still in play (pruned ones stay skipped)
+            if s.skips_mlp and s.ratios[i]:  # probe the tokens still in play (pruned ones stay skipped)
                 live = torch.nonzero(~s.pruned).flatten()
                 hs = h[s.rows[live]]
                 imp = torch.full((s.n,), float("-inf"), device=h.device)
                 imp[live] = self.probe.magnitude(i, layer.mlp, layer.post_attention_layernorm(hs), hs,
                                                  s.opts.probe_rank)
-            local = s.choose(i, imp, skip_mlp)
+            local = s.choose(i, imp, s.skips_mlp)
             s.end_layer(i, attn_local[s], local)
             self.counters["skip_token_blocks"] += 2 * s.n - len(local) - len(attn_local[s])
             mlp_rows.append(s.rows[local])

@@ -276,22 +276,27 @@ class SparsePlanner:
                     picked.append((b, s, policy))
             offset += len(s.token_ids)
         self.counters["sparse_decode_tokens"] += len(rows)
-        writes = [x for s in sched.requests for x in s.slot_mapping] if self.index is not None else []
         if self.index is not None:  # once Quest is in use, every step's writes concern the index
-            rewritten = [d for _, d in sched.block_copies]
-            for compaction in sched.compactions:
-                rewritten.extend(d for _, d in compaction.copies)
-                rewritten.extend({int(x) // self.block_size for x in compaction.dst_slots})
-            if not rows:  # no plan records this step's keys: its blocks go stale (refreshed when read)
-                rewritten.extend({x // self.block_size for x in writes if x >= 0})
-                writes = []
-            self.index.note_writes(writes, rewritten)
+            self._note_writes(sched, recorded=bool(rows))
         if not rows:  # no plan: the step runs the backend's dense path as if no sparse request existed
             return None
         if self.index is not None:
             self.index.refresh([blk for _, s, p in picked if p.name == "quest" for blk in s.block_table],
                                self.kv_caches)
         return SparsePlan(rows, picked, meta, self.index, self.block_size)
+
+    def _note_writes(self, sched, recorded: bool) -> None:
+        """Tell the Quest index what this step rewrites. ``recorded``: a plan folds the step's keys into the
+        index as they are stored; otherwise the written blocks go stale (refreshed when a quest request reads)."""
+        writes = [x for s in sched.requests for x in s.slot_mapping]
+        rewritten = [d for _, d in sched.block_copies]
+        for compaction in sched.compactions:
+            rewritten.extend(d for _, d in compaction.copies)
+            rewritten.extend({int(x) // self.block_size for x in compaction.dst_slots})
+        if not recorded:
+            rewritten.extend({x // self.block_size for x in writes if x >= 0})
+            writes = []
+        self.index.note_writes(writes, rewritten)
 
 
 class SparsePlan:

@@ -78,14 +78,14 @@ class Speculator:
     def plan(self, running: list) -> None:
         """Choose this step's draft budget from the decodes about to run."""
         decodes = [r for r in running if r.num_tokens - r.num_computed_tokens == 1]
-        states = [r.state["spec"] for r in decodes if "spec" in r.state]
+        speculating = [r for r in decodes if "spec" in r.state]
+        states = [r.state["spec"] for r in speculating]
         cap = max((s.options.num_draft_tokens for s in states), default=0)
         self._step_budget = self.budget.choose(len(decodes), [s.options.method for s in states], cap,
                                                [s.boost for s in states])
         self._probe = None  # a probe step: only this request drafts (requests take turns)
         if self.budget.probing:
-            spec = [r for r in decodes if "spec" in r.state]
-            self._probe = spec[self._probe_turn % len(spec)].request_id
+            self._probe = speculating[self._probe_turn % len(speculating)].request_id
             self._probe_turn += 1
 
     def samples_step(self, sched, requests: dict) -> bool:

@@ -17,9 +17,9 @@ the time grows with B(1 + d) and the rule picks d = 0 (no speculation); a budget
 off is abandoned as its EMA falls; while d = 0 wins, the most promising budget is still tried once
 every ``PROBE_EVERY`` steps, by one request in turn (``probing``; a whole batch drafting 16 tokens
 each would cost that step several plain steps), so that a recovering acceptance rate (a new prompt,
-a code block) is noticed. A budget must promise ``MARGIN`` more throughput than the plain step: a marginal modelled
-gain is within the noise of the model and of the machine, and the rule's promise is never to cost
-throughput.
+a code block) is noticed. A budget must promise ``MARGIN`` more throughput than the plain step: a
+marginal modelled gain is within the noise of the model and of the machine, and the rule's promise is
+never to cost throughput.
 
 The forward alone misses what a speculative step costs around it (drafting, tree masks, verification,
 Token Recycling's table updates, per-request attention of tree rows). So the engine reports the wall
@@ -109,9 +109,10 @@ class DraftBudget:
             self.measure(bucket, 1)  # warm-up
             deadline = time.perf_counter() + MEASURE_SECONDS
         base = self.overhead.get((bucket, 0), 1.0)
+        boosts = boosts or [1.0] * len(methods)
         rates = {}
         for d in self.candidates(cap):
-            gain = sum(self.expected(m, d) * b for m, b in zip(methods, boosts or [1.0] * len(methods))) if d else 0.0
+            gain = sum(self.expected(m, d) * b for m, b in zip(methods, boosts)) if d else 0.0
             rates[d] = (num_decodes + gain) / (self._time(bucket, d, deadline) * self.overhead.get((bucket, d), base))
         best_spec = max((d for d in rates if d), key=rates.get)
         # unmodelled costs and noise: a marginal gain is not worth the risk
