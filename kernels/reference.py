@@ -148,16 +148,26 @@ def paged_decode(
         w = window.long()[:, None]
         sk = (sinks.long() if sinks is not None else torch.zeros_like(window).long())[:, None]
         valid &= (w <= 0) | (qi - i < w) | (i < sk)
-    # float32 math (bf16 SDPA on CPU is ~6x slower than float32 matmuls, and less exact)
-    k = k_cache[slots].transpose(1, 2).float()  # [B, Hkv, L, D]
-    v = v_cache[slots].transpose(1, 2).float()
+    # float32 math (bf16 SDPA on CPU is ~6x slower than float32 matmuls, and less exact). The gathered
+    # [B, L, Hkv, D] rows are read in place, one kv head at a time: each head's [B, L, D] slice is a strided
+    # batch of matrices that bmm takes as is, where a [B, Hkv, L, D] layout would be copied twice per layer
+    # (index_select rather than k_cache[slots]: 6x faster gather on CPU)
+    flat = slots.reshape(-1)
+    k = k_cache.index_select(0, flat).view(bsz, max_kv, hkv, d).float()
+    v = v_cache.index_select(0, flat).view(bsz, max_kv, hkv, d).float()
     qg = q.float().view(bsz, hkv, g, d)
-    logits = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, Hkv, G, L]
-    logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
-    p = torch.softmax(logits, dim=-1)
-    out = torch.matmul(p, v).reshape(bsz, hq, d).to(q.dtype)
+    masked = ~valid[:, None, :]
+    out = torch.empty(hkv, bsz, g, d, dtype=torch.float32, device=q.device)
+    probs = []
+    for h in range(hkv):
+        logits = torch.bmm(qg[:, h], k[:, :, h].transpose(1, 2)).mul_(scale)  # [B, G, L]
+        p = torch.softmax(logits.masked_fill_(masked, float("-inf")), dim=-1)
+        torch.bmm(p, v[:, :, h], out=out[h])
+        probs.append(p)
+    out = out.transpose(0, 1).reshape(bsz, hq, d).to(q.dtype)
     if not return_scores:
         return out, None
+    p = torch.stack(probs, dim=1)  # [B, Hkv, G, L]
     return out, (p.sum(dim=2), p.amax(dim=2))
 
 

@@ -15,9 +15,44 @@ from torch import nn
 Tensor = torch.Tensor
 
 
+SMALL_ROWS = 16  # up to this many rows, CPU float32 products run as weight @ x.T (see linear)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear``, with a faster product for the few rows of a CPU decode step.
+
+    On CPU, float32 ``F.linear`` of n <= 16 rows runs well below memory bandwidth (MKL's gemv at n = 1,
+    its small-m gemm after): measured on this project's 2-core machine with SmolLM2's shapes, cold
+    weights, ``weight @ x.T`` is 2.8x faster for the fused gate/up projection at n = 1 (pad to 2
+    rows: MKL's single-column path is the slow gemv again), 5x at n = 2, 1.6x at n = 8, and 1.2x
+    for 9..15 rows padded to 16 (unpadded, 13..15 rows are slower than F.linear); past 16 rows the
+    two are within noise of each other and F.linear is kept. A forward of one token is 1.8x faster
+    (65 -> 36 ms), and a speculative tree of 2-3 tokens costs less than one token did before. GPU
+    and other dtypes use F.linear.
+    """
+    n = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not 0 < n <= SMALL_ROWS:
+        return F.linear(x, weight, bias)
+    rows = x.reshape(n, x.shape[-1])
+    padded = 2 if n == 1 else SMALL_ROWS if n > 8 else n
+    if padded > n:
+        rows = torch.cat([rows, rows.new_zeros(padded - n, rows.shape[1])])
+    out = (weight @ rows.t())[:, :n].t()
+    if bias is not None:
+        out = out + bias
+    return out.contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear computed through :func:`linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 def empty_linear(in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
-    """An nn.Linear without storage, to be filled by ``load_weights``."""
-    return nn.Linear(in_features, out_features, bias=bias, device="meta")
+    """A :class:`Linear` without storage, to be filled by ``load_weights``."""
+    return Linear(in_features, out_features, bias=bias, device="meta")
 
 
 class RMSNorm(nn.Module):

@@ -8,10 +8,9 @@ together in one op, and q/k/v and gate/up are single fused matmuls.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, empty_linear
+from models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, empty_linear, linear
 from models.registry import ArchConfig, ModelLoadError
 from server.runner.forward_batch import ForwardBatch
 
@@ -92,7 +91,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """float32 logits [N, vocab]."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return linear(hidden, weight).float()
 
     def make_kv_caches(self, num_blocks: int, block_size: int, dtype: torch.dtype, device) -> list:
         """The paged KV pool: per layer a (k, v) pair of zeroed [num_blocks * block_size, Hkv, D] tensors.
