@@ -183,7 +183,7 @@ def main():
     if args.quick:
         args.max_tokens, args.concurrency, args.rounds, args.deltas = 16, [1, 2], 1, [0.0, 0.2]
     llm = LLM(num_blocks=4096, max_num_seqs=max(args.concurrency))
-    n = max(args.concurrency)
+    n = max(*args.concurrency, 4)  # the same prompts whichever concurrencies run (each runs at least 4)
     workloads = {"humaneval": humaneval_prompts(llm.tokenizer, n), "chat": chat_prompts(llm.tokenizer, n)}
     drafters = bench_drafters(llm, workloads, args.methods, args.concurrency, args.max_tokens,
                               args.num_draft_tokens, args.rounds)

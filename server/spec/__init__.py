@@ -30,6 +30,7 @@ class SpecState:
     options: SpecOptions
     drafter: Drafter
     budget: int = 0  # the budget the current tree was built under
+    evidence: str = ""  # the drafter's evidence class this step (Drafter.evidence): the key of its statistics
     boost: float = 1.0  # this request's acceptance relative to its method's (DraftBudget.boost)
 
 
@@ -80,8 +81,10 @@ class Speculator:
         decodes = [r for r in running if r.num_tokens - r.num_computed_tokens == 1]
         speculating = [r for r in decodes if "spec" in r.state]
         states = [r.state["spec"] for r in speculating]
+        for r, s in zip(speculating, states):
+            s.evidence = s.drafter.evidence(r.token_ids)
         cap = max((s.options.num_draft_tokens for s in states), default=0)
-        self._step_budget = self.budget.choose(len(decodes), [s.options.method for s in states], cap,
+        self._step_budget = self.budget.choose(len(decodes), [s.evidence for s in states], cap,
                                                [s.boost for s in states])
         self._probe = None  # a probe step: only this request drafts (requests take turns)
         if self.budget.probing:
@@ -161,9 +164,9 @@ class Speculator:
                 self.accepted_per_pos[i] += 1
 
     def _record_acceptance(self, state: SpecState, accepted: int) -> None:
-        method = state.options.method
-        state.boost = self.budget.boost(state.boost, method, self._step_budget, accepted)
-        self.budget.record(method, self._step_budget, accepted)
+        key = state.evidence
+        state.boost = self.budget.boost(state.boost, key, self._step_budget, accepted)
+        self.budget.record(key, self._step_budget, accepted)
 
     def nearest(self, device: torch.device) -> Tensor:
         if self._nearest is None:

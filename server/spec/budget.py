@@ -9,15 +9,20 @@ tokens per second::
 ``step_time(B, d)`` is measured the first time a batch-size bucket (a power of two) speculates: a
 forward of B sequences of 1 + d tokens each, for every candidate d (short, bounded by
 ``MEASURE_SECONDS``; sizes past the limit are extrapolated linearly). ``accepted(d)`` is
-the running mean of accepted draft tokens per verified tree at budget d (an EMA per method),
-starting from an optimistic prior so that every budget gets tried, times each request's own
-``boost`` (its acceptance relative to the method's, a faster EMA): acceptance differs far more
-between a repetitive code prompt and free prose than between budgets. When the batch is compute-bound
+the running mean of accepted draft tokens per verified tree at budget d, kept per *evidence key* (the
+method and what its drafter found this step, :meth:`Drafter.evidence`: ``goose/3`` = a 3-gram prompt
+match to build the spine from, ``goose/0`` = a table-only tree) as the plain mean of its first samples,
+an EMA after (one measurement replaces the prior), times each request's own ``boost`` (its acceptance
+relative to its key's, a faster EMA): acceptance differs far more between a matched continuation and a
+guess, or a repetitive code prompt and free prose, than between budgets. When the batch is compute-bound
 the time grows with B(1 + d) and the rule picks d = 0 (no speculation); a budget that stops paying
-off is abandoned as its EMA falls; while d = 0 wins, the most promising budget is still tried once
-every ``PROBE_EVERY`` steps, by one request in turn (``probing``; a whole batch drafting 16 tokens
-each would cost that step several plain steps), so that a recovering acceptance rate (a new prompt,
-a code block) is noticed. A budget must promise ``MARGIN`` more throughput than the plain step: a
+off is abandoned as its EMA falls; while d = 0 wins, a budget is still tried now and then, the
+candidates in turn, by one request in turn (``probing``; a whole batch drafting 16 tokens each would
+cost that step several plain steps), so that a recovering acceptance rate (a new prompt, a code block)
+is noticed, and a large budget whose acceptance the prior underrates (a code prompt's n-gram chains: 4
+accepted tokens per tree at d = 15 against the prior's 2) is measured at all. Probes come every
+``PROBE_EVERY`` steps, or further apart for a budget whose probe costs more than ``PROBE_SHARE`` of the
+plain steps in between (at one stream on CPU a 32-token tree costs 4 plain steps: one probe per ~110). A budget must promise ``MARGIN`` more throughput than the plain step: a
 marginal modelled gain is within the noise of the model and of the machine, and the rule's promise is
 never to cost throughput.
 
@@ -34,12 +39,15 @@ import math
 import time
 from typing import Callable, Optional
 
-CANDIDATES = (0, 2, 4, 8, 16, 32, 64)
+# 1 + d tree rows = a power of two: whole tiles on a GPU, and on CPU the sizes models.layers.linear runs
+# fastest (9 rows cost as much as 16 there)
+CANDIDATES = (0, 1, 3, 7, 15, 31, 63)
 MARGIN = 0.1  # a budget must promise this much more throughput than the plain step to be chosen
 MEASURE_SECONDS = 1.5
 EMA = 0.1
 BOOST_EMA = 0.3  # per request: reacts within a few steps
 PROBE_EVERY = 32
+PROBE_SHARE = 0.03  # probes may cost about this fraction of the time of the plain steps between them
 
 
 def _bucket(n: int) -> int:
@@ -53,12 +61,15 @@ class DraftBudget:
     def __init__(self, measure: Optional[Callable[[int, int], float]] = None):
         self.measure = measure
         self.step_time: dict = {}  # (batch bucket, d) -> seconds
-        self.accepted: dict = {}  # (method, d) -> EMA of accepted draft tokens per tree
+        self.accepted: dict = {}  # (evidence key, d) -> running mean of accepted draft tokens per tree
+        self.samples: dict = {}  # (evidence key, d) -> how many trees that mean has seen
         self.overhead: dict = {}  # (bucket, d) -> EMA of observed step time / modelled forward time
         self.current: Optional[tuple] = None  # (bucket, d) of the step being run, None: not a sample
         self._measured = False  # this step's choose() ran forwards to measure them
         self.probing = False  # this step's budget is a probe: only one request should draft (the caller picks)
         self._steps = 0
+        self._probes = 0
+        self._next_probe = PROBE_EVERY
 
     @staticmethod
     def candidates(cap: int) -> list:
@@ -68,8 +79,12 @@ class DraftBudget:
     def prior(d: int) -> float:
         return 0.5 * math.log2(1 + d)
 
-    def expected(self, method: str, d: int) -> float:
-        return self.accepted.get((method, d), self.prior(d))
+    def expected(self, key: str, d: int) -> float:
+        """Accepted drafts per tree at budget d: its own mean (or the prior), and at least any smaller
+        budget's mean (a best-first tree of d nodes contains the tree of fewer; greedy acceptance of the
+        smaller one carries over), so a few unlucky samples at one budget do not hide it."""
+        own = self.accepted.get((key, d), self.prior(d))
+        return max([own] + [self.accepted[key, c] for c in CANDIDATES if c < d and (key, c) in self.accepted])
 
     def _time(self, bucket: int, d: int, deadline: Optional[float]) -> float:
         """Measured step time, measuring it now while the deadline allows, else extrapolated
@@ -91,35 +106,42 @@ class DraftBudget:
             return self.step_time[key]
         return guess
 
-    def choose(self, num_decodes: int, methods: list, cap: int, boosts: Optional[list] = None) -> int:
-        """The draft budget for this step; ``methods`` = the speculating decodes' methods, ``boosts`` their
-        requests' acceptance relative to their method's (default 1: see :meth:`boost`), ``cap`` the largest
+    def choose(self, num_decodes: int, keys: list, cap: int, boosts: Optional[list] = None) -> int:
+        """The draft budget for this step; ``keys`` = the speculating decodes' evidence keys, ``boosts`` their
+        requests' acceptance relative to their key's (default 1: see :meth:`boost`), ``cap`` the largest
         ``num_draft_tokens`` among them."""
         self.current = None
         self.probing = False
-        if not methods:
+        if not keys:
             return 0
         if self.measure is None:
             return cap
         self._steps += 1
         self._measured = False
-        bucket = _bucket(max(num_decodes, len(methods)))
+        bucket = _bucket(max(num_decodes, len(keys)))
         deadline = None
         if (bucket, 0) not in self.step_time:
             self.measure(bucket, 1)  # warm-up
             deadline = time.perf_counter() + MEASURE_SECONDS
         base = self.overhead.get((bucket, 0), 1.0)
-        boosts = boosts or [1.0] * len(methods)
+        boosts = boosts or [1.0] * len(keys)
         rates = {}
         for d in self.candidates(cap):
-            gain = sum(self.expected(m, d) * b for m, b in zip(methods, boosts)) if d else 0.0
+            exp = {k: self.expected(k, d) for k in set(keys)}
+            gain = sum(exp[k] * b for k, b in zip(keys, boosts)) if d else 0.0
             rates[d] = (num_decodes + gain) / (self._time(bucket, d, deadline) * self.overhead.get((bucket, d), base))
         best_spec = max((d for d in rates if d), key=rates.get)
         # unmodelled costs and noise: a marginal gain is not worth the risk
         best = best_spec if rates[best_spec] > rates[0] * (1 + MARGIN) else 0
-        self.probing = best == 0 and self._steps % PROBE_EVERY == 0
-        if self.probing:
-            best = best_spec  # re-measure the most promising budget's acceptance, on one request only
+        self.probing = best == 0 and self._steps >= self._next_probe
+        if self.probing:  # measure a budget's acceptance again, the candidates in turn, on one request only
+            spec = [d for d in rates if d]
+            best = spec[self._probes % len(spec)]
+            self._probes += 1
+            # one request's extra rows, as a share of the batch's step (linear in rows between measurements)
+            t0 = self._time(bucket, 0, None)
+            extra = max(0.0, self._time(bucket, best, None) - t0) / (bucket * t0)
+            self._next_probe = self._steps + max(PROBE_EVERY, math.ceil(extra / PROBE_SHARE))
         elif best > 0 and ((bucket, 0) not in self.overhead or self._steps % PROBE_EVERY == 0):
             best = 0  # observe the plain step's real cost
         # a step that also timed forwards for the model, or a probe (one request drafts), is no sample of
@@ -138,15 +160,16 @@ class DraftBudget:
         self.overhead[self.current] = ratio if old is None else (1 - EMA) * old + EMA * ratio
         self.current = None
 
-    def boost(self, old: float, method: str, d: int, accepted: int) -> float:
-        """A request's acceptance relative to its method's at budget d, as a running mean: how much more
+    def boost(self, old: float, key: str, d: int, accepted: int) -> float:
+        """A request's acceptance relative to its evidence key's at budget d, as a running mean: how much more
         (repetitive code) or less (free prose) than the average this request's drafts are accepted."""
-        ratio = accepted / max(self.expected(method, d), 0.25)
+        ratio = accepted / max(self.expected(key, d), 0.25)
         return min((1 - BOOST_EMA) * old + BOOST_EMA * ratio, 8.0)
 
-    def record(self, method: str, d: int, accepted: int) -> None:
-        key = (method, d)
-        self.accepted[key] = (1 - EMA) * self.accepted.get(key, self.prior(d)) + EMA * accepted
+    def record(self, key: str, d: int, accepted: int) -> None:
+        n = self.samples[key, d] = self.samples.get((key, d), 0) + 1
+        w = max(EMA, 1.0 / n)  # the first sample replaces the prior
+        self.accepted[key, d] = (1 - w) * self.accepted.get((key, d), self.prior(d)) + w * accepted
 
 
 def measure_forward(runner, num_seqs: int, q_len: int, ctx_len: int = 256) -> float:

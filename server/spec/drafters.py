@@ -49,7 +49,8 @@ class NgramIndex:
         self._last_end: list[dict] = [{} for _ in range(max_n + 1)]
         self._indexed = 0  # n-grams ending before this position are indexed
 
-    def continuation(self, tokens: list, budget: int) -> list:
+    def match(self, tokens: list) -> tuple[int, int]:
+        """(n, end): the longest n whose last n-gram occurred before, ending at ``end``; (0, -1) if none."""
         stop = len(tokens) - 1
         for end in range(self._indexed, stop):
             for n in range(1, min(self.max_n, end + 1) + 1):
@@ -58,8 +59,12 @@ class NgramIndex:
         for n in range(min(self.max_n, len(tokens)), 0, -1):
             end = self._last_end[n].get(tuple(tokens[-n:]))
             if end is not None:
-                return tokens[end + 1:end + 1 + budget]
-        return []
+                return n, end
+        return 0, -1
+
+    def continuation(self, tokens: list, budget: int) -> list:
+        n, end = self.match(tokens)
+        return tokens[end + 1:end + 1 + budget] if n else []
 
 
 class Drafter(Protocol):
@@ -70,6 +75,13 @@ class Drafter(Protocol):
 
     def propose(self, tokens: list, budget: int) -> DraftTree:
         """At most ``budget`` draft nodes, breadth-first; ``tokens`` = prompt + output so far."""
+        ...
+
+    def evidence(self, tokens: list) -> str:
+        """The class of the next tree's evidence (for prompt lookup: the order of the n-gram that matched,
+        0 for none), under which the draft budget keeps acceptance statistics: a 3-gram match is accepted
+        far more often than a tree grown from the table alone, and the budget should know which it is
+        about to buy before the step."""
         ...
 
 
@@ -85,6 +97,9 @@ class NgramDrafter:
         cont = self.index.continuation(tokens, budget)
         return DraftTree(tuple(cont), tuple(range(-1, len(cont) - 1)))
 
+    def evidence(self, tokens: list) -> str:
+        return f"ngram/{self.index.match(tokens)[0]}"
+
 
 class RecyclingDrafter:
     """Token Recycling: the static template (scaled to the budget) filled breadth-first from M."""
@@ -96,6 +111,9 @@ class RecyclingDrafter:
         if budget <= 0:
             return EMPTY
         return expand(tokens[-1], template(budget, self.table.k), self.table.candidates)
+
+    def evidence(self, tokens: list) -> str:
+        return "recycling"
 
 
 class GooseDrafter:
@@ -139,6 +157,9 @@ class GooseDrafter:
                     yield r, t, leave * RANK_PRIOR[r]
 
         return best_first(tokens[-1], budget, grow)
+
+    def evidence(self, tokens: list) -> str:
+        return f"goose/{self.index.match(tokens)[0]}"
 
 
 METHODS = ("ngram", "recycling", "goose")

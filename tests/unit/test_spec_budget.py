@@ -75,3 +75,39 @@ def test_probe_steps_draft_for_one_request_in_turn():
         spec.observe_step(0.008, spec.budget.current is not None)
     assert len(probes) >= 2 and all(len(p) == 1 for p in probes)
     assert probes[0] != probes[1]
+
+
+def test_first_sample_replaces_prior_and_budgets_share_a_floor():
+    """One measured tree replaces the prior (an EMA from the prior would need ten to get there), and a larger
+    budget, whose best-first tree contains the smaller one, is expected to accept at least as much."""
+    budget = DraftBudget(lambda b, q: 0.010)
+    assert budget.expected("goose/3", 7) == DraftBudget.prior(7)
+    budget.record("goose/3", 3, 3)
+    assert budget.expected("goose/3", 3) == 3.0
+    budget.record("goose/3", 7, 0)  # an unlucky sample at the larger budget
+    assert budget.expected("goose/3", 7) == 3.0
+    assert budget.expected("goose/0", 7) == DraftBudget.prior(7)  # other evidence keys keep their own
+
+
+def test_probes_try_every_budget_in_turn():
+    """Where d = 0 wins, the periodic probes cycle through the candidate budgets, so a large budget the prior
+    underrates still gets measured."""
+    budget = DraftBudget(lambda b, q: 0.001 * b * q)
+    probed = []
+    for _ in range(8 * PROBE_EVERY):
+        d = budget.choose(32, ["goose/3"] * 32, 32)
+        if budget.probing:
+            probed.append(d)
+        budget.observe(0.032)
+    assert set(probed) == set(DraftBudget.candidates(32)) - {0}
+
+
+def test_drafters_report_their_evidence():
+    from server.spec.drafters import RecyclingTable, make_drafter
+
+    seq = [5, 6, 7, 8, 9, 5, 6, 7]  # the last 3-gram occurred before
+    assert make_drafter("ngram", None).evidence(seq) == "ngram/3"
+    assert make_drafter("goose", RecyclingTable(16)).evidence(seq) == "goose/3"
+    assert make_drafter("goose", RecyclingTable(16)).evidence([1, 2, 3, 4]) == "goose/0"
+    assert make_drafter("ngram", None).evidence([1, 2, 3, 1]) == "ngram/1"
+    assert make_drafter("recycling", RecyclingTable(16)).evidence(seq) == "recycling"
