@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -201,21 +202,25 @@ def fidelity(llm, hay: list, args, compared: list, depths: list, results: dict, 
     """Needle retrieval and forced perplexity at ``args.fidelity_context`` tokens for every method, and the
     window's peak KV blocks; fills ``results`` and ``table`` and prints the table."""
     fid = hay[:args.fidelity_context]
-    doc = hay[-(args.fidelity_context + args.ppl_tokens):]
+    width = args.fidelity_context + args.ppl_tokens
+    docs = [hay[len(hay) - (i + 1) * width:len(hay) - i * width] for i in range(args.ppl_docs)]
+    results["perplexity_docs"] = {}
     for name, sparsity, skip in compared:
         if skip is not None:
             skip = replace(skip, min_prompt_len=min(skip.min_prompt_len, len(fid) // 2))
         hits = needle_hits(llm, fid, depths, sparsity, skip)
-        ppl = forced_perplexity(llm, doc[:-args.ppl_tokens], doc[-args.ppl_tokens:], sparsity, skip)
+        ppls = [forced_perplexity(llm, doc[:-args.ppl_tokens], doc[-args.ppl_tokens:], sparsity, skip) for doc in docs]
+        ppl = math.exp(sum(map(math.log, ppls)) / len(ppls))  # = over all forced tokens (same count per document)
         results["needle"][name] = dict(zip(map(str, depths), hits))
         results["perplexity"][name] = ppl
+        results["perplexity_docs"][name] = ppls
         table[name] = {"needle": f"{sum(hits)}/{len(hits)}", "ppl": ppl}
     dense_ppl = results["perplexity"]["dense"]
     results["window_kv_blocks"] = {"tokens": args.window_tokens, "window": 64,
                                    "peak_blocks": window_peak_blocks(llm, args.window_tokens, 64)}
 
     print(f"\nfidelity at {args.fidelity_context} tokens (needle depths {depths}; ppl over {args.ppl_tokens} "
-          f"forced tokens)")
+          f"forced tokens in each of {args.ppl_docs} documents)")
     print(f"{'method':<14}{'needle':>8}{'ppl':>10}{'vs dense':>10}")
     for name, r in table.items():
         print(f"{name:<14}{r['needle']:>8}{r['ppl']:>10.3f}{(r['ppl'] / dense_ppl - 1) * 100:>+9.2f}%")
@@ -233,6 +238,7 @@ def main() -> None:
     ap.add_argument("--depths", default="0.1,0.5,0.9")
     ap.add_argument("--fidelity-context", type=int, default=4000)
     ap.add_argument("--ppl-tokens", type=int, default=64)
+    ap.add_argument("--ppl-docs", type=int, default=4, help="pydoc windows the forced perplexity is measured on")
     ap.add_argument("--window-tokens", type=int, default=2000)
     ap.add_argument("--no-speed", action="store_true", help="fidelity and window only (skip the timing sections)")
     ap.add_argument("--no-fidelity", action="store_true", help="timing sections only")
@@ -245,7 +251,7 @@ def main() -> None:
     if args.quick:
         args.contexts, args.prefill, args.budgets = "512,1024", "512,1024", "64"
         args.decode_steps, args.depths, args.fidelity_context, args.ppl_tokens = 4, "0.5", 700, 8
-        args.window_tokens, args.prefill_rounds = 200, 1
+        args.window_tokens, args.prefill_rounds, args.ppl_docs = 200, 1, 2
     contexts = [int(x) for x in args.contexts.split(",") if x]
     prefills = [int(x) for x in args.prefill.split(",") if x]
     budgets = [int(x) for x in args.budgets.split(",")]
@@ -256,8 +262,9 @@ def main() -> None:
     llm = LLM(num_blocks=1100, max_num_batched_tokens=8192, enable_prefix_caching=False)
     num_layers = llm.engine.arch.num_layers
     selection = tuple((s, s + (num_layers - s) // 2) for s in (int(x) for x in args.tidal_selection.split(",") if x))
-    hay = haystack(llm.tokenizer, max(contexts + prefills) + args.ppl_tokens
-                   + args.fidelity_context)
+    # the speed sections and the needle read from the start, the perplexity documents are the last windows
+    hay = haystack(llm.tokenizer, max(contexts + prefills + [args.fidelity_context])
+                   + args.ppl_docs * (args.fidelity_context + args.ppl_tokens))
     table = {m: {} for m, _, _ in methods(budgets, selection, args.skip)}
     results = {"device": str(llm.engine.device), "backend": llm.engine.backend.name, "platform": platform.platform(),
                "time": datetime.now(timezone.utc).isoformat(), "args": vars(args), "decode": [], "attention": [],

@@ -72,12 +72,12 @@ def bench_drafters(llm, workloads, methods, concurrencies, max_tokens, draft_tok
             base_p = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
             totals = {m: [0.0, 0, None, {}] for m in ("none", *methods)}
             base_tokens = None
-            for m in methods:  # warm-up: the cost model times this batch size once, as a server does at start-up
+            for m in methods:  # warm-up: code paths, the shared Token Recycling table
                 run(llm, ps[:c], c, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True,
                                                    speculative=SpecOptions(m, num_draft_tokens=draft_tokens)))
-            for _ in range(rounds):
-                for m in methods:  # interleaved: baseline, method, baseline, method ...
-                    for mm in ("none", m):
+            for r in range(rounds):
+                for m in methods:  # interleaved, ABBA: baseline, method; method, baseline; ... (cancels a drift)
+                    for mm in (("none", m) if r % 2 == 0 else (m, "none")):
                         params = base_p if mm == "none" else SamplingParams(
                             temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
                             speculative=SpecOptions(mm, num_draft_tokens=draft_tokens))
@@ -183,6 +183,9 @@ def main():
     if args.quick:
         args.max_tokens, args.concurrency, args.rounds, args.deltas = 16, [1, 2], 1, [0.0, 0.2]
     llm = LLM(num_blocks=4096, max_num_seqs=max(args.concurrency))
+    # the cost model's forward timings, as a server speculating by default takes them at start-up (else each
+    # batch size's first speculating step would pause inside a timed run to measure)
+    llm.engine.speculator.budget.calibrate(max(args.concurrency), args.num_draft_tokens)
     n = max(*args.concurrency, 4)  # the same prompts whichever concurrencies run (each runs at least 4)
     workloads = {"humaneval": humaneval_prompts(llm.tokenizer, n), "chat": chat_prompts(llm.tokenizer, n)}
     drafters = bench_drafters(llm, workloads, args.methods, args.concurrency, args.max_tokens,

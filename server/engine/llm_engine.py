@@ -104,6 +104,8 @@ class LLMEngine:
                                    rewind_of=sparsity.rewind_of)
         self.runner = ModelRunner(self.model, arch.num_layers, self.backend,
                                   self.device, self.dtype, num_blocks, cc.block_size, speculator=self.speculator)
+        if config.spec.method != "none":  # every request speculates by default: time the cost model now
+            self.speculator.budget.calibrate(config.scheduler.max_num_seqs, config.spec.num_draft_tokens)
         sk = config.skipping
         self.default_skipping = SkipOptions(method=sk.method, ratio=sk.ratio, start_layer=sk.start_layer,
                                             min_prompt_len=sk.min_prompt_len)

@@ -106,6 +106,22 @@ class DraftBudget:
             return self.step_time[key]
         return guess
 
+    def calibrate(self, max_batch: int, cap: int) -> None:
+        """Time every batch-size bucket up to ``max_batch`` now (start-up), so that no serving step pauses
+        to measure (each bucket's first speculating step would otherwise run its forwards, up to
+        ``MEASURE_SECONDS``, inside a user's step)."""
+        if self.measure is None:
+            return
+        bucket = 1
+        while bucket <= _bucket(max_batch):
+            if (bucket, 0) not in self.step_time:
+                self.measure(bucket, 1)  # warm-up
+                deadline = time.perf_counter() + MEASURE_SECONDS
+                for d in self.candidates(cap):
+                    self._time(bucket, d, deadline)
+            bucket *= 2
+        self._measured = False
+
     def choose(self, num_decodes: int, keys: list, cap: int, boosts: Optional[list] = None) -> int:
         """The draft budget for this step; ``keys`` = the speculating decodes' evidence keys, ``boosts`` their
         requests' acceptance relative to their key's (default 1: see :meth:`boost`), ``cap`` the largest

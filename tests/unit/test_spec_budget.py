@@ -111,3 +111,16 @@ def test_drafters_report_their_evidence():
     assert make_drafter("goose", RecyclingTable(16)).evidence([1, 2, 3, 4]) == "goose/0"
     assert make_drafter("ngram", None).evidence([1, 2, 3, 1]) == "ngram/1"
     assert make_drafter("recycling", RecyclingTable(16)).evidence(seq) == "recycling"
+
+
+def test_calibrate_times_every_bucket_before_serving():
+    """A server speculating by default times its cost model at start-up: afterwards no step measures."""
+    calls = []
+    budget = DraftBudget(lambda b, q: calls.append((b, q)) or 0.001 * b * q)
+    budget.calibrate(8, 7)
+    assert {b for b, _ in calls} == {1, 2, 4, 8} and all((b, 0) in budget.step_time for b in (1, 2, 4, 8))
+    calls.clear()
+    for n in (1, 3, 8):
+        budget.choose(n, ["goose/3"] * n, 7)
+        assert budget.current is not None or budget.probing  # a sample: nothing was measured in the step
+    assert calls == []
