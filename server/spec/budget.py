@@ -22,9 +22,9 @@ cost that step several plain steps), so that a recovering acceptance rate (a new
 is noticed, and a large budget whose acceptance the prior underrates (a code prompt's n-gram chains: 4
 accepted tokens per tree at d = 15 against the prior's 2) is measured at all. Probes come every
 ``PROBE_EVERY`` steps, or further apart for a budget whose probe costs more than ``PROBE_SHARE`` of the
-plain steps in between (at one stream on CPU a 32-token tree costs 4 plain steps: one probe per ~110). A budget must promise ``MARGIN`` more throughput than the plain step: a
-marginal modelled gain is within the noise of the model and of the machine, and the rule's promise is
-never to cost throughput.
+plain steps in between (at one stream on CPU a 32-token tree costs 4 plain steps: one probe per ~110).
+A budget must promise ``MARGIN`` more throughput than the plain step: a marginal modelled gain is
+within the noise of the model and of the machine, and the rule's promise is never to cost throughput.
 
 The forward alone misses what a speculative step costs around it (drafting, tree masks, verification,
 Token Recycling's table updates, per-request attention of tree rows). So the engine reports the wall
@@ -81,8 +81,9 @@ class DraftBudget:
 
     def expected(self, key: str, d: int) -> float:
         """Accepted drafts per tree at budget d: its own mean (or the prior), and at least any smaller
-        budget's mean (a best-first tree of d nodes contains the tree of fewer; greedy acceptance of the
-        smaller one carries over), so a few unlucky samples at one budget do not hide it."""
+        budget's mean (GOOSE's best-first tree and the n-gram chain of d nodes contain those of fewer, so
+        greedy acceptance of the smaller one carries over; assumed for Token Recycling's scaled template),
+        so a few unlucky samples at one budget do not hide it."""
         own = self.accepted.get((key, d), self.prior(d))
         return max([own] + [self.accepted[key, c] for c in CANDIDATES if c < d and (key, c) in self.accepted])
 
@@ -114,13 +115,20 @@ class DraftBudget:
             return
         bucket = 1
         while bucket <= _bucket(max_batch):
-            if (bucket, 0) not in self.step_time:
-                self.measure(bucket, 1)  # warm-up
-                deadline = time.perf_counter() + MEASURE_SECONDS
+            deadline = self._deadline(bucket)
+            if deadline is not None:
                 for d in self.candidates(cap):
                     self._time(bucket, d, deadline)
             bucket *= 2
         self._measured = False
+
+    def _deadline(self, bucket: int) -> Optional[float]:
+        """For a bucket not timed yet: warm its forward up and return the time its measurements must end
+        by (``MEASURE_SECONDS`` from now); None once it is timed."""
+        if (bucket, 0) in self.step_time:
+            return None
+        self.measure(bucket, 1)  # warm-up
+        return time.perf_counter() + MEASURE_SECONDS
 
     def choose(self, num_decodes: int, keys: list, cap: int, boosts: Optional[list] = None) -> int:
         """The draft budget for this step; ``keys`` = the speculating decodes' evidence keys, ``boosts`` their
@@ -135,10 +143,7 @@ class DraftBudget:
         self._steps += 1
         self._measured = False
         bucket = _bucket(max(num_decodes, len(keys)))
-        deadline = None
-        if (bucket, 0) not in self.step_time:
-            self.measure(bucket, 1)  # warm-up
-            deadline = time.perf_counter() + MEASURE_SECONDS
+        deadline = self._deadline(bucket)
         base = self.overhead.get((bucket, 0), 1.0)
         boosts = boosts or [1.0] * len(keys)
         rates = {}
