@@ -25,13 +25,15 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     its small-m gemm after): measured on this project's 2-core machine with SmolLM2's shapes, cold
     weights, ``weight @ x.T`` is 2.8x faster for the fused gate/up projection at n = 1 (pad to 2
     rows: MKL's single-column path is the slow gemv again), 5x at n = 2, 1.6x at n = 8, and 1.2x
-    for 9..15 rows padded to 16 (unpadded, 13..15 rows are slower than F.linear); past 16 rows the
-    two are within noise of each other and F.linear is kept. A forward of one token is 1.8x faster
+    for 9..15 rows padded to 16 (unpadded, 13..15 rows are slower than F.linear); past 16 rows it wins
+    only on whole 16-row panels (32 rows: 1.2x, 64: 1.5x, 128-512: 1.0-1.1x; 17-31 rows often lose), so
+    other counts and larger ones keep F.linear. A forward of one token is 1.8x faster
     (65 -> 36 ms), and a speculative tree of 2-3 tokens costs less than one token did before. GPU
     and other dtypes use F.linear.
     """
     n = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not 0 < n <= SMALL_ROWS:
+    whole = n % 16 == 0 and n <= 512  # whole 16-row panels: as fast or faster up to 512 rows (see below)
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not (0 < n <= SMALL_ROWS or whole):
         return F.linear(x, weight, bias)
     rows = x.reshape(n, x.shape[-1])
     padded = 2 if n == 1 else SMALL_ROWS if n > 8 else n
