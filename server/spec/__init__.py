@@ -31,7 +31,7 @@ class SpecState:
     drafter: Drafter
     budget: int = 0  # the budget the current tree was built under
     evidence: str = ""  # the drafter's evidence class this step (Drafter.evidence): the key of its statistics
-    boost: float = 1.0  # this request's acceptance relative to its method's (DraftBudget.boost)
+    boost: float = 1.0  # this request's acceptance relative to its evidence key's (DraftBudget.boost)
 
 
 def can_speculate(params) -> bool:

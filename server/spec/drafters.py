@@ -48,9 +48,14 @@ class NgramIndex:
         self.max_n = max_n
         self._last_end: list[dict] = [{} for _ in range(max_n + 1)]
         self._indexed = 0  # n-grams ending before this position are indexed
+        self._last: tuple = (-1, 0, -1)  # (sequence length, n, end) of the latest match
 
     def match(self, tokens: list) -> tuple[int, int]:
-        """(n, end): the longest n whose last n-gram occurred before, ending at ``end``; (0, -1) if none."""
+        """(n, end): the longest n whose last n-gram occurred before, ending at ``end``; (0, -1) if none.
+        A step asks twice (the budget's evidence, then the draft): the sequence only grows, so its length
+        identifies the answer already found."""
+        if self._last[0] == len(tokens):
+            return self._last[1:]
         stop = len(tokens) - 1
         for end in range(self._indexed, stop):
             for n in range(1, min(self.max_n, end + 1) + 1):
@@ -59,8 +64,11 @@ class NgramIndex:
         for n in range(min(self.max_n, len(tokens)), 0, -1):
             end = self._last_end[n].get(tuple(tokens[-n:]))
             if end is not None:
-                return n, end
-        return 0, -1
+                break
+        else:
+            n, end = 0, -1
+        self._last = (len(tokens), n, end)
+        return n, end
 
     def continuation(self, tokens: list, budget: int) -> list:
         n, end = self.match(tokens)
