@@ -61,7 +61,7 @@ class AttentionMetadata:
 
 
 class SparsePlan(Protocol):
-    """A step's sparse decode plan (see server/policies/sparsity.py): it decides, per layer, which rows
+    """A step's sparse decode plan (see server/policies/sparse_plan.py): it decides, per layer, which rows
     attend densely and which over selected slots, calling back into the backend for both."""
 
     def attend(self, backend: "AttentionBackend", layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor,

@@ -13,7 +13,7 @@ from kernels.backend import AttentionBackend, AttentionMetadata
 from server.engine.outputs import SchedulerOutput, StepOutput
 from server.engine.request import Request
 from server.policies.skipping import SkipPlanner
-from server.policies.sparsity import SparsePlanner
+from server.policies.sparse_plan import SparsePlanner
 from server.runner.forward_batch import ForwardBatch
 from server.runner.sampler import sample, token_logprobs
 from server.spec.tree import ancestor_mask

@@ -9,7 +9,8 @@ from server.engine.outputs import ScheduledRequest, SchedulerOutput
 from server.engine.request import Request, SamplingParams, SparsityOptions
 from server.engine.scheduler import Scheduler
 from server.policies import sparsity
-from server.policies.sparsity import DENSE, PAGES, SELECT, TOKENS, QuestIndex
+from server.policies.sparse_plan import QuestIndex, SparsePlanner
+from server.policies.sparsity import DENSE, PAGES, SELECT, TOKENS
 
 
 def test_tidal_and_quest_roles():
@@ -91,7 +92,7 @@ def test_a_step_without_sparse_rows_has_no_plan_and_stales_what_it_writes():
     reads them."""
     bs = 4
     k_cache = torch.randn(6 * bs, 2, 8)
-    planner = sparsity.SparsePlanner([(k_cache, k_cache)], bs)
+    planner = SparsePlanner([(k_cache, k_cache)], bs)
     planner.index = QuestIndex([(k_cache, k_cache)], bs)
     planner.index.fresh = [True] * 6
     req = Request("p", list(range(6)), SamplingParams(max_tokens=2))
