@@ -54,16 +54,29 @@ def skip_configs(spec: str) -> list:
     return out
 
 
-def methods(budgets: list, tidal_layers: tuple = (), skips: str = "") -> list:
-    """(name, sparsity, skipping) of every compared method; ``tidal_layers`` ((selection, re-selection)
-    pairs) adds TidalDecode variants for the fidelity section; ``skips`` the Probe-and-Skip settings."""
+def timed_methods(budgets: list) -> list:
+    """(name, sparsity, None) of the methods whose decode speed is timed: dense, TidalDecode and Quest at
+    each budget, and TidalDecode re-selecting every 4 layers at the largest."""
     from server.engine.request import SparsityOptions
 
     out = [("dense", None, None)]
     for b in budgets:
         out += [(f"tidal-{b}", SparsityOptions(method="tidal", budget=b), None),
                 (f"quest-{b}", SparsityOptions(method="quest", budget=b), None)]
-    top = max(budgets)  # TidalDecode's optional KV correction (every 32 generated tokens), fidelity only
+    top = max(budgets)
+    return out + [(f"tidal-{top}-r4", SparsityOptions(method="tidal", budget=top, reselect_every=4), None)]
+
+
+def methods(budgets: list, tidal_layers: tuple = (), skips: str = "") -> list:
+    """(name, sparsity, skipping) of every method whose fidelity is compared: the timed ones, TidalDecode
+    as the paper has it (no kept first/latest tokens), the optional KV correction (every 32 generated
+    tokens), ``tidal_layers`` ((selection, re-selection) pairs), a window, and the Probe-and-Skip settings
+    ``skips``."""
+    from server.engine.request import SparsityOptions
+
+    top = max(budgets)
+    out = timed_methods(budgets)
+    out += [(f"tidal-{top}-paper", SparsityOptions(method="tidal", budget=top, sinks=0, recent=0), None)]
     for sel, resel in tidal_layers:
         out.append((f"tidal-{top}-sel{sel}", SparsityOptions(method="tidal", budget=top, selection_layer=sel,
                                                             reselection_layer=resel), None))
@@ -272,9 +285,8 @@ def main() -> None:
 
     for ctx in ([] if args.no_speed else contexts):
         row = {"context": ctx}
-        for name, sparsity, skip in methods(budgets):
-            if skip is None and not name.startswith("window") and "kvc" not in name and "sel" not in name:
-                row[name] = decode_time(llm, hay[:ctx], sparsity, args.decode_steps) * 1e3
+        for name, sparsity, _ in timed_methods(budgets):
+            row[name] = decode_time(llm, hay[:ctx], sparsity, args.decode_steps) * 1e3
         results["decode"].append(row)
         for b in budgets:
             results["attention"].append({"context": ctx, "budget": b, **attention_time(ctx, b, 20)})

@@ -8,17 +8,22 @@ read less memory. Quest's per-page bound reads the page metadata once ([B, pages
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 Tensor = torch.Tensor
 
 
-def topk_token_slots(scores: Tensor, slots: Tensor, kv_lens: Tensor, budgets: Tensor) -> tuple[Tensor, Tensor]:
+def topk_token_slots(scores: Tensor, slots: Tensor, kv_lens: Tensor, budgets: Tensor,
+                     first: Optional[Tensor] = None, latest: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """TidalDecode selection: per (request, kv head) the top-(budget - 1) earlier tokens by score, plus the
     current token (kv index kv_len - 1), which is always attended.
 
     scores: [B, Hkv, L] (the selection layer's attention of the current query, aggregated over the
     group's query heads); slots: [B, L] physical slot of each kv index; kv_lens, budgets: [B].
+    ``first`` / ``latest`` ([B], optional): the first and the latest earlier tokens every head keeps
+    before ranking the rest (inside the budget; when they alone exceed it, an arbitrary subset of them).
     Returns (slot lists [B, Hkv, K], kv indices [B, Hkv, K]) with K = max(budget) capped at L; entries
     past a request's budget or context are -1. The current token is the last valid column.
     """
@@ -27,6 +32,9 @@ def topk_token_slots(scores: Tensor, slots: Tensor, kv_lens: Tensor, budgets: Te
     idx = torch.arange(width, device=scores.device)
     earlier = idx[None, :] < (lens - 1)[:, None]  # the current token is added separately
     masked = scores.float().masked_fill(~earlier[:, None, :], float("-inf"))
+    if first is not None:
+        kept = earlier & ((idx[None, :] < first.long()[:, None]) | (idx[None, :] >= (lens - 1 - latest.long())[:, None]))
+        masked.masked_fill_(kept[:, None, :], float("inf"))
     k = max(0, min(int(budgets.max()) - 1, width - 1))
     top_val, top_idx = torch.topk(masked, k, dim=-1) if k else (masked[..., :0], idx.new_zeros(bsz, hkv, 0))
     keep = (top_val > float("-inf")) & (torch.arange(k, device=scores.device) < (budgets.long() - 1)[:, None, None])

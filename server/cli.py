@@ -70,7 +70,7 @@ ENGINE_FLAGS = (
           ("dense", "window", "quest", "tidal")),
     _Flag("sparsity-budget", "sparsity.budget", int, "tokens attended per step by quest/tidal"),
     _Flag("window", "sparsity.window", int, "recent-token window of windowed sparsity"),
-    _Flag("sinks", "sparsity.sinks", int, "attention-sink tokens always kept by windowed sparsity"),
+    _Flag("sinks", "sparsity.sinks", int, "attention-sink tokens always kept by windowed and tidal sparsity"),
     _Flag("kv-eviction", "eviction.method", str, "default KV eviction policy",
           ("none", "streaming", "h2o", "snapkv", "lazy")),
     _Flag("kv-budget", "eviction.budget", float, "KV entries kept per request: tokens (> 1) or ratio (<= 1) of prompt + max_tokens"),

@@ -69,8 +69,10 @@ class Sparsity(_Strict):
     budget: Optional[int] = None
     window: Optional[int] = None
     sinks: Optional[int] = None
+    recent: Optional[int] = None
     selection_layer: Optional[int] = None
     reselection_layer: Optional[int] = None
+    reselect_every: Optional[int] = None
     correction_interval: Optional[int] = None
 
     def to_options(self) -> SparsityOptions:

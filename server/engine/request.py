@@ -57,16 +57,18 @@ class SparsityOptions:
     method: str = "dense"
     budget: int = 256
     window: int = 1024
-    sinks: int = 4
+    sinks: int = 4  # window: first tokens every query sees; tidal: first tokens every selection keeps
+    recent: int = 32  # tidal: latest tokens every selection keeps (inside the budget)
     selection_layer: int = 2
     reselection_layer: Optional[int] = None  # default: num_layers // 2
+    reselect_every: int = 0  # tidal: also re-select every N layers after the selection layer (0 = off)
     correction_interval: int = 0  # tidal KV correction: re-encode every T generated tokens densely (0 = off)
 
     def __post_init__(self) -> None:
         if self.method not in ("dense", "window", "quest", "tidal"):
             raise ValueError(f"sparsity.method: unknown value {self.method!r}")
-        if self.budget < 1 or self.window < 1 or self.sinks < 0:
-            raise ValueError("sparsity: budget and window must be >= 1, sinks >= 0")
+        if self.budget < 1 or self.window < 1 or self.sinks < 0 or self.recent < 0 or self.reselect_every < 0:
+            raise ValueError("sparsity: budget and window must be >= 1; sinks, recent and reselect_every >= 0")
         if self.correction_interval < 0:
             raise ValueError("sparsity.correction_interval must be >= 0")
 

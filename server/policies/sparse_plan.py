@@ -148,6 +148,7 @@ class SparsePlan:
                                                     block_size)
         self.policies = [p for _, _, p in picked]
         self.budgets = torch.tensor([p.budget for p in self.policies], device=dev)
+        self.reserved = torch.tensor([p.reserved() for p in self.policies], device=dev)  # [n, 2]
         self.max_selected = min(int(max(p.budget for p in self.policies)), self.sub.max_kv_len)
         self.tidal_slots: Optional[Tensor] = None  # [n, Hkv, max_selected], filled by the selection layers
         all_rows_sparse = n == meta.num_seqs
@@ -191,7 +192,8 @@ class SparsePlan:
         """Dense decode of the selecting rows, then their new slot sets from its scores."""
         sub = self._subset(select)
         out, (score_sum, _) = backend.decode(q[self.rows[select]], k_cache, v_cache, sub, scale, emit=True)
-        slots, _ = topk_token_slots(score_sum, sub._cache["slots"], sub.kv_lens, self.budgets[select])
+        first, latest = self.reserved[select].unbind(1)
+        slots, _ = topk_token_slots(score_sum, sub._cache["slots"], sub.kv_lens, self.budgets[select], first, latest)
         if self.tidal_slots is None:
             self.tidal_slots = slots.new_full((self.rows.numel(), slots.shape[1], self.max_selected), -1)
         self.tidal_slots[select] = F.pad(slots, (0, self.max_selected - slots.shape[2]), value=-1)

@@ -31,6 +31,8 @@ ERROR_CASES = [
      400, "kv_eviction.budgett"),
     ("unknown technique method", COMPLETIONS, {"prompt": "hi", "speculative": {"method": "magic"}}, 400,
      "speculative.method"),
+    ("negative technique option", COMPLETIONS, {"prompt": "hi", "sparsity": {"method": "tidal", "recent": -1}}, 400,
+     "sparsity"),
     ("unknown model", COMPLETIONS, {"prompt": "hi", "model": "gpt-4o"}, 404, "model"),
 ]
 

@@ -73,6 +73,25 @@ def test_tidal_selection_is_topk_of_dense_scores(paged_pool, device, group):
             assert slots[b, h][kv_idx[b, h] >= 0].tolist() == padded[b, chosen].tolist()
 
 
+def test_tidal_selection_keeps_first_and_latest_tokens(paged_pool, device):
+    """With reserved first/latest tokens, the rest of the budget is the top-k of the remaining scores."""
+    kv_lens, hkv, block_size, budget, first, latest = [5, 70, 130], 3, 16, 24, 4, 8
+    k_cache, v_cache, tables, kv = paged_pool(kv_lens, hkv, 64, block_size, torch.float32)
+    q = torch.randn(len(kv_lens), hkv * 3, 64, generator=torch.Generator().manual_seed(5)).to(device)
+    _, (score_sum, _) = ref.paged_decode(q, k_cache, v_cache, tables, kv, block_size, 0.125, return_scores=True)
+    padded = ref.padded_slots(tables, kv, max(kv_lens), block_size)
+    n = torch.full((3,), 1, device=device)
+    _, kv_idx = topk_token_slots(score_sum, padded, kv, n * budget, n * first, n * latest)
+    for b, kv_len in enumerate(kv_lens):
+        reserved = set(range(min(first, kv_len - 1))) | set(range(max(0, kv_len - 1 - latest), kv_len - 1))
+        rest = [i for i in range(kv_len - 1) if i not in reserved]
+        for h in range(hkv):
+            k = min(budget - 1 - len(reserved), len(rest))
+            top = torch.topk(score_sum[b, h, rest], k).indices.tolist()
+            expect = reserved | {rest[i] for i in top} | {kv_len - 1}
+            assert set(kv_idx[b, h][kv_idx[b, h] >= 0].tolist()) == expect
+
+
 @pytest.mark.parametrize("group", [1, 3])
 def test_quest_bound_covers_every_page(paged_pool, device, group):
     kv_lens, hkv, bs = [3, 50, 100], NUM_KV_HEADS[group], 16

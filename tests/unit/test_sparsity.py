@@ -18,6 +18,9 @@ def test_tidal_and_quest_roles():
     assert tidal.roles == (DENSE, DENSE, SELECT, TOKENS, SELECT, TOKENS, TOKENS, TOKENS)
     custom = sparsity.make_policy(SparsityOptions(method="tidal", selection_layer=1, reselection_layer=6), 8)
     assert custom.roles == (DENSE, SELECT, TOKENS, TOKENS, TOKENS, TOKENS, SELECT, TOKENS)
+    every = sparsity.make_policy(SparsityOptions(method="tidal", reselect_every=2), 8)
+    assert every.roles == (DENSE, DENSE, SELECT, TOKENS, SELECT, TOKENS, SELECT, TOKENS)
+    assert tidal.reserved() == (4, 32) and sparsity.make_policy(SparsityOptions(method="quest"), 4).reserved() == (0, 0)
     assert sparsity.make_policy(SparsityOptions(method="quest"), 4).roles == (DENSE, DENSE, PAGES, PAGES)
     with pytest.raises(ValueError):
         sparsity.make_policy(SparsityOptions(method="tidal", selection_layer=8), 8)
