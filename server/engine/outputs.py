@@ -22,6 +22,7 @@ class ScheduledRequest:
     kv_len: int  # resident entries after this step's writes
     sample: bool  # whether this step produces a token for the request
     draft_parents: Optional[list] = None  # speculative tree: parent index of each draft node (-1 = root)
+    draft_ranks: Optional[list] = None  # each draft node's rank in its drafter's order (DraftTree.rank)
     window: int = 0
     sinks: int = 0
     score_queries: int = 1  # trailing queries aggregated into this request's emitted scores (SnapKV: w at prompt end)

@@ -278,6 +278,7 @@ class Scheduler:
             kv_len=self.kv.num_resident(req.request_id),
             sample=tree is not None or start + n == req.num_tokens,
             draft_parents=None if tree is None else list(tree.parents),
+            draft_ranks=None if tree is None else list(tree.ranks()),
             window=window,
             sinks=sinks,
         )

@@ -114,7 +114,7 @@ class Speculator:
         if not len(tree) and state.drafter.table is None:
             # nothing to verify and nothing to learn: a plain decode is cheaper. The budget rule still
             # counts it: its gain is per speculating request, found drafts or not
-            self._record_acceptance(state, 0)
+            self._record_acceptance(state, [], req.params.greedy)
             return None
         return tree
 
@@ -133,8 +133,9 @@ class Speculator:
         out = {}
         for (s, _), v in zip(items, verdicts):
             out[s.request_id] = v
-            state = requests[s.request_id].state["spec"]
-            self._record(state, len(s.token_ids) - 1, v)
+            req = requests[s.request_id]
+            self._record(req.state["spec"], len(s.token_ids) - 1, v, [s.draft_ranks[i - 1] for i in v.nodes],
+                         req.params.greedy)
         return out
 
     def _learn(self, logits: Tensor, items: list, requests: dict) -> None:
@@ -150,9 +151,9 @@ class Speculator:
             requests[s.request_id].state["spec"].drafter.table.update(s.token_ids, topk[at:at + n])
             at += n
 
-    def _record(self, state: SpecState, num_draft: int, v: Verdict) -> None:
+    def _record(self, state: SpecState, num_draft: int, v: Verdict, path_ranks: list, greedy: bool) -> None:
         accepted = len(v.nodes)
-        self._record_acceptance(state, accepted)  # an empty tree gains nothing
+        self._record_acceptance(state, path_ranks, greedy)  # an empty tree gains nothing
         if num_draft:
             self.counters["spec_num_drafts"] += 1
             self.counters["spec_num_draft_tokens"] += num_draft
@@ -163,10 +164,17 @@ class Speculator:
             for i in range(accepted):
                 self.accepted_per_pos[i] += 1
 
-    def _record_acceptance(self, state: SpecState, accepted: int) -> None:
-        key = state.evidence
-        state.boost = self.budget.boost(state.boost, key, self._step_budget, accepted)
-        self.budget.record(key, self._step_budget, accepted)
+    def _record_acceptance(self, state: SpecState, path_ranks: list, greedy: bool) -> None:
+        """Statistics of one tree: ``path_ranks`` = the drafter's ranks of the accepted path's nodes. Under
+        greedy verification the tree a smaller candidate budget c would have drafted accepts the path's
+        nodes of rank < c (:mod:`server.spec.tree`), so each smaller budget gets that sample too; sampled
+        acceptance depends on the siblings tried, and only the budget drafted learns."""
+        key, d = state.evidence, self._step_budget
+        state.boost = self.budget.boost(state.boost, key, d, len(path_ranks))
+        self.budget.record(key, d, len(path_ranks))
+        if greedy:
+            for c in self.budget.candidates(d)[1:-1]:  # 0 < c < d
+                self.budget.record(key, c, sum(r < c for r in path_ranks))
 
     def nearest(self, device: torch.device) -> Tensor:
         if self._nearest is None:

@@ -142,6 +142,7 @@ class GooseDrafter:
     """
 
     SPINE_ACCEPT = 0.8
+    SPINE_LOOKAHEAD = 64  # the spine is read this far (at least) whatever the budget: see DraftTree.rank
 
     def __init__(self, table: RecyclingTable):
         self.table = table
@@ -150,7 +151,7 @@ class GooseDrafter:
     def propose(self, tokens: list, budget: int) -> DraftTree:
         if budget <= 0:
             return EMPTY
-        spine = self.index.continuation(tokens, budget)
+        spine = self.index.continuation(tokens, max(budget, self.SPINE_LOOKAHEAD))
         cands = self.table.candidates
         a = self.SPINE_ACCEPT
 

@@ -6,6 +6,13 @@ i's parent, -1 for the root. Nodes are in breadth-first order (a parent always p
 children, and the children of one parent are contiguous and ordered by priority), which is what
 the verifier and the KV compaction rely on.
 
+Every drafter builds its tree by taking nodes in a fixed order of priority until the budget is spent,
+and that order does not depend on the budget. ``DraftTree.rank`` keeps each node's place in it, so the
+tree a smaller budget d would have built is the nodes of rank < d, and, under greedy verification, the
+accepted path of that tree is the part of this tree's accepted path with rank < d (a node's rank exceeds
+its parent's). One verified tree thus tells the draft budget what every smaller budget would have
+accepted (:meth:`server.spec.Speculator.verify`).
+
 Template shape (the paper's 80-node template is not reproduced): each edge is labelled with the
 rank r of the child among its parent's top-k candidates, and a path's prior weight is the product
 of ``RANK_PRIOR[r]`` along it (a rank-r candidate of Token Recycling is accepted about that often).
@@ -26,10 +33,15 @@ RANK_PRIOR = (0.55, 0.14, 0.07, 0.045, 0.03, 0.022, 0.017, 0.014)
 
 @dataclass(frozen=True)
 class DraftTree:
-    """Draft tokens in breadth-first order and the draft index of each one's parent (-1 = root)."""
+    """Draft tokens in breadth-first order, the draft index of each one's parent (-1 = root), and each
+    node's rank in the order the drafter took it (see the module doc; empty = the breadth-first index)."""
 
     tokens: tuple
     parents: tuple
+    rank: tuple = ()
+
+    def ranks(self) -> tuple:
+        return self.rank or tuple(range(len(self.tokens)))
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -40,27 +52,29 @@ EMPTY = DraftTree((), ())
 
 @lru_cache(maxsize=64)
 def template(num_nodes: int, width: int = len(RANK_PRIOR)) -> tuple:
-    """The ``num_nodes`` heaviest rank paths (tuples of child ranks), in breadth-first order."""
+    """The ``num_nodes`` heaviest rank paths (tuples of child ranks) with the order they were taken in,
+    ``(path, taken)`` pairs in breadth-first order of the paths."""
     heap = [(-RANK_PRIOR[r], (r,)) for r in range(width)]
     heapq.heapify(heap)
     chosen = []
     while heap and len(chosen) < num_nodes:
         neg_w, path = heapq.heappop(heap)
-        chosen.append(path)
+        chosen.append((path, len(chosen)))
         for r in range(width):
             heapq.heappush(heap, (neg_w * RANK_PRIOR[r], path + (r,)))
-    return tuple(sorted(chosen, key=lambda p: (len(p), p)))
+    return tuple(sorted(chosen, key=lambda p: (len(p[0]), p[0])))
 
 
 def expand(root: int, paths: tuple, candidates) -> DraftTree:
-    """Fill ``paths`` breadth-first: a node's token is ``candidates(parent_token)[rank]``.
+    """Fill the ``(path, taken)`` pairs of :func:`template` breadth-first: a node's token is
+    ``candidates(parent_token)[rank]``, its rank in the tree the order it was taken in.
 
     ``candidates(t)`` returns t's ranked next-token list (may be shorter than the rank, or empty);
     a node whose candidate is missing is dropped together with its subtree."""
     index = {(): -1}
     token_of = {(): root}
-    tokens, parents = [], []
-    for path in paths:
+    tokens, parents, ranks = [], [], []
+    for path, taken in paths:
         parent = path[:-1]
         if parent not in index:
             continue
@@ -71,7 +85,8 @@ def expand(root: int, paths: tuple, candidates) -> DraftTree:
         token_of[path] = cand[path[-1]]
         tokens.append(cand[path[-1]])
         parents.append(index[parent])
-    return DraftTree(tuple(tokens), tuple(parents))
+        ranks.append(taken)
+    return DraftTree(tuple(tokens), tuple(parents), tuple(ranks))
 
 
 def depths(parents) -> list:
@@ -89,13 +104,14 @@ def limit_depth(tree: DraftTree, max_depth: int) -> DraftTree:
     d = depths(tree.parents)
     if max(d, default=0) <= max_depth:
         return tree
-    index, tokens, parents = {}, [], []
-    for i, (tok, par) in enumerate(zip(tree.tokens, tree.parents)):
+    index, tokens, parents, ranks = {}, [], [], []
+    for i, (tok, par, rank) in enumerate(zip(tree.tokens, tree.parents, tree.ranks())):
         if d[i] <= max_depth:
             index[i] = len(tokens)
             tokens.append(tok)
             parents.append(-1 if par < 0 else index[par])
-    return DraftTree(tuple(tokens), tuple(parents))
+            ranks.append(rank)
+    return DraftTree(tuple(tokens), tuple(parents), tuple(ranks))
 
 
 def ancestor_mask(parents) -> np.ndarray:
@@ -138,22 +154,24 @@ def best_first(root: int, budget: int, grow) -> DraftTree:
 
     push((), root, 1.0)
     kids: dict = {}
-    while heap and budget > 0:
+    taken = 0
+    while heap and taken < budget:
         neg_w, _, path, token = heapq.heappop(heap)
-        kids.setdefault(path[:-1], []).append((path, token))  # popped heaviest first
-        budget -= 1
+        kids.setdefault(path[:-1], []).append((path, token, taken))  # popped heaviest first
+        taken += 1
         push(path, token, -neg_w)
-    tokens, parents = [], []
+    tokens, parents, ranks = [], [], []
     level = [((), -1)]
     while level:
         nxt = []
         for path, index in level:
-            for child_path, token in kids.get(path, ()):
+            for child_path, token, rank in kids.get(path, ()):
                 tokens.append(token)
                 parents.append(index)
+                ranks.append(rank)
                 nxt.append((child_path, len(tokens) - 1))
         level = nxt
-    return DraftTree(tuple(tokens), tuple(parents))
+    return DraftTree(tuple(tokens), tuple(parents), tuple(ranks))
 
 
 def check_bfs(parents) -> None:

@@ -124,3 +124,22 @@ def test_calibrate_times_every_bucket_before_serving():
         budget.choose(n, ["goose/3"] * n, 7)
         assert budget.current is not None or budget.probing  # a sample: nothing was measured in the step
     assert calls == []
+
+
+def test_a_greedy_tree_teaches_every_smaller_budget():
+    """Greedy verification of a budget-d tree also gives what each smaller candidate budget would have accepted:
+    the accepted path's nodes ranked below it. Sampled trees teach only the budget drafted."""
+    from server.config import SpecConfig
+    from server.engine.request import Request, SamplingParams, SpecOptions
+    from server.spec import Speculator
+
+    spec = Speculator(SpecConfig(), 64, measure=lambda b, q: 0.010)
+    for rid, temperature in (("g", 0.0), ("s", 1.0)):
+        req = Request(rid, [1, 2, 3, 4] * 8, SamplingParams(temperature=temperature, speculative=SpecOptions("ngram")))
+        spec.attach(req)
+        state = req.state["spec"]
+        state.evidence = f"key-{rid}"
+        spec._step_budget = 15
+        spec._record_acceptance(state, [0, 1, 2, 9], req.params.greedy)  # ranks of the accepted path's nodes
+    assert {d: spec.budget.accepted["key-g", d] for d in (1, 3, 7, 15)} == {1: 1, 3: 3, 7: 3, 15: 4}
+    assert [d for key, d in spec.budget.accepted if key == "key-s"] == [15]

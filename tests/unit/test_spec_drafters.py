@@ -83,3 +83,25 @@ def test_goose_falls_back_to_pure_sources():
     assert all(t in table.candidates(flat[p + 1]) for t, p in zip(no_match.tokens, no_match.parents))
     chain = GooseDrafter(RecyclingTable(40)).propose([1, 2, 3, 4, 1, 2], 5)
     assert chain.tokens == (3, 4, 1, 2) and chain.parents == (-1, 0, 1, 2)
+
+
+def _taken_before(tree, c):
+    """The nodes of ``tree`` with rank < c, re-indexed (breadth-first order kept)."""
+    keep = [i for i, r in enumerate(tree.ranks()) if r < c]
+    index = {i: j for j, i in enumerate(keep)}
+    return [tree.tokens[i] for i in keep], [-1 if tree.parents[i] < 0 else index[tree.parents[i]] for i in keep]
+
+
+def test_a_smaller_budget_drafts_the_nodes_ranked_below_it():
+    """Every drafter takes nodes in a budget-independent order: the tree of budget c is the nodes of rank < c
+    of any larger budget's tree (what lets one verified tree teach the budget rule about smaller budgets)."""
+    table = _full_table()
+    tokens = [1, 2, 3, 9, 8, 7, 6, 5, 1, 2, 3]
+    for drafter in (NgramDrafter(), RecyclingDrafter(table), GooseDrafter(table)):
+        big = drafter.propose(tokens, 63)
+        assert sorted(big.ranks()) == list(range(len(big)))
+        for c in (1, 3, 7, 15, 31):
+            small = drafter.propose(tokens, c)
+            assert (list(small.tokens), list(small.parents)) == _taken_before(big, c)
+            flat = [-1, *big.ranks()]
+            assert all(flat[p + 1] < r for p, r in zip(big.parents, big.ranks()))  # a parent ranks first

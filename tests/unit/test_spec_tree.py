@@ -40,7 +40,7 @@ def test_children_are_contiguous_ranges():
 
 @pytest.mark.parametrize("n", [1, 4, 16, 80])
 def test_template_is_the_heaviest_prefix_closed_tree(n):
-    paths = template(n)
+    paths = [p for p, _ in template(n)]
     assert len(paths) == n and len(set(paths)) == n
     assert all(p[:-1] in paths or len(p) == 1 for p in paths)
     weight = lambda p: float(np.prod([RANK_PRIOR[r] for r in p]))
@@ -51,7 +51,7 @@ def test_template_is_the_heaviest_prefix_closed_tree(n):
 
 
 def test_template_profile_wide_then_narrow():
-    per_depth = np.bincount([len(p) for p in template(80)])[1:]
+    per_depth = np.bincount([len(p) for p, _ in template(80)])[1:]
     assert per_depth[0] >= 4 and per_depth[-1] < per_depth.max() and len(per_depth) >= 5
 
 
