@@ -52,7 +52,7 @@ class Speculator:
         self._shared: Optional[RecyclingTable] = None
         self._nearest: Optional[Tensor] = None
         self._step_budget = 0
-        self._drafting: Optional[set] = None
+        self._probe: Optional[str] = None
         self._probe_turn = 0
         self.counters = {"spec_num_drafts": 0, "spec_num_draft_tokens": 0, "spec_num_accepted_tokens": 0,
                          "spec_relaxed_accepts": 0}
@@ -77,23 +77,19 @@ class Speculator:
 
     # -- scheduling ----------------------------------------------------------------------------
     def plan(self, running: list) -> None:
-        """Choose this step's draft budget, and which speculating requests draft, from the decodes about to run."""
+        """Choose this step's draft budget from the decodes about to run."""
         decodes = [r for r in running if r.num_tokens - r.num_computed_tokens == 1]
         speculating = [r for r in decodes if "spec" in r.state]
         states = [r.state["spec"] for r in speculating]
         for r, s in zip(speculating, states):
             s.evidence = s.drafter.evidence(r.token_ids)
         cap = max((s.options.num_draft_tokens for s in states), default=0)
-        d = self._step_budget = self.budget.choose(len(decodes), [s.evidence for s in states], cap,
-                                                   [s.boost for s in states])
-        self._drafting = None  # None: every speculating request drafts; else the ids that do
-        if self.budget.probing:  # a probe: one request drafts (requests take turns)
-            self._drafting = {speculating[self._probe_turn % len(speculating)].request_id}
+        self._step_budget = self.budget.choose(len(decodes), [s.evidence for s in states], cap,
+                                               [s.boost for s in states])
+        self._probe = None  # a probe step: only this request drafts (requests take turns)
+        if self.budget.probing:
+            self._probe = speculating[self._probe_turn % len(speculating)].request_id
             self._probe_turn += 1
-        elif self.budget.drafters < len(speculating):  # those expected to accept the most
-            ranked = sorted(zip(speculating, states), key=lambda rs: self.budget.expected(rs[1].evidence, d)
-                            * rs[1].boost, reverse=True)
-            self._drafting = {r.request_id for r, _ in ranked[:self.budget.drafters]}
 
     def samples_step(self, sched, requests: dict) -> bool:
         """Whether the step about to run teaches the cost model: it awaits a sample and the step is
@@ -111,8 +107,7 @@ class Speculator:
         """A draft tree for a decoding request, or None when it does not speculate this step.
         An empty tree still goes through verification, so Token Recycling learns from the root."""
         state = req.state.get("spec")
-        if state is None or self._step_budget == 0 or (self._drafting is not None and
-                                                        req.request_id not in self._drafting):
+        if state is None or self._step_budget == 0 or self._probe not in (None, req.request_id):
             return None
         state.budget = min(self._step_budget, state.options.num_draft_tokens, max_nodes)
         tree = state.drafter.propose(req.token_ids, state.budget)

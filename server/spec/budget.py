@@ -1,16 +1,10 @@
 """How many draft tokens a step can afford: a measured step-cost model times running acceptance.
 
-For a step with B running decodes of which S speculate, the j speculating requests with the highest
-expected acceptance draft the same budget d from ``CANDIDATES`` (capped by their own
-``num_draft_tokens``), the others none; d and j are chosen to maximise expected tokens per second::
+For a step with B running decodes of which S speculate, every speculating request gets the same
+budget d from ``CANDIDATES`` (capped by its own ``num_draft_tokens``), chosen to maximise expected
+tokens per second::
 
-    (B + sum of the top j of accepted_i(d)) / step_time(B rows + j * d draft rows)
-
-In a batch that mixes a matched code continuation with free prose, only the requests whose trees pay
-for their rows draft. A step's cost is modelled as a function of the rows it runs: the bucket's
-measured points (B sequences of 1 + d rows each, for every candidate d) interpolated linearly in rows
-(one request's 31 drafts in a batch of 8 cost what 39 rows cost, not an eighth of 8 x 32 rows: small
-matmuls are the least efficient per row).
+    (B + S * accepted(d)) / step_time(B, d)
 
 ``step_time(B, d)`` is measured the first time a batch-size bucket (a power of two) speculates: a
 forward of B sequences of 1 + d tokens each, for every candidate d (short, bounded by
@@ -60,14 +54,6 @@ def _bucket(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _interpolate(points: list, x: float) -> float:
-    """Piecewise-linear y(x) through ``points`` [(x, y)] sorted by x (>= 2), extrapolated past the last."""
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x <= x1:
-            break
-    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-
-
 class DraftBudget:
     """``measure(num_seqs, q_len) -> seconds`` times one forward; None disables the cost model (every
     request then drafts up to its own ``num_draft_tokens``)."""
@@ -79,8 +65,6 @@ class DraftBudget:
         self.samples: dict = {}  # (evidence key, d) -> how many trees that mean has seen
         self.overhead: dict = {}  # (bucket, d) -> EMA of observed step time / modelled forward time
         self.current: Optional[tuple] = None  # (bucket, d) of the step being run, None: not a sample
-        self.drafters = 0  # how many of this step's speculating requests draft (those expected to accept most)
-        self._modelled = 0.0  # modelled forward time of the step being run
         self._measured = False  # this step's choose() ran forwards to measure them
         self.probing = False  # this step's budget is a probe: only one request should draft (the caller picks)
         self._steps = 0
@@ -152,7 +136,6 @@ class DraftBudget:
         ``num_draft_tokens`` among them."""
         self.current = None
         self.probing = False
-        self.drafters = len(keys)
         if not keys:
             return 0
         if self.measure is None:
@@ -163,33 +146,25 @@ class DraftBudget:
         deadline = self._deadline(bucket)
         base = self.overhead.get((bucket, 0), 1.0)
         boosts = boosts or [1.0] * len(keys)
-        points = [(bucket * (1 + d), self._time(bucket, d, deadline)) for d in self.candidates(cap)]
-        t0 = points[0][1]
-        best, best_rate, best_j, best_time = 0, num_decodes / (t0 * base), 0, t0
-        floor = best_rate * (1 + MARGIN)  # unmodelled costs and noise: a marginal gain is not worth the risk
-        for d in self.candidates(cap)[1:]:
+        rates = {}
+        for d in self.candidates(cap):
             exp = {k: self.expected(k, d) for k in set(keys)}
-            gains = sorted((exp[k] * b for k, b in zip(keys, boosts)), reverse=True)
-            factor = self.overhead.get((bucket, d), base)
-            gain = 0.0
-            for j, g in enumerate(gains, 1):
-                gain += g
-                modelled = _interpolate(points, bucket + j * d)
-                rate = (num_decodes + gain) / (modelled * factor)
-                if rate > max(floor, best_rate):
-                    best, best_rate, best_j, best_time = d, rate, j, modelled
+            gain = sum(exp[k] * b for k, b in zip(keys, boosts)) if d else 0.0
+            rates[d] = (num_decodes + gain) / (self._time(bucket, d, deadline) * self.overhead.get((bucket, d), base))
+        best_spec = max((d for d in rates if d), key=rates.get)
+        # unmodelled costs and noise: a marginal gain is not worth the risk
+        best = best_spec if rates[best_spec] > rates[0] * (1 + MARGIN) else 0
         self.probing = best == 0 and self._steps >= self._next_probe
         if self.probing:  # measure a budget's acceptance again, the candidates in turn, on one request only
-            spec = self.candidates(cap)[1:]
-            best, best_j = spec[self._probes % len(spec)], 1
+            spec = [d for d in rates if d]
+            best = spec[self._probes % len(spec)]
             self._probes += 1
-            # one request's extra rows, as a share of the batch's step
-            extra = max(0.0, _interpolate(points, bucket + best) - t0) / t0
+            # one request's extra rows, as a share of the batch's step (linear in rows between measurements)
+            t0 = self._time(bucket, 0, None)
+            extra = max(0.0, self._time(bucket, best, None) - t0) / (bucket * t0)
             self._next_probe = self._steps + max(PROBE_EVERY, math.ceil(extra / PROBE_SHARE))
         elif best > 0 and ((bucket, 0) not in self.overhead or self._steps % PROBE_EVERY == 0):
-            best, best_j, best_time = 0, 0, t0  # observe the plain step's real cost
-        self.drafters = best_j
-        self._modelled = best_time
+            best = 0  # observe the plain step's real cost
         # a step that also timed forwards for the model, or a probe (one request drafts), is no sample of
         # the (bucket, budget) step's cost
         self.current = None if self._measured or self.probing else (bucket, best)
@@ -201,7 +176,7 @@ class DraftBudget:
         if seconds is None or self.current is None or self.current not in self.step_time:
             self.current = None
             return
-        ratio = seconds / self._modelled
+        ratio = seconds / self.step_time[self.current]
         old = self.overhead.get(self.current)
         self.overhead[self.current] = ratio if old is None else (1 - EMA) * old + EMA * ratio
         self.current = None

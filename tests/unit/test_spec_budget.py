@@ -143,32 +143,3 @@ def test_a_greedy_tree_teaches_every_smaller_budget():
         spec._record_acceptance(state, [0, 1, 2, 9], req.params.greedy)  # ranks of the accepted path's nodes
     assert {d: spec.budget.accepted["key-g", d] for d in (1, 3, 7, 15)} == {1: 1, 3: 3, 7: 3, 15: 4}
     assert [d for key, d in spec.budget.accepted if key == "key-s"] == [15]
-
-
-def test_only_requests_expected_to_accept_draft():
-    """A batch mixing matched continuations with guesses: only the requests whose trees pay for their rows
-    draft (here 2 of 8), the rest decode plainly, and the speculator lets exactly those two propose."""
-    from server.config import SpecConfig
-    from server.engine.request import Request, SamplingParams, SpecOptions
-    from server.spec import Speculator
-
-    spec = Speculator(SpecConfig(), 64, measure=lambda b, q: 0.05 + 0.0005 * b * q)
-    reqs = []
-    for i in range(8):
-        prompt = [1, 2, 3, 4] * 8 if i < 2 else list(range(10 + 40 * i, 40 + 40 * i))  # 2 repeat, 6 never do
-        req = Request(f"r{i}", prompt, SamplingParams(temperature=0.0, speculative=SpecOptions("ngram")))
-        req.num_computed_tokens = req.num_tokens - 1
-        spec.attach(req)
-        reqs.append(req)
-    for d in spec.budget.candidates(SpecConfig().num_draft_tokens)[1:]:
-        spec.budget.record("ngram/3", d, d)  # matched chains are accepted whole
-        spec.budget.record("ngram/0", d, 0)
-    drafted = []
-    for _ in range(20):
-        spec.plan(reqs)
-        ids = [r.request_id for r in reqs if spec.propose(r, 64) is not None]
-        if spec._step_budget and not spec.budget.probing:
-            assert spec.budget.drafters == 2
-            drafted.append(ids)
-        spec.observe_step(0.06, spec.budget.current is not None)
-    assert drafted and all(ids == ["r0", "r1"] for ids in drafted)
