@@ -9,10 +9,11 @@
   current token is always added. Later layers attend over that set only, except the re-selection
   layer (default num_layers // 2), which attends densely and refreshes it. Two additions to the paper,
   both options: each selection first keeps the ``sinks`` first and ``recent`` latest tokens (inside the
-  budget; 4 and 32 by default: on SmolLM2 at 2,000 tokens, budget 256, forced perplexity +10.8% -> +9.5%
-  at the same speed), and ``reselect_every`` N > 0 re-selects every N layers from the selection layer
-  (more dense layers, closer to dense: every 4 layers +5.9%, at about 2x rather than 3x the decode
-  speed at 8K; bench/long_context.py measures both). KV correction (optional,
+  budget; 4 and 32 by default), and ``reselect_every`` N > 0 re-selects every N layers from the selection
+  layer (more dense layers, closer to dense). On SmolLM2, budget 256 (bench/long_context.py: 2,000
+  tokens, 4 pydoc documents, decode speed at 8K): forced perplexity vs dense +34% without the kept
+  tokens, +24% with them at the same speed (3.3x dense); every 4 layers +11% and the needle kept, at
+  1.9x. KV correction (optional,
   ``correction_interval`` T): the K/V of generated tokens come out of sparse layers; every T of them
   the scheduler rewinds the request by those T tokens and re-feeds them as one dense chunk, which
   overwrites their K/V with exact values (a T-token prefill every T steps).
