@@ -32,11 +32,11 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     and other dtypes use F.linear.
     """
     n = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    whole = n % 16 == 0 and n <= 512  # whole 16-row panels: as fast or faster up to 512 rows (see below)
+    whole = n % SMALL_ROWS == 0 and n <= 512  # whole 16-row panels: as fast or faster up to 512 rows
     if x.device.type != "cpu" or x.dtype != torch.float32 or not (0 < n <= SMALL_ROWS or whole):
         return F.linear(x, weight, bias)
     rows = x.reshape(n, x.shape[-1])
-    padded = 2 if n == 1 else SMALL_ROWS if n > 8 else n
+    padded = 2 if n == 1 else SMALL_ROWS if 8 < n < SMALL_ROWS else n
     if padded > n:
         rows = torch.cat([rows, rows.new_zeros(padded - n, rows.shape[1])])
     out = (weight @ rows.t())[:, :n].t()

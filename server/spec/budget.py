@@ -81,9 +81,9 @@ class DraftBudget:
 
     def expected(self, key: str, d: int) -> float:
         """Accepted drafts per tree at budget d: its own mean (or the prior), and at least any smaller
-        budget's mean (GOOSE's best-first tree and the n-gram chain of d nodes contain those of fewer, so
-        greedy acceptance of the smaller one carries over; assumed for Token Recycling's scaled template),
-        so a few unlucky samples at one budget do not hide it."""
+        budget's mean (every drafter's tree of d nodes contains the tree of fewer, :mod:`server.spec.tree`,
+        so greedy acceptance of the smaller one carries over), so a few unlucky samples at one budget do
+        not hide it."""
         own = self.accepted.get((key, d), self.prior(d))
         return max([own] + [self.accepted[key, c] for c in CANDIDATES if c < d and (key, c) in self.accepted])
 
