@@ -16,15 +16,17 @@ an EMA after (one measurement replaces the prior), times each request's own ``bo
 relative to its key's, a faster EMA): acceptance differs far more between a matched continuation and a
 guess, or a repetitive code prompt and free prose, than between budgets. When the batch is compute-bound
 the time grows with B(1 + d) and the rule picks d = 0 (no speculation); a budget that stops paying
-off is abandoned as its EMA falls; while d = 0 wins, a budget is still tried now and then, the
-candidates in turn, by one request in turn (``probing``; a whole batch drafting 16 tokens each would
-cost that step several plain steps), so that a recovering acceptance rate (a new prompt, a code block)
-is noticed, and a large budget whose acceptance the prior underrates (a code prompt's n-gram chains: 4
-accepted tokens per tree at d = 15 against the prior's 2) is measured at all. Probes come every
-``PROBE_EVERY`` steps, or further apart for a budget whose probe costs more than ``PROBE_SHARE`` of the
-plain steps in between (at one stream on CPU a 32-token tree costs 4 plain steps: one probe per ~110).
-A budget must promise ``MARGIN`` more throughput than the plain step: a marginal modelled gain is
-within the noise of the model and of the machine, and the rule's promise is never to cost throughput.
+off is abandoned as its EMA falls; while d = 0 wins, a budget that would pay if every draft were
+accepted is still tried now and then, the candidates in turn, by one request in turn (``probing``; a
+whole batch drafting 16 tokens each would cost that step several plain steps), so that a recovering
+acceptance rate (a new prompt, a code block) is noticed, and a large budget whose acceptance the prior
+underrates (a code prompt's n-gram chains: 4 accepted tokens per tree at d = 15 against the prior's 2)
+is measured at all. Probes come every ``PROBE_EVERY`` steps, or further apart for a budget whose probe
+costs more than ``PROBE_SHARE`` of the plain steps in between (at one stream on CPU a 32-token tree
+costs 4 plain steps: one probe per ~110). A batch where no budget could pay even then (compute-bound:
+a step's time grows as fast as its rows) is not probed at all: there a probe is pure cost. A budget must
+promise ``MARGIN`` more throughput than the plain step: a marginal modelled gain is within the noise of
+the model and of the machine, and the rule's promise is never to cost throughput.
 
 The forward alone misses what a speculative step costs around it (drafting, tree masks, verification,
 Token Recycling's table updates, per-request attention of tree rows). So the engine reports the wall
@@ -146,17 +148,20 @@ class DraftBudget:
         deadline = self._deadline(bucket)
         base = self.overhead.get((bucket, 0), 1.0)
         boosts = boosts or [1.0] * len(keys)
-        rates = {}
+        rates, ceiling = {}, {}
         for d in self.candidates(cap):
             exp = {k: self.expected(k, d) for k in set(keys)}
             gain = sum(exp[k] * b for k, b in zip(keys, boosts)) if d else 0.0
-            rates[d] = (num_decodes + gain) / (self._time(bucket, d, deadline) * self.overhead.get((bucket, d), base))
+            seconds = self._time(bucket, d, deadline) * self.overhead.get((bucket, d), base)
+            rates[d] = (num_decodes + gain) / seconds
+            ceiling[d] = (num_decodes + len(keys) * d) / seconds  # every draft accepted
         best_spec = max((d for d in rates if d), key=rates.get)
         # unmodelled costs and noise: a marginal gain is not worth the risk
         best = best_spec if rates[best_spec] > rates[0] * (1 + MARGIN) else 0
-        self.probing = best == 0 and self._steps >= self._next_probe
+        # a budget that would not pay even if every draft were accepted is not worth a probe
+        spec = [d for d in rates if d and ceiling[d] > rates[0] * (1 + MARGIN)]
+        self.probing = best == 0 and bool(spec) and self._steps >= self._next_probe
         if self.probing:  # measure a budget's acceptance again, the candidates in turn, on one request only
-            spec = [d for d in rates if d]
             best = spec[self._probes % len(spec)]
             self._probes += 1
             # one request's extra rows, as a share of the batch's step (linear in rows between measurements)
