@@ -132,6 +132,11 @@ class AttentionBackend:
         raise NotImplementedError
 
 
+# the torch path batches requests of at most this many new tokens (draft trees, short chunks) into one pass
+SHORT_QUERY = 64
+SHORT_PAD = 4
+
+
 class TorchBackend(AttentionBackend):
     """The reference path: CPU runtime and oracle."""
 
@@ -148,27 +153,48 @@ class TorchBackend(AttentionBackend):
     def _prefill(self, q, k_cache, v_cache, meta, scale):
         split = meta._cache.get("split")
         if split is None:
-            # one-token rows (decodes, and draft trees with no drafts, whose ancestor mask is the root alone)
-            dec = [b for b, n in enumerate(meta.q_lens) if n == 1]
-            split = meta._cache["split"] = (dec, [b for b, n in enumerate(meta.q_lens) if b not in set(dec)])
-            if len(dec) > 1:  # decode rows of a mixed batch run batched, as in a pure decode step
-                rows = meta.cu_seqlens_q[dec].long()
-                sub = meta.kv_lens[dec]
-                width = max(meta.kv_lens_host[b] for b in dec)
-                meta._cache["dec"] = (rows, sub, meta.block_tables[dec],
-                                      meta.window[dec] if meta.window is not None else None,
-                                      meta.sinks[dec] if meta.sinks is not None else None,
-                                      ref.padded_slots(meta.block_tables[dec], sub, width, meta.block_size))
-        dec, rest = split
-        if len(dec) <= 1:
-            return ref.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.kv_lens,
-                                       meta.block_size, scale, meta.window, meta.sinks, meta.tree_mask)
-        rows, sub, tables, window, sinks, slots = meta._cache["dec"]
+            split = meta._cache["split"] = self._split(meta)
+        dec, short, rest = split
         out = torch.empty_like(q)
-        out[rows] = ref.paged_decode(q[rows], k_cache, v_cache, tables, sub, meta.block_size, scale, window, sinks,
-                                     slots=slots)[0]
-        return ref.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.kv_lens,
-                                   meta.block_size, scale, meta.window, meta.sinks, meta.tree_mask, only=rest, out=out)
+        if dec:
+            rows, sub, tables, window, sinks, slots = meta._cache["dec"]
+            out[rows] = ref.paged_decode(q[rows], k_cache, v_cache, tables, sub, meta.block_size, scale, window,
+                                         sinks, slots=slots)[0]
+        if short:
+            ref.paged_attention_short(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.kv_lens,
+                                      meta.block_size, scale, short, out, meta.window, meta.sinks, meta.tree_mask)
+        if rest:
+            ref.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.kv_lens,
+                                meta.block_size, scale, meta.window, meta.sinks, meta.tree_mask, only=rest, out=out)
+        return out
+
+    @staticmethod
+    def _split(meta):
+        """The step's requests as (one-token rows, short query runs, the rest): the first two batched when
+        there are several of them (decodes, and draft trees with no drafts, whose ancestor mask is the root
+        alone, as in a pure decode step; draft trees and short chunks padded to the longest, while the padding
+        costs at most ``SHORT_PAD`` times the real work), the rest one request at a time."""
+        q_lens, kv_lens = meta.q_lens, meta.kv_lens_host
+        dec = [b for b, n in enumerate(q_lens) if n == 1]
+        short = [b for b, n in enumerate(q_lens) if 1 < n <= SHORT_QUERY]
+        if len(dec) < 2:
+            dec = []
+        if len(short) > 1:
+            padded = len(short) * max(q_lens[b] for b in short) * max(kv_lens[b] for b in short)
+            if padded > SHORT_PAD * sum(q_lens[b] * kv_lens[b] for b in short):
+                short = []
+        else:
+            short = []
+        if dec:
+            rows = meta.cu_seqlens_q[dec].long()
+            sub = meta.kv_lens[dec]
+            meta._cache["dec"] = (rows, sub, meta.block_tables[dec],
+                                  meta.window[dec] if meta.window is not None else None,
+                                  meta.sinks[dec] if meta.sinks is not None else None,
+                                  ref.padded_slots(meta.block_tables[dec], sub, max(kv_lens[b] for b in dec),
+                                                   meta.block_size))
+        batched = set(dec) | set(short)
+        return dec, short, [b for b in range(len(q_lens)) if b not in batched]
 
 
 def select_backend(name: str, device: torch.device) -> AttentionBackend:

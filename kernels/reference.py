@@ -104,6 +104,63 @@ def paged_attention(
     return out
 
 
+def paged_attention_short(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    cu_seqlens_q: Tensor,
+    kv_lens: Tensor,
+    block_size: int,
+    scale: float,
+    requests: list,
+    out: Tensor,
+    window: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
+    tree_mask: Optional[Tensor] = None,
+) -> None:
+    """:func:`paged_attention` of the ``requests`` (batch indices) in one batched pass, written into ``out``:
+    every request's queries padded to the longest's, its KV to the longest's, one bmm per kv head (as
+    :func:`paged_decode`). For steps of many short query runs (draft trees of a few tokens each), where the
+    per-request loop's fixed cost per request and layer exceeds the attention itself."""
+    idx = torch.tensor(requests, device=q.device)
+    cu = cu_seqlens_q.tolist()
+    lens = kv_lens.tolist()
+    n_q = [cu[b + 1] - cu[b] for b in requests]
+    nb, width, max_kv = len(requests), max(n_q), max(lens[b] for b in requests)
+    hq, hkv, d = q.shape[1], k_cache.shape[1], q.shape[2]
+    g = hq // hkv
+    j = torch.arange(width, device=q.device)
+    n = torch.tensor(n_q, device=q.device)[:, None]
+    real = j[None, :] < n  # [nb, width]; padding rows repeat the request's last query, and are dropped
+    rows = cu_seqlens_q.long()[idx][:, None] + torch.minimum(j[None, :], n - 1)
+    kv = kv_lens.long()[idx][:, None]
+    start = kv - n  # kv index of each request's first new token
+    q_pos = start + torch.minimum(j[None, :], n - 1)  # [nb, width]
+    i = torch.arange(max_kv, device=q.device)[None, None, :]
+    mask = i <= q_pos[:, :, None]  # causal (and nothing past each request's kv_len)
+    if window is not None:
+        w = window.long()[idx][:, None, None]
+        sk = (sinks.long()[idx] if sinks is not None else torch.zeros_like(w[:, 0, 0]))[:, None, None]
+        mask &= (w <= 0) | (q_pos[:, :, None] - i < w) | (i < sk)
+    if tree_mask is not None:
+        new = i - start[:, :, None]  # new-token index of each key, < 0 for the context
+        seen = torch.gather(tree_mask[rows][:, :, :width], 2, new.clamp(0, width - 1).expand(nb, width, max_kv))
+        mask &= (new < 0) | seen
+    slots = padded_slots(block_tables[idx], kv_lens[idx], max_kv, block_size).reshape(-1)
+    k = k_cache.index_select(0, slots).view(nb, max_kv, hkv, d).float()
+    v = v_cache.index_select(0, slots).view(nb, max_kv, hkv, d).float()
+    qg = q[rows.reshape(-1)].float().view(nb, width, hkv, g, d)
+    masked = ~mask[:, :, None, :].expand(nb, width, g, max_kv).reshape(nb, width * g, max_kv)
+    res = torch.empty(nb, width, hkv, g, d, dtype=torch.float32, device=q.device)
+    for h in range(hkv):
+        qh = qg[:, :, h].reshape(nb, width * g, d)
+        logits = torch.bmm(qh, k[:, :, h].transpose(1, 2)).mul_(scale)
+        p = torch.softmax(logits.masked_fill_(masked, float("-inf")), dim=-1)
+        res[:, :, h] = torch.bmm(p, v[:, :, h]).view(nb, width, g, d)
+    out[rows[real]] = res[real].reshape(-1, hq, d).to(out.dtype)
+
+
 def causal_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Optional[Tensor] = None) -> Tensor:
     """Attention of q [n, Hq, D] over k/v [L, Hkv, D] in float32, under the bool ``mask`` [n, L], or causal
     (n == L) when it is None. Batched 4-D inputs: on CPU that is what reaches SDPA's fused (flash) kernel,

@@ -78,3 +78,31 @@ def test_flash_attn_prefill_gets_the_paged_pool(device, monkeypatch):
     expected = ref.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.kv_lens, 256,
                                    0.125)
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("windowed", [False, True])
+@pytest.mark.parametrize("q_lens,kv_lens,batched", [
+    ([1, 4, 1, 7, 3, 1], [20, 33, 7, 40, 3, 18], [1, 3, 4]),  # decodes and draft trees: the trees batched
+    ([2, 60, 5], [500, 60, 41], [])])  # padding to the longest would cost > SHORT_PAD x: one at a time
+def test_torch_backend_batches_short_query_runs_exactly(device, poison, q_lens, kv_lens, batched, windowed):
+    """The torch backend runs several short query runs (draft trees) padded into one batched pass; each row
+    equals the per-request reference's, under tree masks, windows and sinks."""
+    from tests.kernels.test_paged_attention import _ancestor_mask
+
+    q, k, v, k_cache, v_cache, meta = _step(device, q_lens, kv_lens, windowed, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    tree = torch.zeros(sum(q_lens), max(q_lens), dtype=torch.bool)
+    for b, n in enumerate(q_lens):
+        start = sum(q_lens[:b])
+        tree[start:start + n, :n] = _ancestor_mask(n, gen) if b % 2 else torch.ones(n, n, dtype=torch.bool).tril()
+    meta.tree_mask = tree.to(device)
+    if windowed:
+        meta.window = torch.tensor([0, 8, 0, 5, 2, 0][:len(q_lens)], dtype=torch.int32, device=device)
+        meta.sinks = torch.tensor([0, 2, 0, 1, 0, 0][:len(q_lens)], dtype=torch.int32, device=device)
+    backend = select_backend("torch", torch.device("cpu"))
+    backend.store_kv(k, v, k_cache, v_cache, meta)
+    out = backend.forward(3, q, k_cache, v_cache, meta, DIM ** -0.5)
+    assert meta._cache["split"][1] == batched
+    expected = ref.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.kv_lens, BLOCK,
+                                   DIM ** -0.5, meta.window, meta.sinks, meta.tree_mask)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
