@@ -2,7 +2,7 @@
 
 For HumanEval prompts and chat prompts, each drafter (ngram, recycling, goose) at each concurrency
 runs interleaved with the plain baseline in the same process (rounds of none, method, none, ...),
-so machine noise hits both alike. Then a LANTERN delta sweep (greedy, goose drafts): acceptance,
+so machine noise hits both alike; the speedup is the median of the rounds' paired ratios. Then a LANTERN delta sweep (greedy, goose drafts): acceptance,
 relaxed accepts, agreement with the plain greedy output, and the measured total-variation distance
 of the relaxed distribution to the target on the model's real next-token distributions.
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -65,43 +66,47 @@ def mean_accepted_length(d):
 
 
 def bench_drafters(llm, workloads, methods, concurrencies, max_tokens, draft_tokens, rounds):
+    """Each method against the plain path, ``rounds`` interleaved pairs per (workload, concurrency): the
+    speedup is the median over pairs of the method's rate / its own pair's baseline rate (a pair's two runs
+    are adjacent, so a drift of the machine between pairs cancels; pooling all runs would not cancel it)."""
     rows = []
     for wname, prompts in workloads.items():
         for c in concurrencies:
             ps = prompts[:max(c, min(len(prompts), 4))]
             base_p = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-            totals = {m: [0.0, 0, None, {}] for m in ("none", *methods)}
-            base_tokens = None
+            totals = {m: [0.0, 0, 0, {}] for m in ("none", *methods)}
+            ratios = {m: [] for m in methods}
             for m in methods:  # warm-up: code paths, the shared Token Recycling table
                 run(llm, ps[:c], c, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True,
                                                    speculative=SpecOptions(m, num_draft_tokens=draft_tokens)))
             for r in range(rounds):
                 for m in methods:  # interleaved, ABBA: baseline, method; method, baseline; ... (cancels a drift)
+                    pair = {}
                     for mm in (("none", m) if r % 2 == 0 else (m, "none")):
                         params = base_p if mm == "none" else SamplingParams(
                             temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
                             speculative=SpecOptions(mm, num_draft_tokens=draft_tokens))
                         secs, outs, delta = run(llm, ps, c, params)
                         t = totals[mm]
-                        t[0] += secs
-                        t[1] += sum(len(o.token_ids) for o in outs)
-                        toks = [o.token_ids for o in outs]
-                        if mm == "none":
-                            base_tokens = toks
-                        else:
-                            t[2] = (t[2] or 0) + sum(a == b for a, b in zip(toks, base_tokens))
+                        ntok = sum(len(o.token_ids) for o in outs)
+                        t[0], t[1] = t[0] + secs, t[1] + ntok
+                        pair[mm] = (ntok / secs, [o.token_ids for o in outs])
                         for k, v in delta.items():
                             t[3][k] = t[3].get(k, 0) + v
+                    totals[m][2] += sum(a == b for a, b in zip(pair[m][1], pair["none"][1]))
+                    ratios[m].append(pair[m][0] / pair["none"][0])
             base_rate = totals["none"][1] / totals["none"][0]
             for m in methods:
                 secs, ntok, same, d = totals[m]
                 rows.append(dict(workload=wname, method=m, concurrency=c, tokens_per_s=ntok / secs,
-                                 baseline_tokens_per_s=base_rate, speedup=(ntok / secs) / base_rate,
+                                 baseline_tokens_per_s=base_rate, speedup=statistics.median(ratios[m]),
+                                 pair_speedups=ratios[m], pooled_speedup=(ntok / secs) / base_rate,
                                  mean_accepted_length=mean_accepted_length(d), drafts=d["spec_num_drafts"],
                                  identical_to_greedy=same / (rounds * len(ps))))
                 print(f"{wname:9s} {m:9s} c={c:<3d} accepted/step {rows[-1]['mean_accepted_length']:.2f} "
-                      f"speedup {rows[-1]['speedup']:.2f}x ({ntok / secs:.1f} vs {base_rate:.1f} tok/s) "
-                      f"identical {rows[-1]['identical_to_greedy']:.2f}", flush=True)
+                      f"speedup {rows[-1]['speedup']:.2f}x (pairs {min(ratios[m]):.2f}-{max(ratios[m]):.2f}; "
+                      f"{ntok / secs:.1f} vs {base_rate:.1f} tok/s) identical {rows[-1]['identical_to_greedy']:.2f}",
+                      flush=True)
     return rows
 
 
