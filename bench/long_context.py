@@ -6,7 +6,8 @@ each against the exact (dense) path in the same run, on the embedded SmolLM2-135
 * prefill: time at each length with and without token skipping (one chunk, no prefix cache);
 * fidelity on real text no one here wrote (CPython's ``pydoc_data.topics``): needle retrieval at several
   depths of a prose haystack, and teacher-forced perplexity of a document's continuation after a long
-  context, for every method and budget;
+  context, for every method and budget, and for the bound of per-layer token selection (``oracle-256``:
+  each decode layer over its own exact top-256 keys, :func:`oracle_topk`);
 * window: peak KV blocks in use over a long windowed generation (memory stays bounded).
 
     python -m bench.long_context                # full run (1K..8K), writes bench/results/long_context.json
@@ -21,6 +22,7 @@ import os
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 
@@ -211,6 +213,43 @@ def window_peak_blocks(llm, n: int, window: int) -> int:
     return peak
 
 
+@contextmanager
+def oracle_topk(llm, budget: int, first: int = 2):
+    """While active, every decode layer from ``first`` on attends only over its own top-``budget`` keys by its
+    exact attention (per kv head: the group's summed probabilities, as TidalDecode aggregates). No selection
+    that gives each layer ``budget`` keys of its own does better at keeping the attention mass, so this is the
+    fidelity a per-layer token selection could reach at that budget; TidalDecode's loss beyond it comes from
+    sharing one layer's selection with the layers after it. Dense scores are computed, then masked: a
+    diagnostic, not a fast path."""
+    from kernels import reference as ref
+
+    backend = llm.engine.runner.backend
+    dense = backend.dense_forward
+
+    def forward(layer, q, k_cache, v_cache, meta, scale):
+        if layer < first or not meta.is_decode or meta.max_kv_len <= budget:
+            return dense(layer, q, k_cache, v_cache, meta, scale)
+        bsz, hq, d = q.shape
+        hkv = k_cache.shape[1]
+        slots = ref.padded_slots(meta.block_tables, meta.kv_lens, meta.max_kv_len, meta.block_size).reshape(-1)
+        k = k_cache.index_select(0, slots).view(bsz, -1, hkv, d).float()
+        v = v_cache.index_select(0, slots).view(bsz, -1, hkv, d).float()
+        logits = torch.einsum("bhgd,blhd->bhgl", q.float().view(bsz, hkv, hq // hkv, d), k) * scale
+        valid = torch.arange(k.shape[1], device=q.device)[None, :] < meta.kv_lens.long()[:, None]
+        logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+        top = logits.softmax(-1).sum(2).topk(budget, dim=-1).indices  # [B, Hkv, budget]
+        keep = torch.zeros(logits.shape[:2] + logits.shape[3:], dtype=torch.bool, device=q.device)
+        keep.scatter_(-1, top, True)
+        p = logits.masked_fill(~keep[:, :, None, :], float("-inf")).softmax(-1)
+        return torch.einsum("bhgl,blhd->bhgd", p, v).reshape(bsz, hq, d).to(q.dtype)
+
+    backend.dense_forward = forward
+    try:
+        yield
+    finally:
+        del backend.dense_forward
+
+
 def fidelity(llm, hay: list, args, compared: list, depths: list, results: dict, table: dict) -> None:
     """Needle retrieval and forced perplexity at ``args.fidelity_context`` tokens for every method, and the
     window's peak KV blocks; fills ``results`` and ``table`` and prints the table."""
@@ -218,7 +257,8 @@ def fidelity(llm, hay: list, args, compared: list, depths: list, results: dict, 
     width = args.fidelity_context + args.ppl_tokens
     docs = [hay[len(hay) - (i + 1) * width:len(hay) - i * width] for i in range(args.ppl_docs)]
     results["perplexity_docs"] = {}
-    for name, sparsity, skip in compared:
+
+    def measure(name, sparsity, skip):
         if skip is not None:
             skip = replace(skip, min_prompt_len=min(skip.min_prompt_len, len(fid) // 2))
         hits = needle_hits(llm, fid, depths, sparsity, skip)
@@ -228,6 +268,12 @@ def fidelity(llm, hay: list, args, compared: list, depths: list, results: dict, 
         results["perplexity"][name] = ppl
         results["perplexity_docs"][name] = ppls
         table[name] = {"needle": f"{sum(hits)}/{len(hits)}", "ppl": ppl}
+
+    for name, sparsity, skip in compared:
+        measure(name, sparsity, skip)
+    for budget in args.oracle:
+        with oracle_topk(llm, budget):
+            measure(f"oracle-{budget}", None, None)
     dense_ppl = results["perplexity"]["dense"]
     results["window_kv_blocks"] = {"tokens": args.window_tokens, "window": 64,
                                    "peak_blocks": window_peak_blocks(llm, args.window_tokens, 64)}
@@ -257,6 +303,8 @@ def main() -> None:
     ap.add_argument("--no-fidelity", action="store_true", help="timing sections only")
     ap.add_argument("--tidal-selection", default="", help="extra TidalDecode selection layers to compare for fidelity, "
                     "e.g. 6,12 (re-selection halfway from there to the last layer)")
+    ap.add_argument("--oracle", type=int, nargs="*", default=[256],
+                    help="budgets of the per-layer exact top-k bound to compare for fidelity (oracle_topk)")
     ap.add_argument("--skip", default="8:0.5,8:0.7,4:0.8",
                     help="Probe-and-Skip settings start_layer:ratio,... (the first is the server default)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "long_context.json"))
