@@ -1,4 +1,5 @@
-"""Plain-torch references of every kernel.
+"""Plain-torch references of the attention, KV-pool and token-gather kernels (speculative verification's
+is in :mod:`kernels.reference_spec`).
 
 These are the test oracle for the Triton kernels and, on CPU, the runtime path.
 They take tensors and return tensors; they know nothing of requests or batches.
@@ -104,6 +105,34 @@ def paged_attention(
     return out
 
 
+def _gather_kv(k_cache: Tensor, v_cache: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+    """K/V rows at ``slots`` [B, L] as float32 [B, L, Hkv, D] (float32 math: bf16 SDPA on CPU is ~6x slower
+    than float32 matmuls, and less exact; index_select rather than k_cache[slots]: 6x faster on CPU)."""
+    bsz, width = slots.shape
+    flat = slots.reshape(-1)
+    k = k_cache.index_select(0, flat).view(bsz, width, *k_cache.shape[1:]).float()
+    v = v_cache.index_select(0, flat).view(bsz, width, *v_cache.shape[1:]).float()
+    return k, v
+
+
+def _kv_head_attention(qh: Tensor, k: Tensor, v: Tensor, masked: Tensor, scale: float) -> tuple[Tensor, list]:
+    """softmax(q k^T * scale) v one kv head at a time: ``qh`` [B, Hkv, R, D] (each kv head's R query rows),
+    ``k``/``v`` [B, L, Hkv, D] from :func:`_gather_kv`, read in place (each head's [B, L, D] slice is a
+    strided batch of matrices that bmm takes as is, where a [B, Hkv, L, D] layout would be copied twice
+    per layer), ``masked`` bool [B, R or 1, L] = positions not attended. Returns (out [Hkv, B, R, D], the
+    probabilities [B, R, L] of each head)."""
+    hkv = k.shape[2]
+    bsz, _, rows, d = qh.shape
+    out = torch.empty(hkv, bsz, rows, d, dtype=torch.float32, device=qh.device)
+    probs = []
+    for h in range(hkv):
+        logits = torch.bmm(qh[:, h], k[:, :, h].transpose(1, 2)).mul_(scale)  # [B, R, L]
+        p = torch.softmax(logits.masked_fill_(masked, float("-inf")), dim=-1)
+        torch.bmm(p, v[:, :, h], out=out[h])
+        probs.append(p)
+    return out, probs
+
+
 def paged_attention_short(
     q: Tensor,
     k_cache: Tensor,
@@ -147,17 +176,12 @@ def paged_attention_short(
         new = i - start[:, :, None]  # new-token index of each key, < 0 for the context
         seen = torch.gather(tree_mask[rows][:, :, :width], 2, new.clamp(0, width - 1).expand(nb, width, max_kv))
         mask &= (new < 0) | seen
-    slots = padded_slots(block_tables[idx], kv_lens[idx], max_kv, block_size).reshape(-1)
-    k = k_cache.index_select(0, slots).view(nb, max_kv, hkv, d).float()
-    v = v_cache.index_select(0, slots).view(nb, max_kv, hkv, d).float()
-    qg = q[rows.reshape(-1)].float().view(nb, width, hkv, g, d)
+    k, v = _gather_kv(k_cache, v_cache, padded_slots(block_tables[idx], kv_lens[idx], max_kv, block_size))
+    # per kv head, its query rows in (query, group head) order, against the mask repeated per group head
+    qh = q[rows.reshape(-1)].float().view(nb, width, hkv, g, d).transpose(1, 2).reshape(nb, hkv, width * g, d)
     masked = ~mask[:, :, None, :].expand(nb, width, g, max_kv).reshape(nb, width * g, max_kv)
-    res = torch.empty(nb, width, hkv, g, d, dtype=torch.float32, device=q.device)
-    for h in range(hkv):
-        qh = qg[:, :, h].reshape(nb, width * g, d)
-        logits = torch.bmm(qh, k[:, :, h].transpose(1, 2)).mul_(scale)
-        p = torch.softmax(logits.masked_fill_(masked, float("-inf")), dim=-1)
-        res[:, :, h] = torch.bmm(p, v[:, :, h]).view(nb, width, g, d)
+    res, _ = _kv_head_attention(qh, k, v, masked, scale)  # [Hkv, nb, width * g, D]
+    res = res.view(hkv, nb, width, g, d).permute(1, 2, 0, 3, 4)  # [nb, width, Hkv, G, D]
     out[rows[real]] = res[real].reshape(-1, hq, d).to(out.dtype)
 
 
@@ -205,22 +229,8 @@ def paged_decode(
         w = window.long()[:, None]
         sk = (sinks.long() if sinks is not None else torch.zeros_like(window).long())[:, None]
         valid &= (w <= 0) | (qi - i < w) | (i < sk)
-    # float32 math (bf16 SDPA on CPU is ~6x slower than float32 matmuls, and less exact). The gathered
-    # [B, L, Hkv, D] rows are read in place, one kv head at a time: each head's [B, L, D] slice is a strided
-    # batch of matrices that bmm takes as is, where a [B, Hkv, L, D] layout would be copied twice per layer
-    # (index_select rather than k_cache[slots]: 6x faster gather on CPU)
-    flat = slots.reshape(-1)
-    k = k_cache.index_select(0, flat).view(bsz, max_kv, hkv, d).float()
-    v = v_cache.index_select(0, flat).view(bsz, max_kv, hkv, d).float()
-    qg = q.float().view(bsz, hkv, g, d)
-    masked = ~valid[:, None, :]
-    out = torch.empty(hkv, bsz, g, d, dtype=torch.float32, device=q.device)
-    probs = []
-    for h in range(hkv):
-        logits = torch.bmm(qg[:, h], k[:, :, h].transpose(1, 2)).mul_(scale)  # [B, G, L]
-        p = torch.softmax(logits.masked_fill_(masked, float("-inf")), dim=-1)
-        torch.bmm(p, v[:, :, h], out=out[h])
-        probs.append(p)
+    k, v = _gather_kv(k_cache, v_cache, slots)
+    out, probs = _kv_head_attention(q.float().view(bsz, hkv, g, d), k, v, ~valid[:, None, :], scale)
     out = out.transpose(0, 1).reshape(bsz, hq, d).to(q.dtype)
     if not return_scores:
         return out, None
@@ -333,76 +343,3 @@ def gather_rows(x: Tensor, rows: Tensor) -> Tensor:
 def scatter_add_rows_(x: Tensor, rows: Tensor, update: Tensor) -> Tensor:
     """In place: x[rows[i]] += update[i] (rows distinct); every other row of x is left untouched."""
     return x.index_add_(0, rows, update.to(x.dtype))
-
-
-def spec_verify(probs: Optional[Tensor], target: Tensor, draft: Tensor, first_child: Tensor, num_children: Tensor,
-                uniforms: Tensor, roots: Tensor, greedy: Tensor, relax_k: Tensor, delta: Tensor, lam: Tensor,
-                nearest: Optional[Tensor], max_depth: int):
-    """Speculative tree verification over a batch of trees (the oracle of ``kernels.spec_verify``).
-
-    Flat nodes of all trees: probs [N, V] float32 (each node's next-token distribution; only read for
-    sampling or relaxed trees, may be None when there are none; sampling trees' rows become their
-    residuals, in place), target [N] (argmax of each node's logits), draft [N] (each node's token),
-    first_child/num_children [N] (global indices; siblings contiguous, tried in order), uniforms [N]
-    (the accept draw of each node). Per tree: roots [B], greedy [B] (1 = accept iff child == argmax),
-    relax_k [B] (LANTERN neighbours, 0 = strict), delta [B] (moved-mass bound) and lam [B] (> 0:
-    LANTERN++, moved mass <= (lam - 1) * p(x) instead). nearest [V, >= max k] neighbour ids.
-
-    Relaxation of draft x under distribution r: the cumulative r-mass c_j of x's j nearest neighbours,
-    the largest j with c_j <= limit, p~(x) = r(x) + c_j. Greedy accepts iff x is the argmax or p~(x) >=
-    r(argmax); sampling accepts iff u * R < p~(x) with R the residual mass, and on rejection zeroes x
-    and the moved neighbours (the delta budget shrinks by what was moved, so a node's output stays
-    within total variation delta of r).
-
-    Returns path [B, max_depth + 1] int32 (accepted nodes from the root, -1 after), num_accepted [B],
-    last [B] (the node whose row yields the bonus token: target[last] when greedy, else a draw from
-    the residual probs[last]) and relaxed [B] (accepts that strict verification would have refused).
-    """
-    bsz = roots.numel()
-    path = torch.full((bsz, max_depth + 1), -1, dtype=torch.int32)
-    path[:, 0] = roots.cpu()
-    num_acc = torch.zeros(bsz, dtype=torch.int32)
-    last = roots.cpu().to(torch.int32).clone()
-    relaxed = torch.zeros(bsz, dtype=torch.int32)
-    tgt, drf, u = target.tolist(), draft.tolist(), uniforms.tolist()
-    fc, nc = first_child.tolist(), num_children.tolist()
-    for b in range(bsz):
-        cur, depth, k = int(roots[b]), 0, int(relax_k[b])
-        is_greedy, lim_lam, dl = bool(greedy[b]), float(lam[b]), float(delta[b])
-        while depth < max_depth:
-            row = probs[cur] if probs is not None and (k > 0 or not is_greedy) else None
-            mass, budget, accepted = 1.0, dl, -1
-            for c in range(fc[cur], fc[cur] + nc[cur]):
-                x = drf[c]
-                if is_greedy and x == tgt[cur]:
-                    accepted = c
-                    break
-                moved, take = 0.0, None
-                if k > 0:
-                    px = float(row[x])
-                    nb = nearest[x, :k].long()
-                    cum = torch.cumsum(row[nb], 0)
-                    take = nb[cum <= ((lim_lam - 1.0) * px if lim_lam > 0 else budget)]
-                    moved = float(cum[take.numel() - 1]) if take.numel() else 0.0
-                if is_greedy:
-                    if moved > 0 and float(row[x]) + moved >= float(row[tgt[cur]]):
-                        accepted, relaxed[b] = c, relaxed[b] + 1
-                        break
-                    continue
-                px = float(row[x])
-                if u[c] * mass < px + moved:
-                    accepted = c
-                    relaxed[b] += int(u[c] * mass >= px)
-                    break
-                row[x] = 0.0
-                if take is not None:
-                    row[take] = 0.0
-                mass -= px + moved
-                budget -= moved
-            if accepted < 0:
-                break
-            depth += 1
-            path[b, depth] = accepted
-            cur = accepted
-        num_acc[b], last[b] = depth, cur
-    return path, num_acc, last, relaxed

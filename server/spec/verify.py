@@ -6,7 +6,7 @@ sibling is tried; when every child is rejected the bonus token is drawn from the
 when a leaf is accepted it is drawn from the leaf's own distribution. Greedy accepts a child iff
 it is its parent's argmax. LANTERN (opt-in, ``relaxed_k > 0``) first moves the probability of x's
 nearest neighbours (input-embedding cosine similarity) onto x while the moved mass stays <= delta
-(LANTERN) or <= (lambda - 1) p(x) (LANTERN++). The walk itself is :func:`kernels.reference.spec_verify`
+(LANTERN) or <= (lambda - 1) p(x) (LANTERN++). The walk itself is :func:`kernels.reference_spec.spec_verify`
 on CPU and the Triton kernel :mod:`kernels.spec_verify` on CUDA.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from kernels import reference as ref
+from kernels import reference_spec
 from server.runner.sampler import _filter, draw, token_logprobs
 from server.spec.tree import children, depths
 
@@ -125,7 +125,7 @@ def verify_trees(logits: Tensor, trees: list, nearest: Optional[Tensor] = None) 
         out = kernel(probs, target, *(a.to(dev) for a in args), **{k: v.to(dev) for k, v in per_tree.items()},
                      nearest=nearest, max_depth=max_depth)
     else:
-        out = ref.spec_verify(probs, target.cpu(), *args, **per_tree, nearest=nearest, max_depth=max_depth)
+        out = reference_spec.spec_verify(probs, target.cpu(), *args, **per_tree, nearest=nearest, max_depth=max_depth)
     path, num_acc, last, relaxed = (o.tolist() for o in out)
     target_l = target.tolist()
     raw_lp = None

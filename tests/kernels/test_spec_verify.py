@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from kernels import reference as ref
+from kernels import reference_spec
 from kernels.spec_verify import spec_verify
 
 
@@ -57,7 +57,7 @@ def _batch(seed, num_trees, vocab, k_max, greedy_mix, relax):
 def test_spec_verify_matches_reference(device, seed, greedy_mix, relax):
     args, per_tree, nearest, max_depth = _batch(seed, 9, 40, 8, greedy_mix, relax)
     probs_ref = args[0].clone()
-    expect = ref.spec_verify(probs_ref, *args[1:], **per_tree, nearest=nearest, max_depth=max_depth)
+    expect = reference_spec.spec_verify(probs_ref, *args[1:], **per_tree, nearest=nearest, max_depth=max_depth)
     probs_dev = args[0].to(device)
     got = spec_verify(probs_dev, *(a.to(device) for a in args[1:]), **{k: v.to(device) for k, v in per_tree.items()},
                       nearest=nearest.to(device), max_depth=max_depth)
