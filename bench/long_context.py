@@ -215,13 +215,15 @@ def window_peak_blocks(llm, n: int, window: int) -> int:
 
 @contextmanager
 def oracle_topk(llm, budget: int, first: int = 2):
-    """While active, every decode layer from ``first`` on attends only over its own top-``budget`` keys by its
-    exact attention (per kv head: the group's summed probabilities, as TidalDecode aggregates). No selection
-    that gives each layer ``budget`` keys of its own does better at keeping the attention mass, so this is the
-    fidelity a per-layer token selection could reach at that budget; TidalDecode's loss beyond it comes from
-    sharing one layer's selection with the layers after it. Dense scores are computed, then masked: a
-    diagnostic, not a fast path."""
+    """While active, every decode layer from ``first`` on makes TidalDecode's selection for itself: its own
+    exact attention (per kv head, the group's summed probabilities) picks its top-(budget - 1) keys plus
+    the current token, and it attends over those only. No selection that gives each layer ``budget`` keys
+    of its own does better at keeping the attention mass, so this is the fidelity a per-layer token
+    selection could reach at that budget; TidalDecode's loss beyond it comes from sharing one layer's
+    selection with the layers after it. Every layer runs dense attention to select: a diagnostic, not a
+    fast path."""
     from kernels import reference as ref
+    from kernels.selection import topk_token_slots
 
     backend = llm.engine.runner.backend
     dense = backend.dense_forward
@@ -229,19 +231,10 @@ def oracle_topk(llm, budget: int, first: int = 2):
     def forward(layer, q, k_cache, v_cache, meta, scale):
         if layer < first or not meta.is_decode or meta.max_kv_len <= budget:
             return dense(layer, q, k_cache, v_cache, meta, scale)
-        bsz, hq, d = q.shape
-        hkv = k_cache.shape[1]
-        slots = ref.padded_slots(meta.block_tables, meta.kv_lens, meta.max_kv_len, meta.block_size).reshape(-1)
-        k = k_cache.index_select(0, slots).view(bsz, -1, hkv, d).float()
-        v = v_cache.index_select(0, slots).view(bsz, -1, hkv, d).float()
-        logits = torch.einsum("bhgd,blhd->bhgl", q.float().view(bsz, hkv, hq // hkv, d), k) * scale
-        valid = torch.arange(k.shape[1], device=q.device)[None, :] < meta.kv_lens.long()[:, None]
-        logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
-        top = logits.softmax(-1).sum(2).topk(budget, dim=-1).indices  # [B, Hkv, budget]
-        keep = torch.zeros(logits.shape[:2] + logits.shape[3:], dtype=torch.bool, device=q.device)
-        keep.scatter_(-1, top, True)
-        p = logits.masked_fill(~keep[:, :, None, :], float("-inf")).softmax(-1)
-        return torch.einsum("bhgl,blhd->bhgd", p, v).reshape(bsz, hq, d).to(q.dtype)
+        _, (scores, _) = backend.decode(q, k_cache, v_cache, meta, scale, emit=True)
+        slots = ref.padded_slots(meta.block_tables, meta.kv_lens, meta.max_kv_len, meta.block_size)
+        selected, _ = topk_token_slots(scores, slots, meta.kv_lens, torch.full_like(meta.kv_lens, budget))
+        return backend.sparse_decode(q, k_cache, v_cache, selected, scale)
 
     backend.dense_forward = forward
     try:

@@ -2,9 +2,10 @@
 
 For HumanEval prompts and chat prompts, each drafter (ngram, recycling, goose) at each concurrency
 runs interleaved with the plain baseline in the same process (rounds of none, method, none, ...),
-so machine noise hits both alike; the speedup is the median of the rounds' paired ratios. Then a LANTERN delta sweep (greedy, goose drafts): acceptance,
-relaxed accepts, agreement with the plain greedy output, and the measured total-variation distance
-of the relaxed distribution to the target on the model's real next-token distributions.
+so machine noise hits both alike; the speedup is the median of the rounds' paired ratios. Then a
+LANTERN delta sweep (greedy, goose drafts): acceptance, relaxed accepts, agreement with the plain
+greedy output, and the measured total-variation distance of the relaxed distribution to the target
+on the model's real next-token distributions.
 
     python -m bench.spec                 # full run, writes bench/results/spec.json
     python -m bench.spec --quick         # tiny smoke run
