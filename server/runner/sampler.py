@@ -3,7 +3,7 @@
 Logprobs are reported from the raw model distribution (log_softmax of the
 logits before penalties and temperature), as vLLM does by default.
 
-Reproducibility: each request owns a ``torch.Generator``; its random draw is
+Reproducibility: each request owns a CPU ``torch.Generator``; its random draw is
 made from that generator alone (an exponential race over the vocabulary), so a
 seeded request samples the same tokens whatever its batch mates are.
 """
@@ -97,7 +97,9 @@ def sample(logits: Tensor, reqs: list[Request], penalties: bool = True) -> Sampl
 
 def draw(probs: Tensor, generator: Optional[torch.Generator]) -> int:
     """One sample from ``probs`` using only ``generator`` (exponential race: argmax p / E, E ~ Exp(1))."""
-    u = torch.rand(probs.shape[-1], generator=generator, device=probs.device, dtype=torch.float32)
+    # the uniforms come from the request's generator, which lives on the CPU (so a seed gives the same draws
+    # on every device): draw there, compute where the probabilities are
+    u = torch.rand(probs.shape[-1], generator=generator, dtype=torch.float32).to(probs.device)
     e = -torch.log1p(-u)
     return int((probs / e).argmax())
 
