@@ -39,31 +39,69 @@ class LoadedModel:
     name: str
 
 
-def load_model(path: Optional[str], dtype: Optional[torch.dtype], device) -> LoadedModel:
+def load_model(path: Optional[str], dtype: Optional[torch.dtype], device, load_format: str = "auto",
+               tokenizer: Optional[str] = None) -> LoadedModel:
     """``path``: a GGUF file, an HF model directory, or None for the embedded model.
-    ``dtype`` None: float32 on CPU, bfloat16 (float16 where unsupported) on CUDA."""
+    ``dtype`` None: float32 on CPU, bfloat16 (float16 where unsupported) on CUDA.
+    ``load_format`` "dummy": only the shape is read (an HF directory needs just its config.json) and the
+    weights are random (vLLM's ``--load-format dummy``): for timing a model whose weights are not here.
+    ``tokenizer``: a GGUF file or HF directory to take the tokenizer from instead of ``path``."""
     start = time.perf_counter()
     device = torch.device(device)
     dtype = dtype or _default_dtype(device)
     name = EMBEDDED_NAME if path is None else os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
     path = embedded_model_path() if path is None else path
-    if os.path.isdir(path):
-        arch, weights, tokenizer = _read_hf_dir(path, dtype, device)
-    elif os.path.isfile(path):
-        gguf_file = read_gguf(path)
-        arch, weights = gguf_weights(gguf_file, dtype, device)
-        tokenizer = Tokenizer.from_gguf_metadata(gguf_file.metadata)
-    else:
+    if load_format not in ("auto", "dummy"):
+        raise ModelLoadError(f"load format {load_format!r} is not one of auto, dummy")
+    if not os.path.exists(path):
         raise ModelLoadError(f"model path not found: {path}")
-    model = model_class(arch)(arch)  # weightless until load_weights
-    model.load_weights(weights)
+    gguf_file = None if os.path.isdir(path) else read_gguf(path)
+    if load_format == "dummy":
+        arch = _read_arch(path, gguf_file)
+        model = model_class(arch)(arch)
+        _random_weights(model, dtype, device)
+    else:
+        arch, weights = _read_hf_dir(path, dtype, device) if gguf_file is None else gguf_weights(gguf_file, dtype,
+                                                                                                 device)
+        model = model_class(arch)(arch)  # weightless until load_weights
+        model.load_weights(weights)
     model.eval()
+    tok = _read_tokenizer(tokenizer) if tokenizer else _read_tokenizer(path, gguf_file)
     params = list(model.parameters())
     mib = sum(p.numel() * p.element_size() for p in params) / 2**20
-    logger.info("loaded %s (%s, %.1fM params, %.0f MiB %s on %s) in %.1f s", name, arch.architecture,
+    logger.info("loaded %s (%s, %.1fM params, %.0f MiB %s on %s%s) in %.1f s", name, arch.architecture,
                 sum(p.numel() for p in params) / 1e6, mib, str(dtype).removeprefix("torch."), device,
-                time.perf_counter() - start)
-    return LoadedModel(model=model, tokenizer=tokenizer, arch=arch, name=name)
+                ", random weights" if load_format == "dummy" else "", time.perf_counter() - start)
+    return LoadedModel(model=model, tokenizer=tok, arch=arch, name=name)
+
+
+def _read_arch(path: str, gguf_file: Optional["GGUFFile"]) -> ArchConfig:
+    """The shape alone: an HF directory's config.json or a GGUF file's metadata."""
+    if gguf_file is None:
+        return ArchConfig.from_hf_config(_read_json(os.path.join(path, "config.json"), path))
+    return gguf_arch(gguf_file)
+
+
+def _read_tokenizer(path: str, gguf_file: Optional["GGUFFile"] = None) -> Tokenizer:
+    if not os.path.exists(path):
+        raise ModelLoadError(f"tokenizer path not found: {path}")
+    if os.path.isdir(path):
+        return Tokenizer.from_hf_dir(path)
+    return Tokenizer.from_gguf_metadata((gguf_file or read_gguf(path)).metadata)
+
+
+def _random_weights(model: nn.Module, dtype: torch.dtype, device: torch.device, std: float = 0.02) -> None:
+    """Replace every (meta) parameter with random values of a trained model's scale: matrices N(0, std),
+    norm weights 1, biases 0. Seeded by the caller's torch seed."""
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            t = torch.empty(p.shape, dtype=dtype, device=device)
+            if p.dim() > 1:
+                t.normal_(0.0, std)
+            else:
+                t.fill_(1.0 if name == "weight" else 0.0)
+            setattr(module, name, nn.Parameter(t, requires_grad=False))
+    model.rotary.to(device)
 
 
 def _default_dtype(device: torch.device) -> torch.dtype:
@@ -77,11 +115,7 @@ def _default_dtype(device: torch.device) -> torch.dtype:
 def _read_hf_dir(path: str, dtype, device):
     from safetensors import safe_open
 
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise ModelLoadError(f"{path} has no config.json")
-    with open(config_path) as f:
-        arch = ArchConfig.from_hf_config(json.load(f))
+    arch = ArchConfig.from_hf_config(_read_json(os.path.join(path, "config.json"), path))
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise ModelLoadError(f"{path} has no *.safetensors weights")
@@ -92,7 +126,14 @@ def _read_hf_dir(path: str, dtype, device):
                 for key in sf.keys():
                     weights[key] = sf.get_tensor(key).to(device=device, dtype=dtype)
                     bar.update()
-    return arch, weights, Tokenizer.from_hf_dir(path)
+    return arch, weights
+
+
+def _read_json(file: str, folder: str) -> dict:
+    if not os.path.isfile(file):
+        raise ModelLoadError(f"{folder} has no {os.path.basename(file)}")
+    with open(file) as f:
+        return json.load(f)
 
 
 # ---------------------------------------------------------------- GGUF files
@@ -240,16 +281,23 @@ def _hf_name(name: str) -> Optional[str]:
     return None
 
 
+def gguf_arch(gf: GGUFFile) -> ArchConfig:
+    """The model's shape from a GGUF file's metadata (and its rope frequency tensor, if any)."""
+    try:
+        arch = ArchConfig.from_gguf_metadata(gf.metadata, tied="output.weight" not in gf.tensors)
+    except KeyError as e:
+        raise ModelLoadError(f"{gf.path}: GGUF metadata lacks {e.args[0]!r}") from None
+    if "rope_freqs.weight" in gf.tensors:  # Llama 3.1 rope scaling, stored as per-frequency divisors
+        factors = dequantize_tensor(gf.buffer, gf.tensors["rope_freqs.weight"]).float().tolist()
+        arch = dataclasses.replace(arch, rope_freq_factors=tuple(factors))
+    return arch
+
+
 def gguf_weights(gf: GGUFFile, dtype, device) -> tuple[ArchConfig, dict]:
     """The model's shape and its tensors dequantized to ``dtype``, under HF names and in HF layout."""
     path, md, tensors = gf.path, gf.metadata, dict(gf.tensors)
-    try:
-        arch = ArchConfig.from_gguf_metadata(md, tied="output.weight" not in tensors)
-    except KeyError as e:
-        raise ModelLoadError(f"{path}: GGUF metadata lacks {e.args[0]!r}") from None
-    if "rope_freqs.weight" in tensors:  # Llama 3.1 rope scaling, stored as per-frequency divisors
-        factors = dequantize_tensor(gf.buffer, tensors.pop("rope_freqs.weight")).float().tolist()
-        arch = dataclasses.replace(arch, rope_freq_factors=tuple(factors))
+    arch = gguf_arch(gf)
+    tensors.pop("rope_freqs.weight", None)
     names = {}
     for gguf_name in tensors:
         names[gguf_name] = _hf_name(gguf_name)

@@ -47,6 +47,10 @@ ENGINE_FLAGS = (
           ("auto", "float32", "bfloat16", "float16")),
     _Flag("device", "model.device", str, "device to run on (auto: cuda when available)", ("auto", "cpu", "cuda")),
     _Flag("max-model-len", "model.max_model_len", int, "context length limit (default: the model's own)"),
+    _Flag("load-format", "model.load_format", str, "auto: the checkpoint's weights; dummy: random weights of its "
+          "shape (a directory needs only config.json), for timing", ("auto", "dummy")),
+    _Flag("tokenizer", "model.tokenizer", str, "GGUF file or Hugging Face directory to take the tokenizer from "
+          "(default: the model's own)"),
     _Flag("seed", "model.seed", int, "global random seed (requests without a seed draw their own)"),
     _Flag("block-size", "cache.block_size", int, "tokens per KV cache block", (8, 16, 32, 64, 128)),
     _Flag("kv-cache-memory", "cache.kv_cache_memory", float,

@@ -28,10 +28,13 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda
     max_model_len: Optional[int] = None  # default: the model's own context length
     seed: int = 0
+    load_format: str = "auto"  # auto | dummy (random weights of the model's shape, for timing)
+    tokenizer: Optional[str] = None  # GGUF file or HF directory of the tokenizer (default: the model's own)
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"dtype: unknown value {self.dtype!r}")
         _check(self.device in ("auto", "cpu", "cuda"), f"device: unknown value {self.device!r}")
+        _check(self.load_format in ("auto", "dummy"), f"load_format: unknown value {self.load_format!r}")
         _check(self.max_model_len is None or self.max_model_len > 0, "max_model_len must be > 0")
 
 

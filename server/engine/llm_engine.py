@@ -69,7 +69,8 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         torch.manual_seed(config.model.seed)
         t0 = time.perf_counter()
-        loaded = load_model(config.model.model, dtype=self.dtype, device=self.device)
+        loaded = load_model(config.model.model, dtype=self.dtype, device=self.device,
+                            load_format=config.model.load_format, tokenizer=config.model.tokenizer)
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.arch = arch = loaded.arch

@@ -68,3 +68,31 @@ def test_directory_without_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], **SMALL}))
     with pytest.raises(ModelLoadError, match="no \\*.safetensors"):
         load_model(str(tmp_path), None, "cpu")
+
+
+def test_dummy_load_format_needs_only_the_shape(tmp_path, gguf_path, gguf_tokenizer):
+    """--load-format dummy: a config.json alone gives a runnable model of that shape with random weights of a
+    trained model's scale, the tokenizer taken from --tokenizer; two loads under one seed agree."""
+    from server.engine.llm import LLM
+    from server.engine.request import SamplingParams
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], **SMALL}))
+    torch.manual_seed(3)
+    loaded = load_model(str(tmp_path), torch.float32, "cpu", load_format="dummy", tokenizer=gguf_path)
+    params = dict(loaded.model.named_parameters())
+    assert not any(p.is_meta for p in params.values())
+    qkv = params["layers.0.self_attn.qkv_proj.weight"]
+    assert qkv.shape == (64 + 2 * 32, 64) and 0.015 < qkv.std() < 0.025
+    assert torch.equal(params["layers.1.input_layernorm.weight"], torch.ones(64))
+    assert loaded.tokenizer.encode("hello world") == gguf_tokenizer.encode("hello world")
+    torch.manual_seed(3)
+    again = load_model(str(tmp_path), torch.float32, "cpu", load_format="dummy", tokenizer=gguf_path)
+    assert torch.equal(dict(again.model.named_parameters())["layers.0.self_attn.qkv_proj.weight"], qkv)
+
+    llm = LLM(model=str(tmp_path), load_format="dummy", tokenizer=gguf_path, num_blocks=64)
+    out = llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 5 and all(0 <= t < SMALL["vocab_size"] for t in out.token_ids)
+    with pytest.raises(ModelLoadError, match="has no \\*.safetensors"):  # the default format still wants weights
+        load_model(str(tmp_path), None, "cpu", tokenizer=gguf_path)
+    with pytest.raises(ModelLoadError, match="tokenizer path not found"):
+        load_model(str(tmp_path), None, "cpu", load_format="dummy", tokenizer=str(tmp_path / "nope"))
