@@ -186,9 +186,17 @@ def paged_attention_short(
 
 
 def causal_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Optional[Tensor] = None) -> Tensor:
-    """Attention of q [n, Hq, D] over k/v [L, Hkv, D] in float32, under the bool ``mask`` [n, L], or causal
-    (n == L) when it is None. Batched 4-D inputs: on CPU that is what reaches SDPA's fused (flash) kernel,
-    several times faster than the 3-D math path at long lengths."""
+    """Attention of q [n, Hq, D] over k/v [L, Hkv, D], under the bool ``mask`` [n, L], or causal (n == L)
+    when it is None. Batched 4-D inputs: on CPU that is what reaches SDPA's fused (flash) kernel, several
+    times faster than the 3-D math path at long lengths; there it runs in float32. On a GPU it runs in the
+    model's dtype (SDPA's fused GPU kernels accumulate in float32 themselves) with the kv heads repeated
+    per query head, the form every fused GPU kernel takes under a mask."""
+    if q.is_cuda:
+        rep = q.shape[1] // k.shape[1]
+        k, v = (k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)) if rep > 1 else (k, v)
+        return F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                              v.transpose(0, 1)[None], attn_mask=mask, is_causal=mask is None,
+                                              scale=scale)[0].transpose(0, 1)
     o = F.scaled_dot_product_attention(q.float().transpose(0, 1)[None], k.float().transpose(0, 1)[None],
                                        v.float().transpose(0, 1)[None], attn_mask=mask, is_causal=mask is None,
                                        scale=scale, enable_gqa=q.shape[1] != k.shape[1])

@@ -16,7 +16,8 @@ Tensor = torch.Tensor
 
 
 def topk_token_slots(scores: Tensor, slots: Tensor, kv_lens: Tensor, budgets: Tensor,
-                     first: Optional[Tensor] = None, latest: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                     first: Optional[Tensor] = None, latest: Optional[Tensor] = None,
+                     max_budget: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """TidalDecode selection: per (request, kv head) the top-(budget - 1) earlier tokens by score, plus the
     current token (kv index kv_len - 1), which is always attended.
 
@@ -24,6 +25,7 @@ def topk_token_slots(scores: Tensor, slots: Tensor, kv_lens: Tensor, budgets: Te
     group's query heads); slots: [B, L] physical slot of each kv index; kv_lens, budgets: [B].
     ``first`` / ``latest`` ([B], optional): the first and the latest earlier tokens every head keeps
     before ranking the rest (inside the budget; when they alone exceed it, an arbitrary subset of them).
+    ``max_budget``: a host-side bound on ``budgets`` (spares a device sync for their maximum on a GPU).
     Returns (slot lists [B, Hkv, K], kv indices [B, Hkv, K]) with K = max(budget) capped at L; entries
     past a request's budget or context are -1. The current token is the last valid column.
     """
@@ -35,7 +37,7 @@ def topk_token_slots(scores: Tensor, slots: Tensor, kv_lens: Tensor, budgets: Te
     if first is not None:
         kept = earlier & ((idx[None, :] < first.long()[:, None]) | (idx[None, :] >= (lens - 1 - latest.long())[:, None]))
         masked.masked_fill_(kept[:, None, :], float("inf"))
-    k = max(0, min(int(budgets.max()) - 1, width - 1))
+    k = max(0, min((int(budgets.max()) if max_budget is None else max_budget) - 1, width - 1))
     top_val, top_idx = torch.topk(masked, k, dim=-1) if k else (masked[..., :0], idx.new_zeros(bsz, hkv, 0))
     keep = (top_val > float("-inf")) & (torch.arange(k, device=scores.device) < (budgets.long() - 1)[:, None, None])
     cur = (lens - 1)[:, None, None].expand(bsz, hkv, 1)

@@ -149,7 +149,11 @@ class SparsePlan:
         self.policies = [p for _, _, p in picked]
         self.budgets = torch.tensor([p.budget for p in self.policies], device=dev)
         self.reserved = torch.tensor([p.reserved() for p in self.policies], device=dev)  # [n, 2]
-        self.max_selected = min(int(max(p.budget for p in self.policies)), self.sub.max_kv_len)
+        self.max_budget = int(max(p.budget for p in self.policies))
+        self.max_selected = min(self.max_budget, self.sub.max_kv_len)
+        # the rows are the whole batch in order: a layer where all of them read their tidal selection is
+        # one sparse decode call, without gathering rows or slot lists
+        self.whole_batch = rows == list(range(meta.num_seqs))
         self.tidal_slots: Optional[Tensor] = None  # [n, Hkv, max_selected], filled by the selection layers
         all_rows_sparse = n == meta.num_seqs
         self.layers, cache = [], {}
@@ -171,6 +175,8 @@ class SparsePlan:
         if groups is None:
             return backend.dense_forward(layer, q, k_cache, v_cache, meta, scale)
         need_dense, select, tokens, pages, keep = groups
+        if self.whole_batch and not need_dense and tokens.numel() == self.rows.numel():
+            return backend.sparse_decode(q, k_cache, v_cache, self.tidal_slots, scale)
         out = backend.dense_forward(layer, q, k_cache, v_cache, meta, scale) if need_dense else torch.empty_like(q)
         if select.numel():
             out[self.rows[select]] = self._select(backend, layer, q, select, k_cache, v_cache, scale)
@@ -193,7 +199,8 @@ class SparsePlan:
         sub = self._subset(select)
         out, (score_sum, _) = backend.decode(q[self.rows[select]], k_cache, v_cache, sub, scale, emit=True)
         first, latest = self.reserved[select].unbind(1)
-        slots, _ = topk_token_slots(score_sum, sub._cache["slots"], sub.kv_lens, self.budgets[select], first, latest)
+        slots, _ = topk_token_slots(score_sum, sub._cache["slots"], sub.kv_lens, self.budgets[select], first, latest,
+                                    self.max_budget)
         if self.tidal_slots is None:
             self.tidal_slots = slots.new_full((self.rows.numel(), slots.shape[1], self.max_selected), -1)
         self.tidal_slots[select] = F.pad(slots, (0, self.max_selected - slots.shape[2]), value=-1)
