@@ -87,14 +87,16 @@ def methods(budgets: list, tidal_layers: tuple = (), skips: str = "") -> list:
     return out + [(name, None, opts) for name, opts in skip_configs(skips)]
 
 
-def decode_time(llm, prompt: list, sparsity, n: int) -> float:
-    """Seconds per decode step after the prefill (median over the steps)."""
+def decode_time(llm, prompt: list, sparsity, n: int, batch: int = 1) -> float:
+    """Seconds per decode step of ``batch`` requests with ``prompt``'s context (each its own copy: no prefix
+    caching) after their prefills (median over the steps)."""
     from server.engine.request import SamplingParams
 
     eng = llm.engine
-    eng.add_request("d", prompt, SamplingParams(max_tokens=n + 1, temperature=0.0, ignore_eos=True,
-                                                sparsity=sparsity))
-    while eng.scheduler.requests["d"].num_output_tokens == 0:
+    for i in range(batch):
+        eng.add_request(f"d{i}", prompt, SamplingParams(max_tokens=n + 1, temperature=0.0, ignore_eos=True,
+                                                        sparsity=sparsity))
+    while any(eng.scheduler.requests[f"d{i}"].num_output_tokens == 0 for i in range(batch)):
         eng.step()
     times = []
     while eng.has_unfinished_requests():
@@ -104,20 +106,21 @@ def decode_time(llm, prompt: list, sparsity, n: int) -> float:
     return statistics.median(times)
 
 
-def attention_time(context: int, budget: int, reps: int) -> dict:
-    """One layer's decode attention with SmolLM2's shapes (9 query, 3 kv heads, dim 64), batch 1, on the
-    device's backend: dense vs TidalDecode's sparse layer (sparse decode over budget slots)."""
+def attention_time(arch, dtype, context: int, budget: int, reps: int) -> dict:
+    """One layer's decode attention with the model's head shapes, batch 1, on the device's backend: dense
+    vs TidalDecode's sparse layer (sparse decode over budget slots)."""
     from kernels import reference as ref
     from kernels.backend import select_backend
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backend = select_backend("auto", dev)
-    bs, hkv = 16, 3
-    k = torch.randn(context + bs, hkv, 64, device=dev)
+    bs, hkv, dim = 16, arch.num_kv_heads, arch.head_dim
+    scale = dim ** -0.5
+    k = torch.randn(context + bs, hkv, dim, device=dev, dtype=dtype)
     v = torch.randn_like(k)
     table = torch.arange(context // bs + 1, device=dev, dtype=torch.int32)[None]
     kv = torch.tensor([context], device=dev, dtype=torch.int32)
-    q = torch.randn(1, 9, 64, device=dev)
+    q = torch.randn(1, arch.num_heads, dim, device=dev, dtype=dtype)
     slots = torch.randperm(context, device=dev)[:budget].reshape(1, 1, -1).expand(1, hkv, -1).contiguous()
 
     def clock(fn):
@@ -130,11 +133,11 @@ def attention_time(context: int, budget: int, reps: int) -> dict:
         return (time.perf_counter() - t) / reps * 1e3
 
     if backend.name == "torch":
-        dense = clock(lambda: ref.paged_decode(q, k, v, table, kv, bs, 0.125))
+        dense = clock(lambda: ref.paged_decode(q, k, v, table, kv, bs, scale))
     else:
         from kernels.paged_attention import paged_decode
-        dense = clock(lambda: paged_decode(q, k, v, table, kv, bs, 0.125))
-    sparse = clock(lambda: backend.sparse_decode(q, k, v, slots, 0.125))
+        dense = clock(lambda: paged_decode(q, k, v, table, kv, bs, scale))
+    sparse = clock(lambda: backend.sparse_decode(q, k, v, slots, scale))
     return {"dense_ms": dense, "sparse_ms": sparse, "speedup": dense / sparse}
 
 
@@ -300,8 +303,17 @@ def main() -> None:
                     help="budgets of the per-layer exact top-k bound to compare for fidelity (oracle_topk)")
     ap.add_argument("--skip", default="8:0.5,8:0.7,4:0.8",
                     help="Probe-and-Skip settings start_layer:ratio,... (the first is the server default)")
+    ap.add_argument("--decode-batch", type=int, default=1, help="requests decoding together in the speed section")
+    ap.add_argument("--model", default=None, help="GGUF file or HF directory (default: the embedded SmolLM2)")
+    ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                    help="dummy: random weights of the model's shape (timing only: the fidelity sections are "
+                    "skipped), e.g. --model bench/shapes/llama-3.1-8b --load-format dummy on a GPU")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's; the embedded "
+                    "model's when --load-format dummy names a directory without one)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "long_context.json"))
     args = ap.parse_args()
+    if args.load_format == "dummy":
+        args.no_fidelity = True
     if args.quick:
         args.contexts, args.prefill, args.budgets = "512,1024", "512,1024", "64"
         args.decode_steps, args.depths, args.fidelity_context, args.ppl_tokens = 4, "0.5", 700, 8
@@ -311,26 +323,39 @@ def main() -> None:
     budgets = [int(x) for x in args.budgets.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
 
+    from models.embedded import embedded_model_path
     from server.engine.llm import LLM
 
-    llm = LLM(num_blocks=1100, max_num_batched_tokens=8192, enable_prefix_caching=False)
+    longest = max(contexts + prefills) + args.decode_steps + 16
+    tokenizer = args.tokenizer
+    if tokenizer is None and args.load_format == "dummy" and os.path.isdir(args.model or "") and not any(
+            os.path.exists(os.path.join(args.model, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        tokenizer = embedded_model_path()
+    llm = LLM(model=args.model, load_format=args.load_format, tokenizer=tokenizer,
+              max_model_len=None if args.model is None else longest,
+              num_blocks=max(1100, args.decode_batch * (longest // 16 + 2) + 64), max_num_batched_tokens=8192,
+              enable_prefix_caching=False)
     num_layers = llm.engine.arch.num_layers
     selection = tuple((s, s + (num_layers - s) // 2) for s in (int(x) for x in args.tidal_selection.split(",") if x))
     # the speed sections and the needle read from the start, the perplexity documents are the last windows
     hay = haystack(llm.tokenizer, max(contexts + prefills + [args.fidelity_context])
                    + args.ppl_docs * (args.fidelity_context + args.ppl_tokens))
     table = {m: {} for m, _, _ in methods(budgets, selection, args.skip)}
-    results = {"device": str(llm.engine.device), "backend": llm.engine.backend.name, "platform": platform.platform(),
+    results = {"device": str(llm.engine.device), "device_name": torch.cuda.get_device_name()
+               if llm.engine.device.type == "cuda" else platform.processor(), "model": llm.engine.model_name,
+               "load_format": args.load_format, "dtype": str(llm.engine.dtype), "backend": llm.engine.backend.name,
+               "platform": platform.platform(),
                "time": datetime.now(timezone.utc).isoformat(), "args": vars(args), "decode": [], "attention": [],
                "prefill": [], "needle": {}, "perplexity": {}}
 
     for ctx in ([] if args.no_speed else contexts):
         row = {"context": ctx}
         for name, sparsity, _ in timed_methods(budgets):
-            row[name] = decode_time(llm, hay[:ctx], sparsity, args.decode_steps) * 1e3
+            row[name] = decode_time(llm, hay[:ctx], sparsity, args.decode_steps, args.decode_batch) * 1e3
         results["decode"].append(row)
         for b in budgets:
-            results["attention"].append({"context": ctx, "budget": b, **attention_time(ctx, b, 20)})
+            results["attention"].append({"context": ctx, "budget": b, **attention_time(
+                llm.engine.arch, llm.engine.dtype, ctx, b, 20)})
         print(f"decode ms/token @ {ctx}: " + ", ".join(f"{k}={v:.1f}" for k, v in row.items() if k != "context"))
 
     if prefills and not args.no_speed:

@@ -184,11 +184,13 @@ def main():
     ap.add_argument("--deltas", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.4])
     ap.add_argument("--lantern-k", type=int, default=16)
     ap.add_argument("--no-lantern", action="store_true", help="drafters only (skip the LANTERN delta sweep)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="model dtype (auto: bfloat16 on a GPU, float32 on CPU)")
     ap.add_argument("--out", default="bench/results/spec.json")
     args = ap.parse_args()
     if args.quick:
         args.max_tokens, args.concurrency, args.rounds, args.deltas = 16, [1, 2], 1, [0.0, 0.2]
-    llm = LLM(num_blocks=4096, max_num_seqs=max(args.concurrency))
+    llm = LLM(num_blocks=4096, max_num_seqs=max(args.concurrency), dtype=args.dtype)
     # the cost model's forward timings, as a server speculating by default takes them at start-up (else each
     # batch size's first speculating step would pause inside a timed run to measure)
     llm.engine.speculator.budget.calibrate(max(args.concurrency), args.num_draft_tokens)
@@ -199,7 +201,9 @@ def main():
     lantern = [] if args.no_lantern else bench_lantern(llm, workloads["humaneval"][:4 if args.quick else 8],
                                                        args.deltas, args.lantern_k, args.max_tokens,
                                                        args.num_draft_tokens)
-    result = dict(device=str(llm.engine.device), machine=platform.machine(), args=vars(args),
+    result = dict(device=str(llm.engine.device), machine=platform.machine(), dtype=str(llm.engine.dtype),
+                  device_name=torch.cuda.get_device_name() if llm.engine.device.type == "cuda" else platform.processor(),
+                  args=vars(args),
                   drafters=drafters, lantern=lantern)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
