@@ -58,7 +58,8 @@ def skip_configs(spec: str) -> list:
 
 def timed_methods(budgets: list) -> list:
     """(name, sparsity, None) of the methods whose decode speed is timed: dense, TidalDecode and Quest at
-    each budget, and TidalDecode re-selecting every 4 layers at the largest."""
+    each budget, and at the largest TidalDecode re-selecting every 4 layers (``-r4``), re-ranking 4x the
+    budget in candidates in every sparse layer (``-c``), and both."""
     from server.engine.request import SparsityOptions
 
     out = [("dense", None, None)]
@@ -66,7 +67,11 @@ def timed_methods(budgets: list) -> list:
         out += [(f"tidal-{b}", SparsityOptions(method="tidal", budget=b), None),
                 (f"quest-{b}", SparsityOptions(method="quest", budget=b), None)]
     top = max(budgets)
-    return out + [(f"tidal-{top}-r4", SparsityOptions(method="tidal", budget=top, reselect_every=4), None)]
+    cand = 4 * top
+    return out + [(f"tidal-{top}-r4", SparsityOptions(method="tidal", budget=top, reselect_every=4), None),
+                  (f"tidal-{top}-c{cand}", SparsityOptions(method="tidal", budget=top, candidates=cand), None),
+                  (f"tidal-{top}-c{cand}-r4", SparsityOptions(method="tidal", budget=top, candidates=cand,
+                                                             reselect_every=4), None)]
 
 
 def methods(budgets: list, tidal_layers: tuple = (), skips: str = "") -> list:
@@ -280,9 +285,9 @@ def fidelity(llm, hay: list, args, compared: list, depths: list, results: dict, 
 
     print(f"\nfidelity at {args.fidelity_context} tokens (needle depths {depths}; ppl over {args.ppl_tokens} "
           f"forced tokens in each of {args.ppl_docs} documents)")
-    print(f"{'method':<14}{'needle':>8}{'ppl':>10}{'vs dense':>10}")
+    print(f"{'method':<20}{'needle':>8}{'ppl':>10}{'vs dense':>10}")
     for name, r in table.items():
-        print(f"{name:<14}{r['needle']:>8}{r['ppl']:>10.3f}{(r['ppl'] / dense_ppl - 1) * 100:>+9.2f}%")
+        print(f"{name:<20}{r['needle']:>8}{r['ppl']:>10.3f}{(r['ppl'] / dense_ppl - 1) * 100:>+9.2f}%")
     print(f"window 64: peak {results['window_kv_blocks']['peak_blocks']} KV blocks over {args.window_tokens} tokens")
 
 

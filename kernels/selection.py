@@ -15,6 +15,13 @@ import torch
 Tensor = torch.Tensor
 
 
+def _top(score: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """torch.topk along the last dim with ties broken by position (a stable sort): which of several equal
+    scores (kept tokens' +inf, underflowed zeros) survive must not depend on the batch the row is in."""
+    val, idx = torch.sort(score, dim=-1, descending=True, stable=True)
+    return val[..., :k], idx[..., :k]
+
+
 def topk_token_slots(scores: Tensor, slots: Tensor, kv_lens: Tensor, budgets: Tensor,
                      first: Optional[Tensor] = None, latest: Optional[Tensor] = None,
                      max_budget: Optional[int] = None) -> tuple[Tensor, Tensor]:
@@ -24,7 +31,7 @@ def topk_token_slots(scores: Tensor, slots: Tensor, kv_lens: Tensor, budgets: Te
     scores: [B, Hkv, L] (the selection layer's attention of the current query, aggregated over the
     group's query heads); slots: [B, L] physical slot of each kv index; kv_lens, budgets: [B].
     ``first`` / ``latest`` ([B], optional): the first and the latest earlier tokens every head keeps
-    before ranking the rest (inside the budget; when they alone exceed it, an arbitrary subset of them).
+    before ranking the rest (inside the budget; when they alone exceed it, the earliest of them).
     ``max_budget``: a host-side bound on ``budgets`` (spares a device sync for their maximum on a GPU).
     Returns (slot lists [B, Hkv, K], kv indices [B, Hkv, K]) with K = max(budget) capped at L; entries
     past a request's budget or context are -1. The current token is the last valid column.
@@ -37,13 +44,41 @@ def topk_token_slots(scores: Tensor, slots: Tensor, kv_lens: Tensor, budgets: Te
     if first is not None:
         kept = earlier & ((idx[None, :] < first.long()[:, None]) | (idx[None, :] >= (lens - 1 - latest.long())[:, None]))
         masked.masked_fill_(kept[:, None, :], float("inf"))
-    k = max(0, min((int(budgets.max()) if max_budget is None else max_budget) - 1, width - 1))
-    top_val, top_idx = torch.topk(masked, k, dim=-1) if k else (masked[..., :0], idx.new_zeros(bsz, hkv, 0))
+    top = int(budgets.max()) if max_budget is None else max_budget
+    k = max(0, min(top - 1, width - 1))
+    top_val, top_idx = _top(masked, k) if k else (masked[..., :0], idx.new_zeros(bsz, hkv, 0))
     keep = (top_val > float("-inf")) & (torch.arange(k, device=scores.device) < (budgets.long() - 1)[:, None, None])
     cur = (lens - 1)[:, None, None].expand(bsz, hkv, 1)
     kv_idx = torch.cat([torch.where(keep, top_idx, -1), cur], dim=-1)
     gathered = torch.gather(slots.long()[:, None, :].expand(bsz, hkv, width), 2, kv_idx.clamp(min=0))
     return torch.where(kv_idx >= 0, gathered, -1), kv_idx
+
+
+def rerank_slots(q: Tensor, k_cache: Tensor, slots: Tensor, forced: Tensor, budgets: Tensor, scale: float,
+                 max_budget: int) -> Tensor:
+    """One layer's own choice among a selection's candidates: per (request, kv head) the ``budget`` candidates
+    its query attends to most (the group's query heads' softmax over the candidates, summed), the ``forced``
+    ones (the current token, kept first/latest tokens) always among them.
+
+    q: [B, Hq, D]; slots: [B, Hkv, C] candidate slots (-1 = padding); forced: [B, Hkv, C] bool; budgets: [B]
+    with ``max_budget`` >= their maximum (host int). Returns slot lists [B, Hkv, K], K = min(max_budget, C),
+    -1 past a request's budget or its candidates.
+    """
+    bsz, hq, d = q.shape
+    hkv, width = slots.shape[1], slots.shape[2]
+    valid = slots >= 0
+    heads = torch.arange(hkv, device=slots.device)[None, :, None]
+    keys = k_cache[slots.clamp(min=0), heads].float()  # [B, Hkv, C, D]: each head's own candidates
+    logits = torch.einsum("bhgd,bhcd->bhgc", q.float().view(bsz, hkv, hq // hkv, d), keys) * scale
+    probs = torch.softmax(logits.masked_fill(~valid[:, :, None, :], float("-inf")), dim=-1).sum(2)
+    # rounded to 2^-20 before ranking (ties then go by position): the float noise of another batch
+    # composition (~1e-7 relative in q) cannot reorder two near-equal candidates
+    probs = torch.round(probs * 2.0 ** 20)
+    score = probs.masked_fill(~valid, float("-inf")).masked_fill(forced & valid, float("inf"))
+    k = min(max_budget, width)
+    val, idx = _top(score, k)
+    keep = (val > float("-inf")) & (torch.arange(k, device=q.device) < budgets.long()[:, None, None])
+    return torch.where(keep, torch.gather(slots, 2, idx), -1)
 
 
 def quest_page_bounds(q: Tensor, key_min: Tensor, key_max: Tensor, block_tables: Tensor, num_pages: Tensor) -> Tensor:

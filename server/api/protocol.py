@@ -74,6 +74,7 @@ class Sparsity(_Strict):
     reselection_layer: Optional[int] = None
     reselect_every: Optional[int] = None
     correction_interval: Optional[int] = None
+    candidates: Optional[int] = None
 
     def to_options(self) -> SparsityOptions:
         return SparsityOptions(**self.model_dump(exclude_unset=True))

@@ -63,6 +63,9 @@ class SparsityOptions:
     reselection_layer: Optional[int] = None  # default: num_layers // 2
     reselect_every: int = 0  # tidal: also re-select every N layers after the selection layer (0 = off)
     correction_interval: int = 0  # tidal KV correction: re-encode every T generated tokens densely (0 = off)
+    # tidal: a selection keeps this many candidates and every sparse layer attends over its own top-`budget`
+    # of them, ranked by its own query (0 = off: every sparse layer attends over the selection itself)
+    candidates: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in ("dense", "window", "quest", "tidal"):
@@ -71,6 +74,8 @@ class SparsityOptions:
             raise ValueError("sparsity: budget and window must be >= 1; sinks, recent and reselect_every >= 0")
         if self.correction_interval < 0:
             raise ValueError("sparsity.correction_interval must be >= 0")
+        if self.candidates and self.candidates <= self.budget:
+            raise ValueError("sparsity.candidates must be 0 (off) or larger than the budget")
 
 
 @dataclass(frozen=True)

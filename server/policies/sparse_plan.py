@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from kernels import reference as ref
 from kernels.backend import AttentionBackend, AttentionMetadata
-from kernels.selection import pages_to_slots, quest_page_bounds, top_pages, topk_token_slots
+from kernels.selection import pages_to_slots, quest_page_bounds, rerank_slots, top_pages, topk_token_slots
 from server.policies.sparsity import DENSE, KEEP, PAGES, SELECT, TOKENS, pruned_reads
 
 Tensor = torch.Tensor
@@ -150,7 +150,12 @@ class SparsePlan:
         self.budgets = torch.tensor([p.budget for p in self.policies], device=dev)
         self.reserved = torch.tensor([p.reserved() for p in self.policies], device=dev)  # [n, 2]
         self.max_budget = int(max(p.budget for p in self.policies))
-        self.max_selected = min(self.max_budget, self.sub.max_kv_len)
+        self.selected = torch.tensor([p.selected for p in self.policies], device=dev)
+        self.max_selected_host = int(max(p.selected for p in self.policies))
+        self.max_selected = min(self.max_selected_host, self.sub.max_kv_len)
+        # some tidal rows keep more candidates than their budget: their sparse layers re-rank them
+        self.rerank = any(p.selected > p.budget for p in self.policies)
+        self.forced: Optional[Tensor] = None  # [n, Hkv, max_selected]: candidates every layer keeps
         # the rows are the whole batch in order: a layer where all of them read their tidal selection is
         # one sparse decode call, without gathering rows or slot lists
         self.whole_batch = rows == list(range(meta.num_seqs))
@@ -176,13 +181,13 @@ class SparsePlan:
             return backend.dense_forward(layer, q, k_cache, v_cache, meta, scale)
         need_dense, select, tokens, pages, keep = groups
         if self.whole_batch and not need_dense and tokens.numel() == self.rows.numel():
-            return backend.sparse_decode(q, k_cache, v_cache, self.tidal_slots, scale)
+            return backend.sparse_decode(q, k_cache, v_cache, self._token_slots(q, k_cache, None, scale), scale)
         out = backend.dense_forward(layer, q, k_cache, v_cache, meta, scale) if need_dense else torch.empty_like(q)
         if select.numel():
             out[self.rows[select]] = self._select(backend, layer, q, select, k_cache, v_cache, scale)
         lists = []
         if tokens.numel():
-            lists.append(self.tidal_slots[tokens])
+            lists.append(self._token_slots(q[self.rows[tokens]], k_cache, tokens, scale))
         if pages.numel():
             lists.append(self._quest_slots(layer, q[self.rows[pages]], pages))
         if keep.numel():
@@ -199,12 +204,30 @@ class SparsePlan:
         sub = self._subset(select)
         out, (score_sum, _) = backend.decode(q[self.rows[select]], k_cache, v_cache, sub, scale, emit=True)
         first, latest = self.reserved[select].unbind(1)
-        slots, _ = topk_token_slots(score_sum, sub._cache["slots"], sub.kv_lens, self.budgets[select], first, latest,
-                                    self.max_budget)
+        slots, kv_idx = topk_token_slots(score_sum, sub._cache["slots"], sub.kv_lens, self.selected[select], first,
+                                         latest, self.max_selected_host)
         if self.tidal_slots is None:
             self.tidal_slots = slots.new_full((self.rows.numel(), slots.shape[1], self.max_selected), -1)
-        self.tidal_slots[select] = F.pad(slots, (0, self.max_selected - slots.shape[2]), value=-1)
+        pad = self.max_selected - slots.shape[2]
+        self.tidal_slots[select] = F.pad(slots, (0, pad), value=-1)
+        if self.rerank:  # what every layer keeps: the current token and the kept first/latest tokens
+            first, latest = first.long()[:, None, None], latest.long()[:, None, None]
+            last = sub.kv_lens.long()[:, None, None] - 1
+            forced = (kv_idx >= 0) & ((kv_idx < first) | (kv_idx >= last - latest))
+            if self.forced is None:
+                self.forced = torch.zeros(self.tidal_slots.shape, dtype=torch.bool, device=slots.device)
+            self.forced[select] = F.pad(forced, (0, pad), value=False)
         return out
+
+    def _token_slots(self, q: Tensor, k_cache: Tensor, tokens: Optional[Tensor], scale: float) -> Tensor:
+        """Slot lists of the tidal rows ``tokens`` (None = every row) in a sparse layer: their selection, or
+        this layer's own top-budget of its candidates (:func:`rerank_slots`)."""
+        slots = self.tidal_slots if tokens is None else self.tidal_slots[tokens]
+        if not self.rerank:
+            return slots
+        forced = self.forced if tokens is None else self.forced[tokens]
+        budgets = self.budgets if tokens is None else self.budgets[tokens]
+        return rerank_slots(q, k_cache, slots, forced, budgets, scale, self.max_budget)
 
     def _quest_slots(self, layer: int, q: Tensor, pages: Tensor) -> Tensor:
         bs = self.block_size

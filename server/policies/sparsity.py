@@ -14,7 +14,10 @@
   tokens, 4 pydoc documents, decode speed at 8K): forced perplexity vs dense +34% without the kept
   tokens, +24% with them at the same speed (3.3x dense); every 4 layers +11% and the needle kept, at
   1.9x. The loss is the sharing, not the budget: each layer over its own exact top-256 is +0.96% with
-  the needle kept (the bench's ``oracle_topk`` bound). KV correction (optional, ``correction_interval``
+  the needle kept (the bench's ``oracle_topk`` bound). Re-ranking (optional, ``candidates`` C > budget, an
+  addition of ours toward that bound): a selection keeps C candidates and every sparse layer attends over
+  its own top-budget of them by its own query's attention (:func:`kernels.selection.rerank_slots`: it reads
+  the C candidates' keys, the budget's values). KV correction (optional, ``correction_interval``
   T): the K/V of generated tokens come out of sparse layers; every T of them the scheduler rewinds the
   request by those T tokens and re-feeds them as one dense chunk, which overwrites their K/V with exact
   values (a T-token prefill every T steps).
@@ -60,6 +63,10 @@ class SparsityPolicy:
 
     @property
     def budget(self) -> int:
+        return self.opts.budget
+
+    @property
+    def selected(self) -> int:
         return self.opts.budget
 
     def window(self) -> tuple[int, int]:
@@ -108,6 +115,11 @@ class TidalPolicy(SparsityPolicy):
     def reserved(self) -> tuple[int, int]:
         return self.opts.sinks, self.opts.recent
 
+    @property
+    def selected(self) -> int:
+        """Tokens a selection keeps: the budget, or the candidates each sparse layer re-ranks."""
+        return max(self.opts.budget, self.opts.candidates)
+
     def exact_kv_tokens(self, req: Request) -> int:
         return req.num_prompt_tokens  # generated tokens' KV comes out of sparse layers
 
@@ -143,7 +155,7 @@ class PrunedReads:
 
     name = "pruned"
     sparse_decode = True
-    budget = 0
+    budget = selected = 0
 
     @staticmethod
     def reserved() -> tuple[int, int]:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kernels import reference as ref
-from kernels.selection import pages_to_slots, quest_page_bounds, top_pages, topk_token_slots
+from kernels.selection import pages_to_slots, quest_page_bounds, rerank_slots, top_pages, topk_token_slots
 from kernels.sparse_attention import sparse_decode
 from kernels.token_skip import gather_rows, scatter_add_rows_
 
@@ -71,6 +71,60 @@ def test_tidal_selection_is_topk_of_dense_scores(paged_pool, device, group):
             chosen = kv_idx[b, h][kv_idx[b, h] >= 0].tolist()
             assert set(chosen) == expect and len(chosen) == len(expect)
             assert slots[b, h][kv_idx[b, h] >= 0].tolist() == padded[b, chosen].tolist()
+
+
+def test_selection_ties_do_not_depend_on_the_batch(device):
+    """Equal scores (kept tokens beyond the budget, underflowed zeros) are cut by position, so a request's
+    selection is the same alone and beside any batch mates (torch.topk's choice among ties was not:
+    two identical requests in one batch got different TidalDecode selections)."""
+    g = torch.Generator().manual_seed(11)
+    hkv, width, budget = 3, 300, 32
+    scores = torch.rand(2, hkv, width, generator=g).to(device)
+    scores[:, :, 100:] = 0.0  # underflowed probabilities: ties at zero
+    scores[1] = scores[0]
+    slots = torch.arange(width, device=device).expand(2, -1)
+    kv = torch.tensor([width, 250], device=device)
+    n = torch.ones(2, dtype=torch.long, device=device)
+    both, _ = topk_token_slots(scores, slots, kv, n * 400, n * 4, n * 200)  # past the nonzero scores: zeros tie
+    alone, _ = topk_token_slots(scores[1:], slots[1:], kv[1:], n[1:] * 400, n[1:] * 4, n[1:] * 200)
+    assert torch.equal(both[1], alone[0])
+    both, _ = topk_token_slots(scores, slots, kv, n * budget, n * 4, n * 64)
+    alone, _ = topk_token_slots(scores[1:], slots[1:], kv[1:], n[1:] * budget, n[1:] * 4, n[1:] * 64)
+    assert torch.equal(both[1], alone[0])
+    kept = set(range(4)) | set(range(249 - 64, 249))
+    assert set(both[1, 0, :-1].tolist()) == set(sorted(kept)[:budget - 1])  # the earliest kept ones, then current
+    assert both[1, 0, -1].item() == 249
+
+
+def test_rerank_is_topk_of_each_layers_own_scores(paged_pool, device):
+    """A sparse layer's re-ranking keeps the forced candidates and, of the rest, the top of its own query's
+    attention (group-summed softmax over the candidates); with every earlier token a candidate and no
+    forced one but the current, it is the exact per-layer top-budget selection."""
+    kv_lens, hkv, group, block_size, budget = [5, 70, 130], 3, 3, 16, 24
+    k_cache, v_cache, tables, kv = paged_pool(kv_lens, hkv, 64, block_size, torch.float32)
+    q = torch.randn(len(kv_lens), hkv * group, 64, generator=torch.Generator().manual_seed(7)).to(device)
+    padded = ref.padded_slots(tables, kv, max(kv_lens), block_size)
+    n = torch.full((3,), 1, device=device)
+    # candidates: every token, the current one forced (what a selection of budget >= context gives)
+    kv_idx = torch.arange(max(kv_lens), device=device).expand(3, hkv, -1)
+    kv_idx = torch.where(kv_idx < kv[:, None, None], kv_idx, -1)
+    cand = torch.where(kv_idx >= 0, torch.gather(padded.long()[:, None, :].expand(-1, hkv, -1), 2,
+                                                 kv_idx.clamp(min=0)), -1)
+    forced = kv_idx == (kv[:, None, None] - 1)
+    slots = rerank_slots(q, k_cache, cand, forced, n * budget, 0.125, budget)
+    _, (score_sum, _) = ref.paged_decode(q, k_cache, v_cache, tables, kv, block_size, 0.125, return_scores=True)
+    for b, kv_len in enumerate(kv_lens):
+        for h in range(hkv):
+            k = min(budget - 1, kv_len - 1)
+            expect = set(torch.topk(score_sum[b, h, :kv_len - 1], k).indices.tolist()) | {kv_len - 1}
+            chosen = slots[b, h][slots[b, h] >= 0].tolist()
+            assert sorted(chosen) == sorted(padded[b, sorted(expect)].tolist())
+    # a forced candidate survives however low it scores; padding never comes back
+    forced = torch.zeros_like(forced)
+    low = torch.argmin(score_sum[2, 0, :kv_lens[2] - 1]).item()
+    forced[2, 0, low] = True
+    slots = rerank_slots(q, k_cache, cand, forced, n * 4, 0.125, 4)
+    assert int(padded[2, low]) in slots[2, 0].tolist() and (slots[0] >= 0).sum(-1).tolist() == [4] * hkv
 
 
 def test_tidal_selection_keeps_first_and_latest_tokens(paged_pool, device):
