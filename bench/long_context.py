@@ -28,6 +28,8 @@ from datetime import datetime, timezone
 
 import torch
 
+from bench.serve import device_description
+
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 NEEDLE = " The secret passphrase is {code}. Remember it."
 QUESTION = "\n\nQuestion: What is the secret passphrase? Answer: The secret passphrase is"
@@ -350,8 +352,8 @@ def main() -> None:
     hay = haystack(llm.tokenizer, max(contexts + prefills + [args.fidelity_context])
                    + args.ppl_docs * (args.fidelity_context + args.ppl_tokens))
     table = {m: {} for m, _, _ in methods(budgets, selection, args.skip)}
-    results = {"device": str(llm.engine.device), "device_name": torch.cuda.get_device_name()
-               if llm.engine.device.type == "cuda" else platform.processor(), "model": llm.engine.model_name,
+    results = {"device": str(llm.engine.device), "device_name": device_description(llm.engine.device),
+               "model": llm.engine.model_name,
                "load_format": args.load_format, "dtype": str(llm.engine.dtype), "backend": llm.engine.backend.name,
                "platform": platform.platform(),
                "time": datetime.now(timezone.utc).isoformat(), "args": vars(args), "decode": [], "attention": [],

@@ -109,6 +109,13 @@ def machine_description() -> str:
            f"{platform.python_version()}"
 
 
+def device_description(device) -> str:
+    """The GPU's name for a CUDA device, else :func:`machine_description`."""
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else machine_description()
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

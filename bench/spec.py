@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from bench.serve import device_description
 from server.engine.llm import LLM
 from server.engine.request import SamplingParams, SpecOptions
 from server.spec.verify import relaxed_distribution
@@ -202,7 +203,7 @@ def main():
                                                        args.deltas, args.lantern_k, args.max_tokens,
                                                        args.num_draft_tokens)
     result = dict(device=str(llm.engine.device), machine=platform.machine(), dtype=str(llm.engine.dtype),
-                  device_name=torch.cuda.get_device_name() if llm.engine.device.type == "cuda" else platform.processor(),
+                  device_name=device_description(llm.engine.device),
                   args=vars(args),
                   drafters=drafters, lantern=lantern)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,13 @@ def _top(score: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return val[..., :k], idx[..., :k]
 
 
+def kept_tokens(idx: Tensor, last: Tensor, first: Tensor, latest: Tensor) -> Tensor:
+    """Which kv indices ``idx`` a TidalDecode selection keeps before ranking the rest: the first ``first``
+    tokens and the ``latest`` before the current one (kv index ``last``), which itself counts as kept.
+    Arguments broadcast against each other."""
+    return (idx < first) | (idx >= last - latest)
+
+
 def topk_token_slots(scores: Tensor, slots: Tensor, kv_lens: Tensor, budgets: Tensor,
                      first: Optional[Tensor] = None, latest: Optional[Tensor] = None,
                      max_budget: Optional[int] = None) -> tuple[Tensor, Tensor]:
@@ -42,7 +49,7 @@ def topk_token_slots(scores: Tensor, slots: Tensor, kv_lens: Tensor, budgets: Te
     earlier = idx[None, :] < (lens - 1)[:, None]  # the current token is added separately
     masked = scores.float().masked_fill(~earlier[:, None, :], float("-inf"))
     if first is not None:
-        kept = earlier & ((idx[None, :] < first.long()[:, None]) | (idx[None, :] >= (lens - 1 - latest.long())[:, None]))
+        kept = earlier & kept_tokens(idx[None, :], (lens - 1)[:, None], first.long()[:, None], latest.long()[:, None])
         masked.masked_fill_(kept[:, None, :], float("inf"))
     top = int(budgets.max()) if max_budget is None else max_budget
     k = max(0, min(top - 1, width - 1))

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from kernels import reference as ref
 from kernels.backend import AttentionBackend, AttentionMetadata
-from kernels.selection import pages_to_slots, quest_page_bounds, rerank_slots, top_pages, topk_token_slots
+from kernels.selection import (kept_tokens, pages_to_slots, quest_page_bounds, rerank_slots, top_pages,
+                               topk_token_slots)
 from server.policies.sparsity import DENSE, KEEP, PAGES, SELECT, TOKENS, pruned_reads
 
 Tensor = torch.Tensor
@@ -151,8 +152,7 @@ class SparsePlan:
         self.reserved = torch.tensor([p.reserved() for p in self.policies], device=dev)  # [n, 2]
         self.max_budget = int(max(p.budget for p in self.policies))
         self.selected = torch.tensor([p.selected for p in self.policies], device=dev)
-        self.max_selected_host = int(max(p.selected for p in self.policies))
-        self.max_selected = min(self.max_selected_host, self.sub.max_kv_len)
+        self.max_selected = min(int(max(p.selected for p in self.policies)), self.sub.max_kv_len)
         # some tidal rows keep more candidates than their budget: their sparse layers re-rank them
         self.rerank = any(p.selected > p.budget for p in self.policies)
         self.forced: Optional[Tensor] = None  # [n, Hkv, max_selected]: candidates every layer keeps
@@ -205,15 +205,14 @@ class SparsePlan:
         out, (score_sum, _) = backend.decode(q[self.rows[select]], k_cache, v_cache, sub, scale, emit=True)
         first, latest = self.reserved[select].unbind(1)
         slots, kv_idx = topk_token_slots(score_sum, sub._cache["slots"], sub.kv_lens, self.selected[select], first,
-                                         latest, self.max_selected_host)
+                                         latest, self.max_selected)
         if self.tidal_slots is None:
             self.tidal_slots = slots.new_full((self.rows.numel(), slots.shape[1], self.max_selected), -1)
         pad = self.max_selected - slots.shape[2]
         self.tidal_slots[select] = F.pad(slots, (0, pad), value=-1)
         if self.rerank:  # what every layer keeps: the current token and the kept first/latest tokens
-            first, latest = first.long()[:, None, None], latest.long()[:, None, None]
-            last = sub.kv_lens.long()[:, None, None] - 1
-            forced = (kv_idx >= 0) & ((kv_idx < first) | (kv_idx >= last - latest))
+            last, first, latest = (x.long()[:, None, None] for x in (sub.kv_lens - 1, first, latest))
+            forced = (kv_idx >= 0) & kept_tokens(kv_idx, last, first, latest)
             if self.forced is None:
                 self.forced = torch.zeros(self.tidal_slots.shape, dtype=torch.bool, device=slots.device)
             self.forced[select] = F.pad(forced, (0, pad), value=False)
