@@ -47,14 +47,25 @@ def haystack(tokenizer, length: int) -> list:
 
 
 def skip_configs(spec: str) -> list:
-    """(name, SkipOptions) of Probe-and-Skip settings "start:ratio,..." (e.g. 8:0.5 = skipping from layer 8,
-    rising to half the tokens)."""
+    """(name, SkipOptions) of Probe-and-Skip settings "start:ratio[:geo][:field=value...],..." (e.g. 8:0.5 =
+    skipping from layer 8, rising linearly to half the tokens; 2:0.9:geo = from layer 2 to 90%, every layer
+    pruning the same share of the tokens still in play, the ``geometric`` schedule; 1:0.95:recent=512 = the
+    last 512 tokens always active; any integer field of SkipOptions may follow)."""
     from server.engine.request import SkipOptions
 
     out = []
     for item in (x for x in spec.split(",") if x):
-        start, ratio = item.split(":")
-        out.append((f"spts-L{start}-{ratio}", SkipOptions(method="spts", start_layer=int(start), ratio=float(ratio))))
+        start, ratio, *rest = item.split(":")
+        fields, name = {}, f"spts-L{start}-{ratio}"
+        for extra in rest:
+            if extra == "geo":
+                fields["schedule"], name = "geometric", name + "-geo"
+            elif "=" in extra:
+                key, value = extra.split("=")
+                fields[key], name = int(value), f"{name}-{key}{value}"
+            else:
+                raise ValueError(f"--skip: {item!r} is not start:ratio[:geo][:field=value...]")
+        out.append((name, SkipOptions(method="spts", start_layer=int(start), ratio=float(ratio), **fields)))
     return out
 
 
@@ -287,9 +298,10 @@ def fidelity(llm, hay: list, args, compared: list, depths: list, results: dict, 
 
     print(f"\nfidelity at {args.fidelity_context} tokens (needle depths {depths}; ppl over {args.ppl_tokens} "
           f"forced tokens in each of {args.ppl_docs} documents)")
-    print(f"{'method':<20}{'needle':>8}{'ppl':>10}{'vs dense':>10}")
+    w = max(map(len, table)) + 2
+    print(f"{'method':<{w}}{'needle':>8}{'ppl':>10}{'vs dense':>10}")
     for name, r in table.items():
-        print(f"{name:<20}{r['needle']:>8}{r['ppl']:>10.3f}{(r['ppl'] / dense_ppl - 1) * 100:>+9.2f}%")
+        print(f"{name:<{w}}{r['needle']:>8}{r['ppl']:>10.3f}{(r['ppl'] / dense_ppl - 1) * 100:>+9.2f}%")
     print(f"window 64: peak {results['window_kv_blocks']['peak_blocks']} KV blocks over {args.window_tokens} tokens")
 
 
@@ -310,10 +322,13 @@ def main() -> None:
     ap.add_argument("--no-fidelity", action="store_true", help="timing sections only")
     ap.add_argument("--tidal-selection", default="", help="extra TidalDecode selection layers to compare for fidelity, "
                     "e.g. 6,12 (re-selection halfway from there to the last layer)")
+    ap.add_argument("--fidelity-methods", default="", help="only these methods in the fidelity section, by name "
+                    "(e.g. dense,spts-L2-0.9; dense is always kept as the baseline); default every method")
     ap.add_argument("--oracle", type=int, nargs="*", default=[256],
                     help="budgets of the per-layer exact top-k bound to compare for fidelity (oracle_topk)")
     ap.add_argument("--skip", default="8:0.5,8:0.7,4:0.8",
-                    help="Probe-and-Skip settings start_layer:ratio,... (the first is the server default)")
+                    help="Probe-and-Skip settings start_layer:ratio[:geo][:field=value...],... (skip_configs; "
+                    "the first is the server default)")
     ap.add_argument("--decode-batch", type=int, default=1, help="requests decoding together in the speed section")
     ap.add_argument("--model", default=None, help="GGUF file or HF directory (default: the embedded SmolLM2)")
     ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
@@ -351,7 +366,14 @@ def main() -> None:
     # the speed sections and the needle read from the start, the perplexity documents are the last windows
     hay = haystack(llm.tokenizer, max(contexts + prefills + [args.fidelity_context])
                    + args.ppl_docs * (args.fidelity_context + args.ppl_tokens))
-    table = {m: {} for m, _, _ in methods(budgets, selection, args.skip)}
+    compared = methods(budgets, selection, args.skip)
+    if args.fidelity_methods:
+        wanted = {"dense", *args.fidelity_methods.split(",")}
+        unknown = wanted - {m for m, _, _ in compared}
+        if unknown:
+            ap.error(f"--fidelity-methods: unknown {sorted(unknown)}")
+        compared = [m for m in compared if m[0] in wanted]
+    table = {m: {} for m, _, _ in compared}
     results = {"device": str(llm.engine.device), "device_name": device_description(llm.engine.device),
                "model": llm.engine.model_name,
                "load_format": args.load_format, "dtype": str(llm.engine.dtype), "backend": llm.engine.backend.name,
@@ -387,7 +409,7 @@ def main() -> None:
         print(f"prefill @ {n}: " + ", ".join(f"{k}={v:.2f}" for k, v in row.items() if k not in ("length", "rounds")))
 
     if not args.no_fidelity:
-        fidelity(llm, hay, args, methods(budgets, selection, args.skip), depths, results, table)
+        fidelity(llm, hay, args, compared, depths, results, table)
     print(f"\nattention (one layer, ms): " + "; ".join(
         f"{a['context']}/{a['budget']}: dense {a['dense_ms']:.3f} sparse {a['sparse_ms']:.3f} ({a['speedup']:.1f}x)"
         for a in results["attention"]))

@@ -85,6 +85,9 @@ ENGINE_FLAGS = (
     _Flag("skip-ratio", "skipping.ratio", float, "final fraction of prompt tokens skipped per block"),
     _Flag("skip-start-layer", "skipping.start_layer", int, "first layer that skips tokens"),
     _Flag("skip-min-prompt-len", "skipping.min_prompt_len", int, "prompts shorter than this are never skipped"),
+    _Flag("skip-schedule", "skipping.schedule", str, "how the skip ratio rises with depth", ("linear", "geometric")),
+    _Flag("skip-probe-tokens", "skipping.probe_tokens", int, "last prompt tokens whose attention picks the kept tokens"),
+    _Flag("skip-recent", "skipping.recent", int, "last prompt tokens never skipped"),
     _Flag("attention-backend", "attention_backend", str, "attention kernels (auto: best for the device)",
           ("auto", "torch", "triton", "flash-attn")),
 )

@@ -120,11 +120,16 @@ class SkippingConfig:
     ratio: float = 0.5
     start_layer: int = 8
     min_prompt_len: int = 1024
+    schedule: str = "linear"
+    probe_tokens: int = 32
+    recent: int = 0
 
     def __post_init__(self) -> None:
         _check(self.method in ("none", "spts"), f"token_skipping: unknown method {self.method!r}")
+        _check(self.schedule in ("linear", "geometric"), f"token_skipping: unknown schedule {self.schedule!r}")
         _check(0 <= self.ratio < 1, "skip ratio must be in [0, 1)")
         _check(self.start_layer >= 0 and self.min_prompt_len >= 1, "skip start layer >= 0, min prompt length >= 1")
+        _check(self.probe_tokens >= 1 and self.recent >= 0, "skip probe tokens >= 1, recent >= 0")
 
 
 @dataclass(frozen=True)

@@ -86,9 +86,11 @@ class TokenSkipping(_Strict):
     start_layer: Optional[int] = None
     min_prompt_len: Optional[int] = None
     probe_tokens: Optional[int] = None
+    recent: Optional[int] = None
     stages: Optional[int] = None
     probe_rank: Optional[int] = None
     blocks: Optional[str] = None
+    schedule: Optional[str] = None
 
     def to_options(self) -> SkipOptions:
         return SkipOptions(**self.model_dump(exclude_unset=True))

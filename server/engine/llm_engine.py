@@ -109,7 +109,8 @@ class LLMEngine:
             self.speculator.budget.calibrate(config.scheduler.max_num_seqs, config.spec.num_draft_tokens)
         sk = config.skipping
         self.default_skipping = SkipOptions(method=sk.method, ratio=sk.ratio, start_layer=sk.start_layer,
-                                            min_prompt_len=sk.min_prompt_len)
+                                            min_prompt_len=sk.min_prompt_len, schedule=sk.schedule,
+                                            probe_tokens=sk.probe_tokens, recent=sk.recent)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._pending: list[RequestOutput] = []
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0}

@@ -87,21 +87,28 @@ class SkipOptions:
     start_layer: int = 8
     ratio: float = 0.5  # final skip ratio (raised in stages with depth)
     probe_tokens: int = 32  # the last r prompt tokens: always active, they probe
+    recent: int = 0  # the last max(recent, probe_tokens) tokens of a chunk are always active
     stages: int = 0  # Multi-Stage Delayed Pruning: the skip ratio rises over this many stages (0: one per layer)
     probe_rank: int = 128  # rank of the MLP probe: how many of the MLP's heaviest neurons it keeps
     blocks: str = "attention"  # which blocks skip tokens: attention | mlp | both (pruned tokens skip both)
+    # how the skip ratio rises over the stages: linear (ratio * (s + 1) / stages) | geometric (every stage
+    # prunes the same share of the tokens still in play; the kept share is (1 - ratio) ** ((s + 1) / stages))
+    schedule: str = "linear"
 
     def __post_init__(self) -> None:
         if self.method not in ("none", "spts"):
             raise ValueError(f"token_skipping.method: unknown value {self.method!r}")
         if not 0 <= self.ratio < 1:
             raise ValueError("token_skipping.ratio must be in [0, 1)")
-        if self.min_prompt_len < 1 or self.start_layer < 0 or self.probe_tokens < 1:
-            raise ValueError("token_skipping: min_prompt_len and probe_tokens must be >= 1, start_layer >= 0")
+        if self.min_prompt_len < 1 or self.start_layer < 0 or self.probe_tokens < 1 or self.recent < 0:
+            raise ValueError("token_skipping: min_prompt_len and probe_tokens must be >= 1, start_layer and "
+                             "recent >= 0")
         if self.stages < 0 or self.probe_rank < 1:
             raise ValueError("token_skipping: stages must be >= 0 and probe_rank >= 1")
         if self.blocks not in ("attention", "mlp", "both"):
             raise ValueError(f"token_skipping.blocks: unknown value {self.blocks!r}")
+        if self.schedule not in ("linear", "geometric"):
+            raise ValueError(f"token_skipping.schedule: unknown value {self.schedule!r}")
 
 
 @dataclass(frozen=True)

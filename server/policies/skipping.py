@@ -6,8 +6,9 @@ choices made here, each a knob of :class:`server.engine.request.SkipOptions`:
 
 * Where: prefill chunks of requests whose prompt has >= ``min_prompt_len`` tokens, in layers
   ``start_layer`` and deeper. Each chunk is treated on its own (with chunked prefill, the chunk's last
-  ``probe_tokens`` tokens probe it); the last r tokens of a chunk, hence of the prompt, are always active.
-  Decode is never skipped.
+  ``probe_tokens`` tokens probe it); the last r tokens of a chunk, hence of the prompt, are always active,
+  and so are its last ``recent`` tokens when that is more (a recent window: what the next tokens read
+  most). Decode is never skipped.
 * Attention subset — Partial Attention Probing: at the layer, the last r tokens' queries attend over the
   chunk's keys (causal); a token's importance is the probability mass it receives, averaged over query
   heads and probes. Active queries then attend exactly (causal, over the full context).
@@ -16,7 +17,9 @@ choices made here, each a knob of :class:`server.engine.request.SkipOptions`:
   truncated SVD) gives f~(x) = D_S(silu(G_S x) * U_S x); a token's importance is ||f~(x)|| / ||h||,
   the predicted relative size of its update.
 * Multi-Stage Delayed Pruning: layers [start_layer, L) are split into ``stages`` equal stages (0, the
-  default: one per layer); stage s skips ratio * (s + 1) / stages of the chunk's non-probe tokens in each
+  default: one per layer); stage s skips ratio * (s + 1) / stages (``schedule="linear"``) or
+  1 - (1 - ratio) ** ((s + 1) / stages) (``"geometric"``: every stage keeps the same share of the tokens the
+  last one kept, so more is skipped early) of the chunk's tokens outside the always-active tail in each
   block. At the end of a stage its skip budget turns into pruning: the tokens skipped most often during
   the stage — in at least half of its block decisions (each layer's attention and/or MLP, whichever
   skip), most skips first, up to the stage's ratio of the chunk — are *pruned*: skipped (and no longer
@@ -76,14 +79,15 @@ def lossy_prefill(req: Request) -> bool:
 
 
 def layer_ratios(opts: SkipOptions, num_layers: int) -> list:
-    """Per layer skip ratio: 0 below start_layer, then ratio * (s + 1) / stages in stage s (stages = 0: one
-    stage per layer)."""
+    """Per layer skip ratio: 0 below start_layer, then in stage s of ``stages`` (0: one stage per layer)
+    ratio * (s + 1) / stages (``linear``), or 1 - (1 - ratio) ** ((s + 1) / stages) (``geometric``: every
+    stage keeps the same share of the tokens the stage before kept)."""
     span = max(num_layers - opts.start_layer, 0)
     stages = opts.stages or max(span, 1)  # 0: a stage per layer
     out = [0.0] * num_layers
     for i in range(opts.start_layer, num_layers):
-        stage = min((i - opts.start_layer) * stages // max(span, 1), stages - 1)
-        out[i] = opts.ratio * (stage + 1) / stages
+        x = (min((i - opts.start_layer) * stages // max(span, 1), stages - 1) + 1) / stages
+        out[i] = opts.ratio * x if opts.schedule == "linear" else 1.0 - (1.0 - opts.ratio) ** x
     return out
 
 
@@ -130,15 +134,21 @@ class LowRankMLPProbe:
 def probe_attention(q_probe: Tensor, k: Tensor, scale: float, hidden: Optional[Tensor] = None) -> Tensor:
     """Partial Attention Probing. q_probe: [r, Hq, D] (the chunk's last r queries), k: [n, Hkv, D] (the chunk's
     keys), ``hidden`` ([n] bool) the keys the layer no longer reads. Returns each key's received attention
-    [n], averaged over query heads and probes (causal)."""
-    r, hq, _ = q_probe.shape
-    n = k.shape[0]
-    kk = k.float().repeat_interleave(hq // k.shape[1], dim=1).transpose(0, 1)  # [Hq, n, D]
-    logits = torch.matmul(q_probe.float().transpose(0, 1), kk.transpose(1, 2)) * scale  # [Hq, r, n]
-    unseen = torch.arange(n, device=k.device)[None, :] > torch.arange(n - r, n, device=k.device)[:, None]
+    [n], averaged over query heads and probes (causal).
+
+    Each kv head's group of query heads is one matmul over its keys (no copy of K per query head), and the
+    causal mask touches only the last r keys, the only ones a probe can precede: with hundreds of probes
+    over thousands of keys this is the probe's whole cost."""
+    r, hq, d = q_probe.shape
+    n, hkv = k.shape[0], k.shape[1]
+    g = hq // hkv
+    q = q_probe.float().reshape(r, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * r, d)  # rows: (head, probe)
+    logits = torch.matmul(q, k.float().permute(1, 2, 0)).mul_(scale)  # [Hkv, G * r, n]
+    after = torch.ones(r, r, dtype=torch.bool, device=k.device).triu_(1)  # probe i, key n - r + j: j > i
+    logits.view(hkv, g, r, n)[..., n - r:].masked_fill_(after, float("-inf"))
     if hidden is not None:
-        unseen = unseen | hidden[None, :]
-    return torch.softmax(logits.masked_fill(unseen, float("-inf")), dim=-1).mean(dim=(0, 1))
+        logits.masked_fill_(hidden, float("-inf"))
+    return torch.softmax(logits, dim=-1).sum(dim=(0, 1)).div_(hq * r)
 
 
 class _Segment:
@@ -152,6 +162,7 @@ class _Segment:
         dev = meta.cu_seqlens_q.device
         self.rows = torch.arange(start, start + n, device=dev)
         self.r = min(opts.probe_tokens, n)
+        self.kept = min(max(opts.recent, opts.probe_tokens), n)  # the chunk's last tokens, never skipped
         self.pruned = torch.zeros(n, dtype=torch.bool, device=dev)
         self.stage_skips = torch.zeros(n, dtype=torch.int32, device=dev)  # block decisions that skipped each token
         self.stage_decisions = 0
@@ -166,7 +177,7 @@ class _Segment:
         self.drops_kv = not reads_every_token(req)  # pruned tokens' later-layer K/V are never read: skip them
 
     def num_skipped(self, layer: int) -> int:
-        return max(int(self.ratios[layer] * (self.n - self.r)), int(self.pruned.sum()))
+        return max(int(self.ratios[layer] * (self.n - self.kept)), int(self.pruned.sum()))
 
     def choose(self, layer: int, importance: Optional[Tensor], skip_block: bool) -> Tensor:
         """Local indices [m] (sorted) of the active tokens of one block; None importance = all active."""
@@ -174,7 +185,7 @@ class _Segment:
         if importance is None or k == 0:
             return torch.nonzero(~self.pruned).flatten()
         score = importance.masked_fill(self.pruned, float("-inf"))
-        score[self.n - self.r:] = float("inf")  # the probes are always active
+        score[self.n - self.kept:] = float("inf")  # the probes and the recent window are always active
         keep = torch.topk(score, self.n - k).indices
         return keep.sort().values
 
@@ -186,7 +197,7 @@ class _Segment:
                 self.stage_skips[active] -= 1
                 self.stage_decisions += 1
         if layer in self.stage_ends:
-            cap = int(self.ratios[layer] * (self.n - self.r)) - int(self.pruned.sum())
+            cap = int(self.ratios[layer] * (self.n - self.kept)) - int(self.pruned.sum())
             score = self.stage_skips.masked_fill(self.pruned | (2 * self.stage_skips < self.stage_decisions), -1)
             top = torch.topk(score, max(min(cap, self.n), 0))
             newly = top.indices[top.values >= 0]

@@ -165,6 +165,10 @@ def test_cli_flags_env_twins_and_precedence(monkeypatch):
     assert config.server.api_key == "from-env" and config.server.port == 9
     assert config.cache.enable_prefix_caching is False
     assert config.eviction.method == "lazy"
+    skip = config_from_args(build_parser().parse_args(["serve", "--token-skipping", "spts", "--skip-schedule", "geometric",
+                                                       "--skip-recent", "512", "--skip-probe-tokens", "128"]),
+                            ENGINE_FLAGS).skipping
+    assert (skip.method, skip.schedule, skip.recent, skip.probe_tokens) == ("spts", "geometric", 512, 128)
     assert config_from_args(build_parser().parse_args(["serve"]), ENGINE_FLAGS + SERVER_FLAGS).model.max_model_len == 300
     help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
     for flag in ENGINE_FLAGS + SERVER_FLAGS + LOG_FLAGS:

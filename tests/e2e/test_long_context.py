@@ -86,8 +86,11 @@ def test_server_default_skipping_and_technique_counters():
     from server.config import CacheConfig, EngineConfig, SchedulerConfig, SkippingConfig
 
     config = EngineConfig(cache=CacheConfig(num_blocks=600), scheduler=SchedulerConfig(max_num_batched_tokens=512),
-                          skipping=SkippingConfig(method="spts", ratio=0.5, start_layer=4, min_prompt_len=256))
+                          skipping=SkippingConfig(method="spts", ratio=0.5, start_layer=4, min_prompt_len=256,
+                                                  schedule="geometric", probe_tokens=16, recent=64))
     llm = LLM(config=config)
+    opts = llm.engine.default_skipping
+    assert (opts.schedule, opts.probe_tokens, opts.recent) == ("geometric", 16, 64)
     prompt = llm.tokenizer.encode(topics["assignment"], add_special_tokens=False)[:400]
     llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0.0,
                                           sparsity=SparsityOptions(method="tidal", budget=64)))

@@ -1,5 +1,7 @@
 """Probe-and-Skip on a tiny random Llama: the staged schedule, the probes' guarantees, bit-identical
 pass-through of skipped tokens, and ratio 0 == no skipping."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -22,6 +24,20 @@ def test_staged_ratios_rise_with_depth():
     ratios = skipping.layer_ratios(opts, 8)
     assert ratios[:2] == [0.0, 0.0] and ratios == sorted(ratios) and ratios[-1] == pytest.approx(0.6)
     assert len(set(ratios[2:])) == 3 and skipping.stage_ends(opts, 8) == {3, 5}
+
+
+def test_geometric_schedule_keeps_the_same_share_per_stage():
+    opts = SkipOptions(method="spts", start_layer=2, ratio=0.875, stages=3, schedule="geometric")
+    kept = [1 - r for r in skipping.layer_ratios(opts, 8)]
+    assert kept == pytest.approx([1, 1, 0.5, 0.5, 0.25, 0.25, 0.125, 0.125])  # each stage keeps half of the last
+    assert skipping.stage_ends(opts, 8) == {3, 5}
+    per_layer = skipping.layer_ratios(replace(opts, stages=0), 8)
+    assert per_layer[-1] == pytest.approx(0.875) and per_layer == sorted(per_layer)
+    # front-loaded: past the first stage it skips more than the linear ramp to the same ratio
+    linear = skipping.layer_ratios(replace(opts, stages=0, schedule="linear"), 8)
+    assert all(g > lin for g, lin in zip(per_layer[2:-1], linear[2:-1]))
+    with pytest.raises(ValueError, match="schedule"):
+        SkipOptions(method="spts", schedule="cosine")
 
 
 @pytest.fixture(scope="module")
@@ -116,10 +132,45 @@ def test_skipped_tokens_pass_through_and_probes_stay_active(runner, monkeypatch)
     assert skips[~pruned].max() <= skips[pruned].min()
 
 
-def test_attention_probe_is_a_distribution():
+def test_recent_window_stays_active(runner, monkeypatch):
+    """``recent`` keeps a chunk's last tokens active beyond the probes; the skip budget is a share of the rest."""
+    opts = SkipOptions(method="spts", min_prompt_len=10, start_layer=1, ratio=0.8, probe_tokens=4, recent=30)
+    decisions = {}
+    record = skipping._Segment.end_layer
+
+    def spy_end(self, layer, attn_active, mlp_active):
+        decisions[layer] = attn_active.clone()
+        record(self, layer, attn_active, mlp_active)
+
+    monkeypatch.setattr(skipping._Segment, "end_layer", spy_end)
+    _prefill(runner, opts)
+    ratios = skipping.layer_ratios(opts, ARCH.num_layers)
+    for i, active in decisions.items():
+        assert torch.isin(torch.arange(70, 100), active).all()
+        assert 100 - len(active) == int(ratios[i] * 70)
+
+
+def test_attention_probe_is_the_mean_causal_attention_of_the_probes():
+    """Against a brute-force loop: probe i (at n - r + i), query head h (kv head h // group) attends causally
+    over the keys not hidden; a key's importance is its probability averaged over heads and probes."""
     g = torch.Generator().manual_seed(2)
-    imp = skipping.probe_attention(torch.randn(4, 6, 8, generator=g), torch.randn(20, 2, 8, generator=g), 0.35)
-    assert imp.shape == (20,) and torch.isclose(imp.sum(), torch.tensor(1.0))
+    r, n, hq, hkv, d, scale = 5, 20, 6, 2, 8, 0.35
+    q, k = torch.randn(r, hq, d, generator=g), torch.randn(n, hkv, d, generator=g)
+    hidden = torch.zeros(n, dtype=torch.bool)
+    hidden[[1, 7]] = True
+    for hid in (None, hidden):
+        want = torch.zeros(n)
+        for i in range(r):
+            for h in range(hq):
+                logits = k[:, h // (hq // hkv)] @ q[i, h] * scale
+                unseen = torch.arange(n) > n - r + i
+                if hid is not None:
+                    unseen |= hid
+                want += torch.softmax(logits.masked_fill(unseen, float("-inf")), -1) / (r * hq)
+        got = skipping.probe_attention(q, k, scale, hid)
+        torch.testing.assert_close(got, want)
+        assert torch.isclose(got.sum(), torch.tensor(1.0))
+        assert hid is None or (got[hidden] == 0).all()
 
 
 def test_mlp_probe_is_the_mlp_on_its_heaviest_neurons():
