@@ -248,6 +248,29 @@ def test_pruned_tokens_leave_later_layers_kv_reads(runner, monkeypatch, masked_c
         assert torch.equal(slots[0, 0][slots[0, 0] >= 0], want) and torch.equal(slots[0, 0], slots[0, 1])
 
 
+def test_tokens_pruned_by_attention_skip_that_layers_mlp(runner, monkeypatch):
+    """Skipping attention only, a token pruned at a layer's end passes the whole layer through: nothing reads
+    its MLP update (its later K/V is never computed); the tokens still in play get theirs."""
+    opts = SkipOptions(method="spts", min_prompt_len=10, start_layer=1, ratio=0.8, probe_tokens=8)
+    seen = []
+    real_layer = skipping.SkipPlan._layer
+
+    def spy(self, i, layer, h, cos, sin, batch, ops):
+        before = h.clone()
+        after = real_layer(self, i, layer, h, cos, sin, batch, ops)
+        seen.append((i, before, after.clone()))
+        return after
+
+    monkeypatch.setattr(skipping.SkipPlan, "_layer", spy)
+    req = Request("r", [i * 7 % 64 for i in range(100)], SamplingParams(max_tokens=4))
+    _prefill(runner, opts, req=req)
+    prune = req.state["prune_layer"].long()  # num_layers: never pruned (the last layer prunes nothing)
+    for i, before, after in seen[:-1]:
+        gone = prune <= i + 1  # pruned here or before
+        assert (prune == i + 1).any() and torch.equal(after[gone], before[gone])
+        assert (after[~gone] != before[~gone]).any(dim=-1).all()
+
+
 def test_pruned_reads_only_for_requests_that_read_plainly(runner):
     from server.policies import sparsity
     req = Request("r", [i % 64 for i in range(100)], SamplingParams(max_tokens=4))
