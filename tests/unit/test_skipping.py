@@ -80,6 +80,21 @@ def _decode(runner, req, token=5):
     return batch, runner.model(batch)
 
 
+def _spy_layers(monkeypatch) -> list:
+    """Records (layer, hidden before, hidden after) of every skipping layer the plan runs."""
+    seen = []
+    real_layer = skipping.SkipPlan._layer
+
+    def spy(self, i, layer, h, cos, sin, batch, ops):
+        before = h.clone()
+        after = real_layer(self, i, layer, h, cos, sin, batch, ops)
+        seen.append((i, before, after.clone()))
+        return after
+
+    monkeypatch.setattr(skipping.SkipPlan, "_layer", spy)
+    return seen
+
+
 def test_ratio_zero_is_identical_to_no_skipping(runner):
     _, dense = _prefill(runner, None)
     batch, skipped = _prefill(runner, SkipOptions(method="spts", min_prompt_len=10, start_layer=1, ratio=0.0))
@@ -90,15 +105,7 @@ def test_ratio_zero_is_identical_to_no_skipping(runner):
 def test_skipped_tokens_pass_through_and_probes_stay_active(runner, monkeypatch):
     opts = SkipOptions(method="spts", min_prompt_len=10, start_layer=1, ratio=0.7, stages=2, probe_tokens=8,
                        blocks="both")
-    seen = []
-    real_layer = skipping.SkipPlan._layer
-
-    def spy(self, i, layer, h, cos, sin, batch, ops):
-        before = h.clone()
-        after = real_layer(self, i, layer, h, cos, sin, batch, ops)
-        seen.append((i, before, after.clone()))
-        return after
-
+    seen = _spy_layers(monkeypatch)
     record = skipping._Segment.end_layer
     decisions = {}
 
@@ -106,7 +113,6 @@ def test_skipped_tokens_pass_through_and_probes_stay_active(runner, monkeypatch)
         decisions[layer] = (attn_active.clone(), mlp_active.clone(), self.pruned.clone())
         record(self, layer, attn_active, mlp_active)
 
-    monkeypatch.setattr(skipping.SkipPlan, "_layer", spy)
     monkeypatch.setattr(skipping._Segment, "end_layer", spy_end)
     _prefill(runner, opts)
     assert [i for i, _, _ in seen] == list(range(1, ARCH.num_layers))
@@ -252,16 +258,7 @@ def test_tokens_pruned_by_attention_skip_that_layers_mlp(runner, monkeypatch):
     """Skipping attention only, a token pruned at a layer's end passes the whole layer through: nothing reads
     its MLP update (its later K/V is never computed); the tokens still in play get theirs."""
     opts = SkipOptions(method="spts", min_prompt_len=10, start_layer=1, ratio=0.8, probe_tokens=8)
-    seen = []
-    real_layer = skipping.SkipPlan._layer
-
-    def spy(self, i, layer, h, cos, sin, batch, ops):
-        before = h.clone()
-        after = real_layer(self, i, layer, h, cos, sin, batch, ops)
-        seen.append((i, before, after.clone()))
-        return after
-
-    monkeypatch.setattr(skipping.SkipPlan, "_layer", spy)
+    seen = _spy_layers(monkeypatch)
     req = Request("r", [i * 7 % 64 for i in range(100)], SamplingParams(max_tokens=4))
     _prefill(runner, opts, req=req)
     prune = req.state["prune_layer"].long()  # num_layers: never pruned (the last layer prunes nothing)
