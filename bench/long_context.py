@@ -352,7 +352,7 @@ def main() -> None:
     from models.embedded import embedded_model_path
     from server.engine.llm import LLM
 
-    longest = max(contexts + prefills) + args.decode_steps + 16
+    longest = max(contexts + prefills + [args.fidelity_context]) + max(args.decode_steps, args.ppl_tokens) + 16
     tokenizer = args.tokenizer
     if tokenizer is None and args.load_format == "dummy" and os.path.isdir(args.model or "") and not any(
             os.path.exists(os.path.join(args.model, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
