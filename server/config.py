@@ -5,8 +5,10 @@ computes it from the config, it never writes it back.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional
+
+from server.engine.request import SkipOptions
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -125,11 +127,11 @@ class SkippingConfig:
     recent: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.method in ("none", "spts"), f"token_skipping: unknown method {self.method!r}")
-        _check(self.schedule in ("linear", "geometric"), f"token_skipping: unknown schedule {self.schedule!r}")
-        _check(0 <= self.ratio < 1, "skip ratio must be in [0, 1)")
-        _check(self.start_layer >= 0 and self.min_prompt_len >= 1, "skip start layer >= 0, min prompt length >= 1")
-        _check(self.probe_tokens >= 1 and self.recent >= 0, "skip probe tokens >= 1, recent >= 0")
+        self.options()  # the per-request rules (ValueError names the field)
+
+    def options(self) -> SkipOptions:
+        """The default as a request's options (every field here is one of SkipOptions')."""
+        return SkipOptions(**asdict(self))
 
 
 @dataclass(frozen=True)

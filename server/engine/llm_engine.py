@@ -17,7 +17,7 @@ from server.cache.kv_manager import KVManager
 from server.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.outputs import RequestOutput
-from server.engine.request import EvictionOptions, Request, RequestStatus, SamplingParams, SkipOptions
+from server.engine.request import EvictionOptions, Request, RequestStatus, SamplingParams
 from server.engine.scheduler import QueueFullError, Scheduler
 from server.policies import skipping, sparsity
 from server.policies.eviction import EvictionDriver
@@ -107,10 +107,7 @@ class LLMEngine:
                                   self.device, self.dtype, num_blocks, cc.block_size, speculator=self.speculator)
         if config.spec.method != "none":  # every request speculates by default: time the cost model now
             self.speculator.budget.calibrate(config.scheduler.max_num_seqs, config.spec.num_draft_tokens)
-        sk = config.skipping
-        self.default_skipping = SkipOptions(method=sk.method, ratio=sk.ratio, start_layer=sk.start_layer,
-                                            min_prompt_len=sk.min_prompt_len, schedule=sk.schedule,
-                                            probe_tokens=sk.probe_tokens, recent=sk.recent)
+        self.default_skipping = config.skipping.options()
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._pending: list[RequestOutput] = []
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0}
