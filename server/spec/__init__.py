@@ -29,7 +29,9 @@ class SpecState:
 
     options: SpecOptions
     drafter: Drafter
-    budget: int = 0  # the budget the current tree was built under
+    step_budget: int = 0  # the candidate budget chosen for this request this step (0: a plain decode)
+    budget: int = 0  # the budget the current tree was built under (step_budget, capped by room)
+    predicted: float = 0.0  # the accepted drafts the budget rule expected of this step's tree
     evidence: str = ""  # the drafter's evidence class this step (Drafter.evidence): the key of its statistics
     boost: float = 1.0  # this request's acceptance relative to its evidence key's (DraftBudget.boost)
 
@@ -51,9 +53,6 @@ class Speculator:
         self.budget = DraftBudget(measure)
         self._shared: Optional[RecyclingTable] = None
         self._nearest: Optional[Tensor] = None
-        self._step_budget = 0
-        self._probe: Optional[str] = None
-        self._probe_turn = 0
         self.counters = {"spec_num_drafts": 0, "spec_num_draft_tokens": 0, "spec_num_accepted_tokens": 0,
                          "spec_relaxed_accepts": 0}
         self.accepted_per_pos: list = []
@@ -77,19 +76,19 @@ class Speculator:
 
     # -- scheduling ----------------------------------------------------------------------------
     def plan(self, running: list) -> None:
-        """Choose this step's draft budget from the decodes about to run."""
+        """Choose each speculating decode's draft budget for this step (:meth:`DraftBudget.choose`)."""
         decodes = [r for r in running if r.num_tokens - r.num_computed_tokens == 1]
+        for r in running:
+            if "spec" in r.state:
+                r.state["spec"].step_budget = 0  # a prefill chunk (or one cut to a single token) drafts nothing
         speculating = [r for r in decodes if "spec" in r.state]
         states = [r.state["spec"] for r in speculating]
         for r, s in zip(speculating, states):
             s.evidence = s.drafter.evidence(r.token_ids)
         cap = max((s.options.num_draft_tokens for s in states), default=0)
-        self._step_budget = self.budget.choose(len(decodes), [s.evidence for s in states], cap,
-                                               [s.boost for s in states])
-        self._probe = None  # a probe step: only this request drafts (requests take turns)
-        if self.budget.probing:
-            self._probe = speculating[self._probe_turn % len(speculating)].request_id
-            self._probe_turn += 1
+        budgets = self.budget.choose(len(decodes), [s.evidence for s in states], cap, [s.boost for s in states])
+        for s, d, predicted in zip(states, budgets, self.budget.predicted):
+            s.step_budget, s.predicted = d, predicted
 
     def samples_step(self, sched, requests: dict) -> bool:
         """Whether the step about to run teaches the cost model: it awaits a sample and the step is
@@ -107,9 +106,9 @@ class Speculator:
         """A draft tree for a decoding request, or None when it does not speculate this step.
         An empty tree still goes through verification, so Token Recycling learns from the root."""
         state = req.state.get("spec")
-        if state is None or self._step_budget == 0 or self._probe not in (None, req.request_id):
+        if state is None or state.step_budget == 0:
             return None
-        state.budget = min(self._step_budget, state.options.num_draft_tokens, max_nodes)
+        state.budget = min(state.step_budget, state.options.num_draft_tokens, max_nodes)
         tree = state.drafter.propose(req.token_ids, state.budget)
         if not len(tree) and state.drafter.table is None:
             # nothing to verify and nothing to learn: a plain decode is cheaper. The budget rule still
@@ -169,7 +168,8 @@ class Speculator:
         greedy verification the tree a smaller candidate budget c would have drafted accepts the path's
         nodes of rank < c (:mod:`server.spec.tree`), so each smaller budget gets that sample too; sampled
         acceptance depends on the siblings tried, and only the budget drafted learns."""
-        key, d = state.evidence, self._step_budget
+        key, d = state.evidence, state.step_budget
+        self.budget.realized(state.predicted, len(path_ranks))
         state.boost = self.budget.boost(state.boost, key, d, len(path_ranks))
         self.budget.record(key, d, len(path_ranks))
         if greedy:

@@ -1,20 +1,26 @@
 """How many draft tokens a step can afford: a measured step-cost model times running acceptance.
 
-For a step with B running decodes of which S speculate, every speculating request gets the same
-budget d from ``CANDIDATES`` (capped by its own ``num_draft_tokens``), chosen to maximise expected
-tokens per second::
+For a step with B running decodes, a budget d from ``CANDIDATES`` (capped by each request's own
+``num_draft_tokens``) goes to the m speculating requests expected to accept the most at d, with (d, m)
+chosen to maximise expected tokens per second::
 
-    (B + S * accepted(d)) / step_time(B, d)
+    (B + sum of the m largest accepted_i(d)) / step_time(B, d * m / B)
 
-``step_time(B, d)`` is measured the first time a batch-size bucket (a power of two) speculates: a
-forward of B sequences of 1 + d tokens each, for every candidate d (short, bounded by
-``MEASURE_SECONDS``; sizes past the limit are extrapolated linearly). ``accepted(d)`` is
-the running mean of accepted draft tokens per verified tree at budget d, kept per *evidence key* (the
-method and what its drafter found this step, :meth:`Drafter.evidence`: ``goose/3`` = a 3-gram prompt
-match to build the spine from, ``goose/0`` = a table-only tree) as the plain mean of its first samples,
-an EMA after (one measurement replaces the prior), times each request's own ``boost`` (its acceptance
-relative to its key's, a faster EMA): acceptance differs far more between a matched continuation and a
-guess, or a repetitive code prompt and free prose, than between budgets. When the batch is compute-bound
+so that where only a few requests have a continuation worth drafting (a matched n-gram, a repetitive
+code prompt) those few draft, instead of every request's tree or none being bought. ``step_time(B, e)``
+is measured the first time a batch-size bucket (a power of two) speculates: a forward of B sequences
+of 1 + d tokens each, for every candidate d (short, bounded by ``MEASURE_SECONDS``; sizes past the
+limit are extrapolated linearly), and linear in between for the e draft rows per sequence of a step
+where only some draft. ``accepted_i(d)`` is the running mean of accepted draft tokens per verified
+tree at budget d, kept per *evidence key* (the method and what its drafter found this step,
+:meth:`Drafter.evidence`: ``goose/3`` = a 3-gram prompt match to build the spine from, ``goose/0`` = a
+table-only tree) as the plain mean of its first samples, an EMA after (one measurement replaces the
+prior), times each request's own ``boost`` (its acceptance relative to its key's, a faster EMA), at
+most d: acceptance differs far more between a matched continuation and a guess, or a repetitive code
+prompt and free prose, than between budgets. Every prediction is scaled by ``realism``, the measured ratio of accepted
+drafts to predicted ones over recent trees: choosing the requests whose statistics look best biases the
+chosen ones' predictions high (on CPU, about 2x on chat prompts), and an unbiased rule would buy trees
+that do not pay. When the batch is compute-bound
 the time grows with B(1 + d) and the rule picks d = 0 (no speculation); a budget that stops paying
 off is abandoned as its EMA falls; while d = 0 wins, a budget that would pay if every draft were
 accepted is still tried now and then, the candidates in turn, by one request in turn (``probing``; a
@@ -31,9 +37,10 @@ the model and of the machine, and the rule's promise is never to cost throughput
 The forward alone misses what a speculative step costs around it (drafting, tree masks, verification,
 Token Recycling's table updates, per-request attention of tree rows). So the engine reports the wall
 time of every decode-only step (:meth:`DraftBudget.observe`), and each (bucket, d) keeps an EMA of
-observed / modelled time that scales its modelled time; a budget not yet observed borrows d = 0's
-factor. d = 0 itself is observed first and then again every ``PROBE_EVERY`` steps while speculation
-wins, so the comparison is always against the plain step's real cost.
+observed / modelled time that scales its modelled time (a step where m of B draft d counts under the
+smallest candidate >= d * m / B); a budget not yet observed borrows d = 0's factor. d = 0 itself is
+observed first and then again every ``PROBE_EVERY`` steps while speculation wins, so the comparison is
+always against the plain step's real cost.
 """
 from __future__ import annotations
 
@@ -49,7 +56,8 @@ MEASURE_SECONDS = 1.5
 EMA = 0.1
 BOOST_EMA = 0.3  # per request: reacts within a few steps
 PROBE_EVERY = 32
-PROBE_SHARE = 0.03  # probes may cost about this fraction of the time of the plain steps between them
+PROBE_SHARE = 0.03
+REALISM_EMA = 0.02  # over trees (a step verifies up to a batch of them)  # probes may cost about this fraction of the time of the plain steps between them
 
 
 def _bucket(n: int) -> int:
@@ -66,11 +74,15 @@ class DraftBudget:
         self.accepted: dict = {}  # (evidence key, d) -> running mean of accepted draft tokens per tree
         self.samples: dict = {}  # (evidence key, d) -> how many trees that mean has seen
         self.overhead: dict = {}  # (bucket, d) -> EMA of observed step time / modelled forward time
-        self.current: Optional[tuple] = None  # (bucket, d) of the step being run, None: not a sample
+        self.current: Optional[tuple] = None  # (bucket, budget class) of the step being run, None: not a sample
+        self._modelled = 0.0  # the modelled forward time of that step
         self._measured = False  # this step's choose() ran forwards to measure them
         self.probing = False  # this step's budget is a probe: only one request should draft (the caller picks)
         self._steps = 0
         self._probes = 0
+        self.predicted: list = []  # the last choose()'s expected accepted drafts per request (0: no tree)
+        self._pred_mean = self._real_mean = 0.0  # running means over trees: predicted vs realized acceptance
+        self._trees = 0
         self._next_probe = PROBE_EVERY
 
     @staticmethod
@@ -132,59 +144,122 @@ class DraftBudget:
         self.measure(bucket, 1)  # warm-up
         return time.perf_counter() + MEASURE_SECONDS
 
-    def choose(self, num_decodes: int, keys: list, cap: int, boosts: Optional[list] = None) -> int:
-        """The draft budget for this step; ``keys`` = the speculating decodes' evidence keys, ``boosts`` their
-        requests' acceptance relative to their key's (default 1: see :meth:`boost`), ``cap`` the largest
-        ``num_draft_tokens`` among them."""
+    def _forward(self, bucket: int, grid: list, rows: float, deadline: Optional[float]) -> float:
+        """Modelled forward time of a step at ``bucket`` whose sequences run ``1 + rows`` tokens on average:
+        linear between the two budgets of ``grid`` (the step's candidates) around ``rows``."""
+        lo = max(c for c in grid if c <= rows)
+        t_lo = self._time(bucket, lo, deadline)
+        if rows == lo:
+            return t_lo
+        hi = min(c for c in grid if c > rows)
+        return t_lo + (self._time(bucket, hi, deadline) - t_lo) * (rows - lo) / (hi - lo)
+
+    def choose(self, num_decodes: int, keys: list, cap: int, boosts: Optional[list] = None) -> list:
+        """This step's draft budget for each speculating decode (0: a plain decode); ``keys`` = their
+        evidence keys, ``boosts`` their requests' acceptance relative to their key's (default 1: see
+        :meth:`boost`), ``cap`` the largest ``num_draft_tokens`` among them.
+
+        One budget d for the step, drafted by the m requests expected to accept the most at d: every
+        (d, m) is scored, so a batch where only a few requests have a matched continuation lets those few
+        draft instead of buying every request's tree or none."""
         self.current = None
         self.probing = False
+        self.predicted = [0.0] * len(keys)
         if not keys:
-            return 0
+            return []
         if self.measure is None:
-            return cap
+            return [cap] * len(keys)
         self._steps += 1
         self._measured = False
         bucket = _bucket(max(num_decodes, len(keys)))
         deadline = self._deadline(bucket)
         base = self.overhead.get((bucket, 0), 1.0)
         boosts = boosts or [1.0] * len(keys)
-        rates, ceiling = {}, {}
-        for d in self.candidates(cap):
+        realism = self.realism
+
+        grid = self.candidates(cap)
+
+        def seconds(d: int, m: int) -> float:
+            rows = d * m / num_decodes
+            cls = min(c for c in grid if c >= rows)  # steps of about as many rows share an overhead factor
+            return self._forward(bucket, grid, rows, deadline) * self.overhead.get((bucket, cls), base)
+
+        rate0 = num_decodes / seconds(0, 0)
+        best, best_rate, order, worth_probe = (0, 0), rate0, {}, []
+        for d in grid[1:]:
             exp = {k: self.expected(k, d) for k in set(keys)}
-            gain = sum(exp[k] * b for k, b in zip(keys, boosts)) if d else 0.0
-            seconds = self._time(bucket, d, deadline) * self.overhead.get((bucket, d), base)
-            rates[d] = (num_decodes + gain) / seconds
-            ceiling[d] = (num_decodes + len(keys) * d) / seconds  # every draft accepted
-        best_spec = max((d for d in rates if d), key=rates.get)
+            gains = [min(exp[k] * b * realism, d) for k, b in zip(keys, boosts)]  # no tree accepts more than d
+            order[d] = sorted(range(len(keys)), key=gains.__getitem__, reverse=True)
+            gain = 0.0
+            for m, i in enumerate(order[d], 1):
+                gain += gains[i]
+                rate = (num_decodes + gain) / seconds(d, m)
+                if rate > best_rate:
+                    best, best_rate = (d, m), rate
+            # worth a probe: the batch's trees would pay if every draft were accepted
+            if (num_decodes + len(keys) * d) / seconds(d, len(keys)) > rate0 * (1 + MARGIN):
+                worth_probe.append(d)
         # unmodelled costs and noise: a marginal gain is not worth the risk
-        best = best_spec if rates[best_spec] > rates[0] * (1 + MARGIN) else 0
-        # a budget that would not pay even if every draft were accepted is not worth a probe
-        spec = [d for d in rates if d and ceiling[d] > rates[0] * (1 + MARGIN)]
-        self.probing = best == 0 and bool(spec) and self._steps >= self._next_probe
-        if self.probing:  # measure a budget's acceptance again, the candidates in turn, on one request only
-            best = spec[self._probes % len(spec)]
+        if best_rate <= rate0 * (1 + MARGIN):
+            best = (0, 0)
+        d, m = best
+        budgets = [0] * len(keys)
+        self.probing = d == 0 and bool(worth_probe) and self._steps >= self._next_probe
+        if self.probing:  # measure a budget's acceptance again, the candidates in turn, requests in turn
+            d = worth_probe[self._probes % len(worth_probe)]
+            budgets[self._probes % len(keys)] = d
+            self.predicted[self._probes % len(keys)] = self._predict(keys, boosts, self._probes % len(keys), d)
             self._probes += 1
-            # one request's extra rows, as a share of the batch's step (linear in rows between measurements)
+            # one request's extra rows, as a share of the batch's step
             t0 = self._time(bucket, 0, None)
-            extra = max(0.0, self._time(bucket, best, None) - t0) / (bucket * t0)
+            extra = max(0.0, self._forward(bucket, grid, d / num_decodes, None) - t0) / t0
             self._next_probe = self._steps + max(PROBE_EVERY, math.ceil(extra / PROBE_SHARE))
-        elif best > 0 and ((bucket, 0) not in self.overhead or self._steps % PROBE_EVERY == 0):
-            best = 0  # observe the plain step's real cost
+        elif d > 0 and ((bucket, 0) not in self.overhead or self._steps % PROBE_EVERY == 0):
+            d = 0  # observe the plain step's real cost
+        elif d > 0:
+            for i in order[d][:m]:
+                budgets[i] = d
+                self.predicted[i] = self._predict(keys, boosts, i, d)
         # a step that also timed forwards for the model, or a probe (one request drafts), is no sample of
-        # the (bucket, budget) step's cost
-        self.current = None if self._measured or self.probing else (bucket, best)
-        return best
+        # the step's cost
+        if not (self._measured or self.probing):
+            rows = sum(budgets) / num_decodes
+            self.current = (bucket, min(c for c in grid if c >= rows))
+            self._modelled = self._forward(bucket, grid, rows, None)
+        return budgets
 
     def observe(self, seconds: Optional[float]) -> None:
         """Wall time of the decode-only step run under the last :meth:`choose` (see the module doc); None:
         the step was no sample (it also ran prefill work)."""
-        if seconds is None or self.current is None or self.current not in self.step_time:
+        if seconds is None or self.current is None:
             self.current = None
             return
-        ratio = seconds / self.step_time[self.current]
+        ratio = seconds / self._modelled
         old = self.overhead.get(self.current)
         self.overhead[self.current] = ratio if old is None else (1 - EMA) * old + EMA * ratio
         self.current = None
+
+    def _predict(self, keys: list, boosts: list, i: int, d: int) -> float:
+        return min(self.expected(keys[i], d) * boosts[i], d)
+
+    @property
+    def realism(self) -> float:
+        """Accepted drafts per tree over what the statistics predicted for it, over recent trees: the rule
+        picks the requests and budgets whose statistics look best, so the looks are biased high (a key's
+        mean is made mostly by the requests that draft most; a request's boost by its luckiest trees).
+        Scaling every prediction by the measured ratio keeps the rule from buying trees on that bias."""
+        if not self._trees:
+            return 1.0
+        return min(max(self._real_mean / max(self._pred_mean, 1e-6), 0.05), 2.0)
+
+    def realized(self, predicted: float, accepted: int) -> None:
+        """One verified tree: what :meth:`choose` predicted it would accept, and what it did."""
+        if predicted <= 0:
+            return
+        self._trees += 1
+        w = max(REALISM_EMA, 1.0 / self._trees)
+        self._pred_mean = (1 - w) * self._pred_mean + w * predicted
+        self._real_mean = (1 - w) * self._real_mean + w * accepted
 
     def boost(self, old: float, key: str, d: int, accepted: int) -> float:
         """A request's acceptance relative to its evidence key's at budget d, as a running mean: how much more

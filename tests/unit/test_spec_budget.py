@@ -6,7 +6,7 @@ def _run(budget, steps, decodes, step_seconds, accepted=3):
     """Drive ``steps`` decode steps; ``step_seconds(d)`` is the wall time a step at budget d takes."""
     chosen = []
     for _ in range(steps):
-        d = budget.choose(decodes, ["recycling"] * decodes, 8)
+        d = max(budget.choose(decodes, ["recycling"] * decodes, 8))
         chosen.append(d)
         if d:
             budget.record("recycling", d, min(accepted, d))
@@ -54,7 +54,7 @@ def test_steps_that_measure_are_not_samples():
     budget.observe(5.0)
     assert (4, 0) not in budget.overhead
     d = budget.choose(4, ["ngram"] * 4, 8)
-    assert budget.current == (4, d)
+    assert budget.current == (4, max(d))
 
 
 def test_probe_steps_draft_for_one_request_in_turn():
@@ -85,6 +85,38 @@ def test_probe_steps_draft_for_one_request_in_turn():
     assert probes[0] != probes[1]
 
 
+def test_only_the_requests_likely_to_accept_draft():
+    """4 of 32 decodes have a prompt match whose drafts are accepted, 28 have none: drafting for all 32 would
+    cost more than it gains, so the rule lets the 4 draft (and not the rest) instead of nobody."""
+    budget = DraftBudget(_half_cost)
+    budget.calibrate(32, 32)
+    for d in (1, 3, 7):
+        budget.record("goose/3", d, d)
+    for d in DraftBudget.candidates(32):
+        budget.record("goose/0", d, 0)
+    keys = ["goose/0"] * 14 + ["goose/3"] * 4 + ["goose/0"] * 14
+    assert budget.choose(32, keys, 32) == [0] * 32  # the plain step's real cost is observed first
+    budget.observe(0.032)
+    budgets = budget.choose(32, keys, 32)
+    assert budgets == [0] * 14 + [7] * 4 + [0] * 14 and not budget.probing
+
+
+def test_acceptance_the_statistics_overpromise_is_scaled_down():
+    """Trees that accept half of what the statistics predicted them: the rule learns the ratio and stops
+    buying a budget that only pays at the predicted acceptance."""
+    budget = DraftBudget(_half_cost)
+    budget.calibrate(8, 8)
+    budget.record("goose/3", 7, 4)  # the statistics: 4 of 7 drafts accepted
+    keys = ["goose/3"] * 8
+    assert budget.choose(8, keys, 8) == [0] * 8  # the plain step's real cost is observed first
+    budget.observe(0.008)
+    assert budget.choose(8, keys, 8) == [7] * 8 and budget.predicted == [4.0] * 8
+    for _ in range(50):
+        budget.realized(4.0, 2)
+    assert budget.realism == 0.5
+    assert budget.choose(8, keys, 8) == [0] * 8
+
+
 def test_first_sample_replaces_prior_and_budgets_share_a_floor():
     """One measured tree replaces the prior (an EMA from the prior would need ten to get there), and a larger
     budget, whose best-first tree contains the smaller one, is expected to accept at least as much."""
@@ -103,7 +135,7 @@ def test_probes_try_every_budget_in_turn():
     budget = DraftBudget(_half_cost)
     probed = []
     for _ in range(8 * PROBE_EVERY):
-        d = budget.choose(32, ["goose/3"] * 32, 32)
+        d = max(budget.choose(32, ["goose/3"] * 32, 32))
         if budget.probing:
             probed.append(d)
         budget.observe(0.032)
@@ -147,7 +179,7 @@ def test_a_greedy_tree_teaches_every_smaller_budget():
         spec.attach(req)
         state = req.state["spec"]
         state.evidence = f"key-{rid}"
-        spec._step_budget = 15
+        state.step_budget = 15
         spec._record_acceptance(state, [0, 1, 2, 9], req.params.greedy)  # ranks of the accepted path's nodes
     assert {d: spec.budget.accepted["key-g", d] for d in (1, 3, 7, 15)} == {1: 1, 3: 3, 7: 3, 15: 4}
     assert [d for key, d in spec.budget.accepted if key == "key-s"] == [15]
