@@ -1,6 +1,7 @@
 """Speculative decoding benchmark: mean accepted length and wall-clock speedup vs no speculation.
 
-For HumanEval prompts and chat prompts, each drafter (ngram, recycling, goose) at each concurrency
+For HumanEval prompts and chat prompts, each drafter (ngram, recycling, goose) at each concurrency c
+(c requests in flight, each replaced by the next prompt when it finishes, as c clients would send them)
 runs interleaved with the plain baseline in the same process (rounds of none, method, none, ...),
 so machine noise hits both alike; the speedup is the median of the rounds' paired ratios. Then a
 LANTERN delta sweep (greedy, goose drafts): acceptance, relaxed accepts, agreement with the plain
@@ -13,6 +14,7 @@ on the model's real next-token distributions.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -25,6 +27,8 @@ from bench.serve import device_description
 from server.engine.llm import LLM
 from server.engine.request import SamplingParams, SpecOptions
 from server.spec.verify import relaxed_distribution
+
+_ids = itertools.count()
 
 CHAT_TOPICS = ["how a hash map works", "the difference between a list and a tuple in Python",
                "what recursion is, with an example", "how to read a CSV file in Python",
@@ -54,11 +58,24 @@ def _spec_delta(llm, before):
 
 
 def run(llm, prompts, concurrency, params):
-    """Generate ``prompts`` in waves of ``concurrency``; returns (seconds, outputs, spec counter deltas)."""
-    before = llm.engine.stats()
-    outs, start = [], time.perf_counter()
-    for i in range(0, len(prompts), concurrency):
-        outs += llm.generate(prompts[i:i + concurrency], params)
+    """Generate ``prompts`` with ``concurrency`` requests in flight: a closed loop, as that many clients would
+    run it (each sends its next prompt when its request finishes), so a request that speculation finishes
+    early lets the next one in instead of idling until its wave's slowest request is done. Returns
+    (seconds, each prompt's output token ids, spec counter deltas)."""
+    eng = llm.engine
+    before = eng.stats()
+    outs, live, sent = [[] for _ in prompts], {}, 0
+    start = time.perf_counter()
+    while sent < len(prompts) or live:
+        while sent < len(prompts) and len(live) < concurrency:
+            rid = f"bench-{next(_ids)}"
+            eng.add_request(rid, list(prompts[sent]), params)
+            live[rid], sent = sent, sent + 1
+        for out in eng.step():
+            if out.request_id in live:
+                outs[live[out.request_id]].extend(out.new_token_ids)
+                if out.finished:
+                    del live[out.request_id]
     return time.perf_counter() - start, outs, _spec_delta(llm, before)
 
 
@@ -67,14 +84,15 @@ def mean_accepted_length(d):
     return (d["spec_num_accepted_tokens"] + d["spec_num_drafts"]) / d["spec_num_drafts"] if d["spec_num_drafts"] else 1.0
 
 
-def bench_drafters(llm, workloads, methods, concurrencies, max_tokens, draft_tokens, rounds):
+def bench_drafters(llm, workloads, methods, concurrencies, max_tokens, draft_tokens, rounds, per_stream=2):
     """Each method against the plain path, ``rounds`` interleaved pairs per (workload, concurrency): the
     speedup is the median over pairs of the method's rate / its own pair's baseline rate (a pair's two runs
-    are adjacent, so a drift of the machine between pairs cancels; pooling all runs would not cancel it)."""
+    are adjacent, so a drift of the machine between pairs cancels; pooling all runs would not cancel it). A run
+    is ``per_stream`` requests per stream (at least 4), ``c`` in flight at a time (:func:`run`)."""
     rows = []
     for wname, prompts in workloads.items():
         for c in concurrencies:
-            ps = prompts[:max(c, min(len(prompts), 4))]
+            ps = prompts[:max(4, per_stream * c)]
             base_p = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
             totals = {m: [0.0, 0, 0, {}] for m in ("none", *methods)}
             ratios = {m: [] for m in methods}
@@ -90,9 +108,9 @@ def bench_drafters(llm, workloads, methods, concurrencies, max_tokens, draft_tok
                             speculative=SpecOptions(mm, num_draft_tokens=draft_tokens))
                         secs, outs, delta = run(llm, ps, c, params)
                         t = totals[mm]
-                        ntok = sum(len(o.token_ids) for o in outs)
+                        ntok = sum(map(len, outs))
                         t[0], t[1] = t[0] + secs, t[1] + ntok
-                        pair[mm] = (ntok / secs, [o.token_ids for o in outs])
+                        pair[mm] = (ntok / secs, outs)
                         for k, v in delta.items():
                             t[3][k] = t[3].get(k, 0) + v
                     totals[m][2] += sum(a == b for a, b in zip(pair[m][1], pair["none"][1]))
@@ -155,9 +173,8 @@ def _lantern_sweep(llm, prompts, deltas, k, max_tokens, draft_tokens):
         _, outs, d = run(llm, prompts, len(prompts), params)
         agree = []
         for o, b in zip(outs, base):
-            n = next((i for i, (x, y) in enumerate(zip(o.token_ids, b.token_ids)) if x != y),
-                     min(len(o.token_ids), len(b.token_ids)))
-            agree.append(n / max(len(b.token_ids), 1))
+            n = next((i for i, (x, y) in enumerate(zip(o, b)) if x != y), min(len(o), len(b)))
+            agree.append(n / max(len(b), 1))
         tvds = []
         for probs, p in dists:
             for i in range(len(p) - 1):
@@ -182,6 +199,8 @@ def main():
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--methods", nargs="+", default=["ngram", "recycling", "goose"])
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--requests-per-stream", type=int, default=2,
+                    help="a run at concurrency c generates this many requests per stream (c in flight, closed loop)")
     ap.add_argument("--deltas", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.4])
     ap.add_argument("--lantern-k", type=int, default=16)
     ap.add_argument("--no-lantern", action="store_true", help="drafters only (skip the LANTERN delta sweep)")
@@ -195,10 +214,10 @@ def main():
     # the cost model's forward timings, as a server speculating by default takes them at start-up (else each
     # batch size's first speculating step would pause inside a timed run to measure)
     llm.engine.speculator.budget.calibrate(max(args.concurrency), args.num_draft_tokens)
-    n = max(*args.concurrency, 4)  # the same prompts whichever concurrencies run (each runs at least 4)
+    n = max(4, args.requests_per_stream * max(args.concurrency))  # the same prompts whichever concurrency runs
     workloads = {"humaneval": humaneval_prompts(llm.tokenizer, n), "chat": chat_prompts(llm.tokenizer, n)}
     drafters = bench_drafters(llm, workloads, args.methods, args.concurrency, args.max_tokens,
-                              args.num_draft_tokens, args.rounds)
+                              args.num_draft_tokens, args.rounds, args.requests_per_stream)
     lantern = [] if args.no_lantern else bench_lantern(llm, workloads["humaneval"][:4 if args.quick else 8],
                                                        args.deltas, args.lantern_k, args.max_tokens,
                                                        args.num_draft_tokens)
