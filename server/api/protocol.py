@@ -71,7 +71,7 @@ class Sparsity(_Strict):
     sinks: Optional[int] = None
     recent: Optional[int] = None
     selection_layer: Optional[int] = None
-    reselection_layer: Optional[int] = None
+    reselection_layer: Union[int, list[int], None] = None
     reselect_every: Optional[int] = None
     correction_interval: Optional[int] = None
     candidates: Optional[int] = None

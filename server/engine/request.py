@@ -60,7 +60,8 @@ class SparsityOptions:
     sinks: int = 4  # window: first tokens every query sees; tidal: first tokens every selection keeps
     recent: int = 32  # tidal: latest tokens every selection keeps (inside the budget)
     selection_layer: int = 2
-    reselection_layer: Optional[int] = None  # default: num_layers // 2
+    # tidal: the layer (default num_layers // 2), or the list of layers, that re-select after the selection layer
+    reselection_layer: Union[int, tuple, None] = None
     reselect_every: int = 0  # tidal: also re-select every N layers after the selection layer (0 = off)
     correction_interval: int = 0  # tidal KV correction: re-encode every T generated tokens densely (0 = off)
     # tidal: a selection keeps this many candidates and every sparse layer attends over its own top-`budget`
@@ -70,6 +71,8 @@ class SparsityOptions:
     def __post_init__(self) -> None:
         if self.method not in ("dense", "window", "quest", "tidal"):
             raise ValueError(f"sparsity.method: unknown value {self.method!r}")
+        if isinstance(self.reselection_layer, (list, tuple)):  # a list from JSON: hashable like the rest
+            object.__setattr__(self, "reselection_layer", tuple(self.reselection_layer))
         if self.budget < 1 or self.window < 1 or self.sinks < 0 or self.recent < 0 or self.reselect_every < 0:
             raise ValueError("sparsity: budget and window must be >= 1; sinks, recent and reselect_every >= 0")
         if self.correction_interval < 0:

@@ -7,7 +7,7 @@
   selection layer (default 2) attends densely, and its attention of the current query, summed over
   each kv head's query group, picks the top-(budget - 1) earlier tokens per (request, kv head); the
   current token is always added. Later layers attend over that set only, except the re-selection
-  layer (default num_layers // 2), which attends densely and refreshes it. Two additions to the paper,
+  layer (default num_layers // 2; a list gives several), which attends densely and refreshes it. Two additions to the paper,
   both options: each selection first keeps the ``sinks`` first and ``recent`` latest tokens (inside the
   budget; 4 and 32 by default), and ``reselect_every`` N > 0 re-selects every N layers from the selection
   layer (more dense layers, closer to dense). On SmolLM2, budget 256 (bench/long_context.py: 2,000
@@ -102,13 +102,18 @@ class TidalPolicy(SparsityPolicy):
 
     def __init__(self, opts: SparsityOptions, num_layers: int):
         super().__init__(opts, num_layers)
-        sel = opts.selection_layer
-        resel = opts.reselection_layer if opts.reselection_layer is not None else num_layers // 2
+        sel, resel = opts.selection_layer, opts.reselection_layer
         if not 0 <= sel < num_layers:
             raise ValueError(f"sparsity.selection_layer must be in [0, {num_layers})")
+        if resel is None:
+            resel = {num_layers // 2}
+        else:
+            resel = {resel} if isinstance(resel, int) else set(resel)
+            if not all(sel < r < num_layers for r in resel):
+                raise ValueError(f"sparsity.reselection_layer: layers must be in ({sel}, {num_layers})")
         every = opts.reselect_every
         self.roles = tuple(DENSE if i < sel else
-                           SELECT if i in (sel, resel) or (every and (i - sel) % every == 0) else TOKENS
+                           SELECT if i == sel or i in resel or (every and (i - sel) % every == 0) else TOKENS
                            for i in range(num_layers))
         self.dense_upto = 0  # tokens [0, dense_upto) have dense K/V (prefill, or corrected)
 

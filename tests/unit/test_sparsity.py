@@ -22,8 +22,13 @@ def test_tidal_and_quest_roles():
     assert every.roles == (DENSE, DENSE, SELECT, TOKENS, SELECT, TOKENS, SELECT, TOKENS)
     assert tidal.reserved() == (4, 32) and sparsity.make_policy(SparsityOptions(method="quest"), 4).reserved() == (0, 0)
     assert sparsity.make_policy(SparsityOptions(method="quest"), 4).roles == (DENSE, DENSE, PAGES, PAGES)
+    several = sparsity.make_policy(SparsityOptions(method="tidal", selection_layer=1, reselection_layer=[2, 5]), 8)
+    assert several.roles == (DENSE, SELECT, SELECT, TOKENS, TOKENS, SELECT, TOKENS, TOKENS)
     with pytest.raises(ValueError):
         sparsity.make_policy(SparsityOptions(method="tidal", selection_layer=8), 8)
+    for bad in (1, [3, 8]):  # a re-selection layer not after the selection layer, or past the last layer
+        with pytest.raises(ValueError):
+            sparsity.make_policy(SparsityOptions(method="tidal", selection_layer=1, reselection_layer=bad), 8)
 
 
 def test_request_options_override_the_server_default():
