@@ -87,19 +87,39 @@ def timed_methods(budgets: list) -> list:
                                                              reselect_every=4), None)]
 
 
-def methods(budgets: list, tidal_layers: tuple = (), skips: str = "") -> list:
+def tidal_configs(spec: str, budget: int) -> list:
+    """(name, SparsityOptions) of TidalDecode settings "layers[:field=value...],..." at ``budget``: layers =
+    the selection layer, then any re-selection layers, joined by "/" (12 = select at 12, re-select at the
+    default; 1/3/15 = select at 1, re-select at 3 and 15); any integer field of SparsityOptions may follow
+    (e.g. 1/2/3/7/15/23:candidates=2048)."""
+    from server.engine.request import SparsityOptions
+
+    out = []
+    for item in (x for x in spec.split(",") if x):
+        layers, *rest = item.split(":")
+        sel, *resel = (int(x) for x in layers.split("/"))
+        fields = dict(budget=budget, selection_layer=sel, reselection_layer=tuple(resel) or None)
+        name = f"tidal-{budget}-L{layers}"
+        for extra in rest:
+            if "=" not in extra:
+                raise ValueError(f"--tidal: {item!r} is not layers[:field=value...]")
+            key, value = extra.split("=")
+            fields[key], name = int(value), f"{name}-{key}{value}"
+        out.append((name, SparsityOptions(method="tidal", **fields)))
+    return out
+
+
+def methods(budgets: list, tidal: str = "", skips: str = "") -> list:
     """(name, sparsity, skipping) of every method whose fidelity is compared: the timed ones, TidalDecode
     as the paper has it (no kept first/latest tokens), the optional KV correction (every 32 generated
-    tokens), ``tidal_layers`` ((selection, re-selection) pairs), a window, and the Probe-and-Skip settings
-    ``skips``."""
+    tokens), the TidalDecode settings ``tidal`` (:func:`tidal_configs`), a window, and the Probe-and-Skip
+    settings ``skips``."""
     from server.engine.request import SparsityOptions
 
     top = max(budgets)
     out = timed_methods(budgets)
     out += [(f"tidal-{top}-paper", SparsityOptions(method="tidal", budget=top, sinks=0, recent=0), None)]
-    for sel, resel in tidal_layers:
-        out.append((f"tidal-{top}-sel{sel}", SparsityOptions(method="tidal", budget=top, selection_layer=sel,
-                                                            reselection_layer=resel), None))
+    out += [(name, opts, None) for name, opts in tidal_configs(tidal, top)]
     out += [(f"tidal-{top}-kvc32", SparsityOptions(method="tidal", budget=top, correction_interval=32), None),
             ("window-1024", SparsityOptions(method="window", window=1024, sinks=4), None)]
     return out + [(name, None, opts) for name, opts in skip_configs(skips)]
@@ -320,8 +340,8 @@ def main() -> None:
     ap.add_argument("--window-tokens", type=int, default=2000)
     ap.add_argument("--no-speed", action="store_true", help="fidelity and window only (skip the timing sections)")
     ap.add_argument("--no-fidelity", action="store_true", help="timing sections only")
-    ap.add_argument("--tidal-selection", default="", help="extra TidalDecode selection layers to compare for fidelity, "
-                    "e.g. 6,12 (re-selection halfway from there to the last layer)")
+    ap.add_argument("--tidal", default="", help="extra TidalDecode settings to time and compare at the largest "
+                    "budget, layers[:field=value...] each (tidal_configs), e.g. 12/21,1/3/15:candidates=2048")
     ap.add_argument("--fidelity-methods", default="", help="only these methods in the fidelity section, by name "
                     "(e.g. dense,spts-L2-0.9; dense is always kept as the baseline); default every method")
     ap.add_argument("--oracle", type=int, nargs="*", default=[256],
@@ -361,12 +381,10 @@ def main() -> None:
               max_model_len=None if args.model is None else longest,
               num_blocks=max(1100, args.decode_batch * (longest // 16 + 2) + 64), max_num_batched_tokens=8192,
               enable_prefix_caching=False)
-    num_layers = llm.engine.arch.num_layers
-    selection = tuple((s, s + (num_layers - s) // 2) for s in (int(x) for x in args.tidal_selection.split(",") if x))
     # the speed sections and the needle read from the start, the perplexity documents are the last windows
     hay = haystack(llm.tokenizer, max(contexts + prefills + [args.fidelity_context])
                    + args.ppl_docs * (args.fidelity_context + args.ppl_tokens))
-    compared = methods(budgets, selection, args.skip)
+    compared = methods(budgets, args.tidal, args.skip)
     if args.fidelity_methods:
         wanted = {"dense", *args.fidelity_methods.split(",")}
         unknown = wanted - {m for m, _, _ in compared}
@@ -383,7 +401,8 @@ def main() -> None:
 
     for ctx in ([] if args.no_speed else contexts):
         row = {"context": ctx}
-        for name, sparsity, _ in timed_methods(budgets):
+        extra = [(name, opts, None) for name, opts in tidal_configs(args.tidal, max(budgets))]
+        for name, sparsity, _ in timed_methods(budgets) + extra:
             row[name] = decode_time(llm, hay[:ctx], sparsity, args.decode_steps, args.decode_batch) * 1e3
         results["decode"].append(row)
         for b in budgets:
