@@ -17,11 +17,11 @@ tree at budget d, kept per *evidence key* (the method and what its drafter found
 table-only tree) as the plain mean of its first samples, an EMA after (one measurement replaces the
 prior), times each request's own ``boost`` (its acceptance relative to its key's, a faster EMA), at
 most d: acceptance differs far more between a matched continuation and a guess, or a repetitive code
-prompt and free prose, than between budgets. Every prediction is scaled by ``realism``, the measured ratio of accepted
-drafts to predicted ones over recent trees: choosing the requests whose statistics look best biases the
-chosen ones' predictions high (on CPU, about 2x on chat prompts), and an unbiased rule would buy trees
-that do not pay. When the batch is compute-bound
-the time grows with B(1 + d) and the rule picks d = 0 (no speculation); a budget that stops paying
+prompt and free prose, than between budgets. Every prediction is scaled by ``realism``, the measured
+ratio of accepted drafts to predicted ones over recent trees: choosing the requests whose statistics
+look best biases the chosen ones' predictions high (on CPU, about 2x on chat prompts), and an unbiased
+rule would buy trees that do not pay. When the batch is compute-bound the time grows with B(1 + d) and
+the rule picks d = 0 (no speculation); a budget that stops paying
 off is abandoned as its EMA falls; while d = 0 wins, a budget that would pay if every draft were
 accepted is still tried now and then, the candidates in turn, by one request in turn (``probing``; a
 whole batch drafting 16 tokens each would cost that step several plain steps), so that a recovering
@@ -44,6 +44,7 @@ always against the plain step's real cost.
 """
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from typing import Callable, Optional
@@ -56,8 +57,8 @@ MEASURE_SECONDS = 1.5
 EMA = 0.1
 BOOST_EMA = 0.3  # per request: reacts within a few steps
 PROBE_EVERY = 32
-PROBE_SHARE = 0.03
-REALISM_EMA = 0.02  # over trees (a step verifies up to a batch of them)  # probes may cost about this fraction of the time of the plain steps between them
+PROBE_SHARE = 0.03  # probes may cost about this fraction of the time of the plain steps between them
+REALISM_EMA = 0.02  # over trees (a step verifies up to a batch of them)
 
 
 def _bucket(n: int) -> int:
@@ -147,12 +148,19 @@ class DraftBudget:
     def _forward(self, bucket: int, grid: list, rows: float, deadline: Optional[float]) -> float:
         """Modelled forward time of a step at ``bucket`` whose sequences run ``1 + rows`` tokens on average:
         linear between the two budgets of ``grid`` (the step's candidates) around ``rows``."""
-        lo = max(c for c in grid if c <= rows)
+        j = bisect.bisect_right(grid, rows) - 1
+        lo = grid[j]
         t_lo = self._time(bucket, lo, deadline)
         if rows == lo:
             return t_lo
-        hi = min(c for c in grid if c > rows)
+        hi = grid[j + 1]
         return t_lo + (self._time(bucket, hi, deadline) - t_lo) * (rows - lo) / (hi - lo)
+
+    @staticmethod
+    def _class(grid: list, rows: float) -> int:
+        """The overhead class of a step with ``rows`` draft rows per sequence: the smallest budget >= rows (steps
+        of about as many rows share an observed/modelled factor)."""
+        return grid[bisect.bisect_left(grid, rows)]
 
     def choose(self, num_decodes: int, keys: list, cap: int, boosts: Optional[list] = None) -> list:
         """This step's draft budget for each speculating decode (0: a plain decode); ``keys`` = their
@@ -176,19 +184,19 @@ class DraftBudget:
         base = self.overhead.get((bucket, 0), 1.0)
         boosts = boosts or [1.0] * len(keys)
         realism = self.realism
-
         grid = self.candidates(cap)
 
         def seconds(d: int, m: int) -> float:
             rows = d * m / num_decodes
-            cls = min(c for c in grid if c >= rows)  # steps of about as many rows share an overhead factor
-            return self._forward(bucket, grid, rows, deadline) * self.overhead.get((bucket, cls), base)
+            factor = self.overhead.get((bucket, self._class(grid, rows)), base)
+            return self._forward(bucket, grid, rows, deadline) * factor
 
         rate0 = num_decodes / seconds(0, 0)
-        best, best_rate, order, worth_probe = (0, 0), rate0, {}, []
+        best, best_rate, order, raw, worth_probe = (0, 0), rate0, {}, {}, []
         for d in grid[1:]:
             exp = {k: self.expected(k, d) for k in set(keys)}
-            gains = [min(exp[k] * b * realism, d) for k, b in zip(keys, boosts)]  # no tree accepts more than d
+            raw[d] = [exp[k] * b for k, b in zip(keys, boosts)]  # what the statistics say, before realism
+            gains = [min(r * realism, d) for r in raw[d]]  # no tree accepts more than d
             order[d] = sorted(range(len(keys)), key=gains.__getitem__, reverse=True)
             gain = 0.0
             for m, i in enumerate(order[d], 1):
@@ -206,9 +214,8 @@ class DraftBudget:
         budgets = [0] * len(keys)
         self.probing = d == 0 and bool(worth_probe) and self._steps >= self._next_probe
         if self.probing:  # measure a budget's acceptance again, the candidates in turn, requests in turn
-            d = worth_probe[self._probes % len(worth_probe)]
-            budgets[self._probes % len(keys)] = d
-            self.predicted[self._probes % len(keys)] = self._predict(keys, boosts, self._probes % len(keys), d)
+            d, i = worth_probe[self._probes % len(worth_probe)], self._probes % len(keys)
+            budgets[i], self.predicted[i] = d, min(raw[d][i], d)
             self._probes += 1
             # one request's extra rows, as a share of the batch's step
             t0 = self._time(bucket, 0, None)
@@ -218,13 +225,12 @@ class DraftBudget:
             d = 0  # observe the plain step's real cost
         elif d > 0:
             for i in order[d][:m]:
-                budgets[i] = d
-                self.predicted[i] = self._predict(keys, boosts, i, d)
+                budgets[i], self.predicted[i] = d, min(raw[d][i], d)
         # a step that also timed forwards for the model, or a probe (one request drafts), is no sample of
         # the step's cost
         if not (self._measured or self.probing):
             rows = sum(budgets) / num_decodes
-            self.current = (bucket, min(c for c in grid if c >= rows))
+            self.current = (bucket, self._class(grid, rows))
             self._modelled = self._forward(bucket, grid, rows, None)
         return budgets
 
@@ -238,9 +244,6 @@ class DraftBudget:
         old = self.overhead.get(self.current)
         self.overhead[self.current] = ratio if old is None else (1 - EMA) * old + EMA * ratio
         self.current = None
-
-    def _predict(self, keys: list, boosts: list, i: int, d: int) -> float:
-        return min(self.expected(keys[i], d) * boosts[i], d)
 
     @property
     def realism(self) -> float:
