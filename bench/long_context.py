@@ -25,6 +25,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
+from typing import Optional
 
 import torch
 
@@ -56,17 +57,27 @@ def skip_configs(spec: str) -> list:
     out = []
     for item in (x for x in spec.split(",") if x):
         start, ratio, *rest = item.split(":")
-        fields, name = {}, f"spts-L{start}-{ratio}"
-        for extra in rest:
-            if extra == "geo":
-                fields["schedule"], name = "geometric", name + "-geo"
-            elif "=" in extra:
-                key, value = extra.split("=")
-                fields[key], name = int(value), f"{name}-{key}{value}"
-            else:
-                raise ValueError(f"--skip: {item!r} is not start:ratio[:geo][:field=value...]")
-        out.append((name, SkipOptions(method="spts", start_layer=int(start), ratio=float(ratio), **fields)))
+        fields, suffix = _extra_fields(item, rest, "--skip: start:ratio[:geo][:field=value...]",
+                                       {"geo": ("schedule", "geometric")})
+        out.append((f"spts-L{start}-{ratio}{suffix}",
+                    SkipOptions(method="spts", start_layer=int(start), ratio=float(ratio), **fields)))
     return out
+
+
+def _extra_fields(item: str, extras: list, usage: str, words: Optional[dict] = None) -> tuple:
+    """({field: value}, name suffix) of a setting's trailing ``field=value`` (integer) parts, or of the bare
+    words in ``words`` ({word: (field, value)}); ``usage`` names the flag's format in the error."""
+    fields, suffix, words = {}, "", words or {}
+    for extra in extras:
+        if extra in words:
+            key, value = words[extra]
+            fields[key], suffix = value, f"{suffix}-{extra}"
+        elif "=" in extra:
+            key, value = extra.split("=")
+            fields[key], suffix = int(value), f"{suffix}-{key}{value}"
+        else:
+            raise ValueError(f"{item!r} is not {usage}")
+    return fields, suffix
 
 
 def timed_methods(budgets: list) -> list:
@@ -98,14 +109,9 @@ def tidal_configs(spec: str, budget: int) -> list:
     for item in (x for x in spec.split(",") if x):
         layers, *rest = item.split(":")
         sel, *resel = (int(x) for x in layers.split("/"))
-        fields = dict(budget=budget, selection_layer=sel, reselection_layer=tuple(resel) or None)
-        name = f"tidal-{budget}-L{layers}"
-        for extra in rest:
-            if "=" not in extra:
-                raise ValueError(f"--tidal: {item!r} is not layers[:field=value...]")
-            key, value = extra.split("=")
-            fields[key], name = int(value), f"{name}-{key}{value}"
-        out.append((name, SparsityOptions(method="tidal", **fields)))
+        fields, suffix = _extra_fields(item, rest, "--tidal: layers[:field=value...]")
+        out.append((f"tidal-{budget}-L{layers}{suffix}", SparsityOptions(
+            method="tidal", budget=budget, selection_layer=sel, reselection_layer=tuple(resel) or None, **fields)))
     return out
 
 
@@ -399,10 +405,10 @@ def main() -> None:
                "time": datetime.now(timezone.utc).isoformat(), "args": vars(args), "decode": [], "attention": [],
                "prefill": [], "needle": {}, "perplexity": {}}
 
+    timed = timed_methods(budgets) + [(name, opts, None) for name, opts in tidal_configs(args.tidal, max(budgets))]
     for ctx in ([] if args.no_speed else contexts):
         row = {"context": ctx}
-        extra = [(name, opts, None) for name, opts in tidal_configs(args.tidal, max(budgets))]
-        for name, sparsity, _ in timed_methods(budgets) + extra:
+        for name, sparsity, _ in timed:
             row[name] = decode_time(llm, hay[:ctx], sparsity, args.decode_steps, args.decode_batch) * 1e3
         results["decode"].append(row)
         for b in budgets:
