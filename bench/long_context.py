@@ -7,7 +7,7 @@ each against the exact (dense) path in the same run, on the embedded SmolLM2-135
 * fidelity on real text no one here wrote (CPython's ``pydoc_data.topics``): needle retrieval at several
   depths of a prose haystack, and teacher-forced perplexity of a document's continuation after a long
   context, for every method and budget, and for the bound of per-layer token selection (``oracle-256``:
-  each decode layer over its own exact top-256 keys, :func:`oracle_topk`);
+  each decode layer over its own exact top-256 keys, :func:`bench.long_text.oracle_topk`);
 * window: peak KV blocks in use over a long windowed generation (memory stays bounded).
 
     python -m bench.long_context                # full run (1K..8K), writes bench/results/long_context.json
@@ -22,31 +22,16 @@ import os
 import platform
 import statistics
 import time
-from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Optional
 
 import torch
 
+from bench.long_text import forced_perplexity, haystack, needle_hits, oracle_topk
 from bench.serve import device_description
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
-NEEDLE = " The secret passphrase is {code}. Remember it."
-QUESTION = "\n\nQuestion: What is the secret passphrase? Answer: The secret passphrase is"
-
-
-def haystack(tokenizer, length: int) -> list:
-    from pydoc_data.topics import topics
-
-    ids = []
-    for key in sorted(topics):
-        ids.extend(tokenizer.encode(topics[key], add_special_tokens=False))
-        if len(ids) >= length:
-            return ids[:length]
-    raise ValueError("pydoc topics are shorter than the requested haystack")
-
-
 def skip_configs(spec: str) -> list:
     """(name, SkipOptions) of Probe-and-Skip settings "start:ratio[:geo][:field=value...],..." (e.g. 8:0.5 =
     skipping from layer 8, rising linearly to half the tokens; 2:0.9:geo = from layer 2 to 90%, every layer
@@ -197,60 +182,6 @@ def prefill_time(llm, prompt: list, skipping) -> float:
     return time.perf_counter() - t
 
 
-def needle_prompt(tokenizer, hay: list, depth: float, code: str) -> list:
-    needle = tokenizer.encode(NEEDLE.format(code=code), add_special_tokens=False)
-    cut = int(len(hay) * depth)
-    return hay[:cut] + needle + hay[cut:] + tokenizer.encode(QUESTION, add_special_tokens=False)
-
-
-def needle_hits(llm, hay: list, depths: list, sparsity, skipping) -> list:
-    from server.engine.request import SamplingParams
-
-    hits = []
-    for i, depth in enumerate(depths):
-        code = f"{7391 + 1117 * i}"
-        prompt = needle_prompt(llm.tokenizer, hay, depth, code)
-        out = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, sparsity=sparsity,
-                                                     skipping=skipping))[0]
-        hits.append(code in out.text)
-    return hits
-
-
-def forced_perplexity(llm, context: list, continuation: list, sparsity, skipping) -> float:
-    """Perplexity of ``continuation`` decoded token by token after ``context`` (teacher forcing: each step's
-    sampled token is replaced by the true one), so sparse decode layers are what is measured."""
-    import math
-
-    from server.engine.request import SamplingParams
-
-    eng = llm.engine
-    nll, logits_rows = [], []
-    model_logits, execute = eng.model.compute_logits, eng.runner.execute
-
-    def capture(hidden):
-        out = model_logits(hidden)
-        logits_rows.append(out[-1])
-        return out
-
-    def forced(sched, requests):
-        out = execute(sched, requests)
-        if "p" in out.sampled:
-            target = continuation[len(nll)]
-            nll.append(-float(torch.log_softmax(logits_rows[-1].float(), -1)[target]))
-            out.sampled["p"] = [target]
-        return out
-
-    eng.model.compute_logits, eng.runner.execute = capture, forced
-    try:
-        eng.add_request("p", context, SamplingParams(max_tokens=len(continuation), temperature=0.0,
-                                                     ignore_eos=True, sparsity=sparsity, skipping=skipping))
-        while eng.has_unfinished_requests():
-            eng.step()
-    finally:
-        del eng.model.compute_logits, eng.runner.execute
-    return math.exp(sum(nll) / len(nll))
-
-
 def window_peak_blocks(llm, n: int, window: int) -> int:
     from server.engine.request import SamplingParams, SparsityOptions
 
@@ -262,36 +193,6 @@ def window_peak_blocks(llm, n: int, window: int) -> int:
         eng.step()
         peak = max(peak, eng.kv.pool.num_blocks - 1 - eng.kv.num_free_blocks)
     return peak
-
-
-@contextmanager
-def oracle_topk(llm, budget: int, first: int = 2):
-    """While active, every decode layer from ``first`` on makes TidalDecode's selection for itself: its own
-    exact attention (per kv head, the group's summed probabilities) picks its top-(budget - 1) keys plus
-    the current token, and it attends over those only. No selection that gives each layer ``budget`` keys
-    of its own does better at keeping the attention mass, so this is the fidelity a per-layer token
-    selection could reach at that budget; TidalDecode's loss beyond it comes from sharing one layer's
-    selection with the layers after it. Every layer runs dense attention to select: a diagnostic, not a
-    fast path."""
-    from kernels import reference as ref
-    from kernels.selection import topk_token_slots
-
-    backend = llm.engine.runner.backend
-    dense = backend.dense_forward
-
-    def forward(layer, q, k_cache, v_cache, meta, scale):
-        if layer < first or not meta.is_decode or meta.max_kv_len <= budget:
-            return dense(layer, q, k_cache, v_cache, meta, scale)
-        _, (scores, _) = backend.decode(q, k_cache, v_cache, meta, scale, emit=True)
-        slots = ref.padded_slots(meta.block_tables, meta.kv_lens, meta.max_kv_len, meta.block_size)
-        selected, _ = topk_token_slots(scores, slots, meta.kv_lens, torch.full_like(meta.kv_lens, budget))
-        return backend.sparse_decode(q, k_cache, v_cache, selected, scale)
-
-    backend.dense_forward = forward
-    try:
-        yield
-    finally:
-        del backend.dense_forward
 
 
 def fidelity(llm, hay: list, args, compared: list, depths: list, results: dict, table: dict) -> None:
@@ -435,7 +336,7 @@ def main() -> None:
 
     if not args.no_fidelity:
         fidelity(llm, hay, args, compared, depths, results, table)
-    print(f"\nattention (one layer, ms): " + "; ".join(
+    print("\nattention (one layer, ms): " + "; ".join(
         f"{a['context']}/{a['budget']}: dense {a['dense_ms']:.3f} sparse {a['sparse_ms']:.3f} ({a['speedup']:.1f}x)"
         for a in results["attention"]))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -13,7 +13,7 @@ layer run dense, every other layer reads the latest selection before it, and a s
 mean kept mass over its sparse layers. For each count of dense layers it finds the best set of selection
 layers (the paper's schedule is one selection and one re-selection layer; ``sparsity.reselection_layer``
 takes a list for more). The diagonal (each layer over its own top tokens) is the bound of per-layer
-selection (``oracle_topk`` in :mod:`bench.long_context`). Writes the matrix and the schedules as JSON.
+selection (:func:`bench.long_text.oracle_topk`). Writes the matrix and the schedules as JSON.
 
     python -m bench.tidal_layers --context 8000 --docs 4 --steps 8
 """
@@ -27,7 +27,9 @@ from datetime import datetime, timezone
 
 import torch
 
-from bench.long_context import RESULTS, haystack
+from bench.long_text import attention_override, haystack
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
 def selection_masks(scores: torch.Tensor, budget: int, sinks: int, recent: int) -> torch.Tensor:
@@ -68,13 +70,11 @@ def capture_scores(llm, context: list, steps: int) -> list:
     of the step's query (each kv head's query group summed)."""
     from server.engine.request import SamplingParams
 
-    eng = llm.engine
-    backend = eng.runner.backend
-    dense = backend.dense_forward
-    num_layers = eng.arch.num_layers
+    backend = llm.engine.runner.backend
+    num_layers = llm.engine.arch.num_layers
     current, out = [], []
 
-    def forward(layer, q, k_cache, v_cache, meta, scale):
+    def forward(dense, layer, q, k_cache, v_cache, meta, scale):
         if not meta.is_decode:
             return dense(layer, q, k_cache, v_cache, meta, scale)
         o, (scores, _) = backend.decode(q, k_cache, v_cache, meta, scale, emit=True)
@@ -84,11 +84,8 @@ def capture_scores(llm, context: list, steps: int) -> list:
             current.clear()
         return o
 
-    backend.dense_forward = forward
-    try:
+    with attention_override(llm, forward):
         llm.generate([context], SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True))
-    finally:
-        del backend.dense_forward
     return out
 
 
