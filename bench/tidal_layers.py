@@ -129,7 +129,9 @@ def measure_mass(args) -> tuple:
     """(mean kept-mass matrix, decode steps measured, model name) over ``args.docs`` pydoc windows."""
     from server.engine.llm import LLM
 
-    llm = LLM(num_blocks=args.context // 16 + 64, max_num_batched_tokens=8192, enable_prefix_caching=False)
+    longest = args.context + args.steps + 16
+    llm = LLM(max_model_len=longest, num_blocks=longest // 16 + 64, max_num_batched_tokens=8192,
+              enable_prefix_caching=False)
     hay = haystack(llm.tokenizer, args.docs * args.context)
     total, count = None, 0
     for i in range(args.docs):
