@@ -102,6 +102,11 @@ def machine_description() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    try:  # the last-level cache: hosts with the same CPU name differ in it, and CPU timings with them
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            cpu = f"{cpu}, L3 {f.read().strip()}"
+    except OSError:
+        pass
     mem = ""
     if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
         mem = f", {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB RAM"

@@ -5,7 +5,9 @@ Linear layers are created on the ``meta`` device: their weights always come from
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 from typing import Optional
 
 import torch
@@ -15,26 +17,25 @@ from torch import nn
 Tensor = torch.Tensor
 
 
-SMALL_ROWS = 16  # up to this many rows, CPU float32 products run as weight @ x.T (see linear)
+SMALL_ROWS = 16  # up to this many rows a CPU float32 product may run as weight @ x.T (see linear)
+CALIBRATED_ROWS = (1, 2, 4, 8, 16, 32, 64)  # row counts whose product form calibrate_linear measures
+_weight_first: dict = {}  # calibrated row count -> weight @ x.T was the faster product on this host
+_calibrated_for: Optional[tuple] = None
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``F.linear``, with a faster product for the few rows of a CPU decode step.
+def _row_point(n: int) -> Optional[int]:
+    """The calibrated row count whose choice a product of ``n`` rows follows (the next one up; whole
+    16-row panels past 64 follow 64), or None for the counts only ``F.linear`` runs: 17..31 rows, counts
+    past 16 that are not whole 16-row panels (they lost on every host measured), and more than 512."""
+    if 0 < n <= SMALL_ROWS or (n % SMALL_ROWS == 0 and n <= 512):
+        return next((p for p in CALIBRATED_ROWS if p >= n), CALIBRATED_ROWS[-1])
+    return None
 
-    On CPU, float32 ``F.linear`` of n <= 16 rows runs well below memory bandwidth (MKL's gemv at n = 1,
-    its small-m gemm after): measured on this project's 2-core machine with SmolLM2's shapes, cold
-    weights, ``weight @ x.T`` is 2.8x faster for the fused gate/up projection at n = 1 (pad to 2
-    rows: MKL's single-column path is the slow gemv again), 5x at n = 2, 1.6x at n = 8, and 1.2x
-    for 9..15 rows padded to 16 (unpadded, 13..15 rows are slower than F.linear); past 16 rows it wins
-    only on whole 16-row panels (32 rows: 1.2x, 64: 1.5x, 128-512: 1.0-1.1x; 17-31 rows often lose), so
-    other counts and larger ones keep F.linear. A forward of one token is 1.8x faster
-    (65 -> 36 ms), and a speculative tree of 2-3 tokens costs less than one token did before. GPU
-    and other dtypes use F.linear.
-    """
-    n = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    whole = n % SMALL_ROWS == 0 and n <= 512  # whole 16-row panels: as fast or faster up to 512 rows
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not (0 < n <= SMALL_ROWS or whole):
-        return F.linear(x, weight, bias)
+
+def _weight_first_product(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``F.linear`` computed as ``weight @ x.T``: one row padded to two (MKL's single-column path is its
+    slow gemv), 9..15 rows padded to 16 (unpadded, 13..15 rows measured slower than 16)."""
+    n = x.numel() // x.shape[-1]
     rows = x.reshape(n, x.shape[-1])
     padded = 2 if n == 1 else SMALL_ROWS if 8 < n < SMALL_ROWS else n
     if padded > n:
@@ -43,6 +44,68 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     if bias is not None:
         out = out + bias
     return out.contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear``, or on CPU in float32 the same product as ``weight @ x.T`` for the row counts where
+    :func:`calibrate_linear` measured that form faster on this host's BLAS.
+
+    Which form wins at a few rows depends on the host, so it is measured, not assumed: on one of this
+    project's 2-core machines ``weight @ x.T`` made a one-token forward 1.8x faster (65 -> 36 ms, MKL's
+    gemv then ran well below memory bandwidth); on a later one (a 480 MiB L3 that nearly holds the
+    model) the same form was 2.2x slower than ``F.linear`` at one row and slower at every count.
+    Before calibration, and on GPU or in other dtypes, this is ``F.linear``.
+    """
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not _weight_first:
+        return F.linear(x, weight, bias)
+    point = _row_point(x.numel() // x.shape[-1] if x.shape[-1] else 0)
+    if point is None or not _weight_first[point]:
+        return F.linear(x, weight, bias)
+    return _weight_first_product(x, weight, bias)
+
+
+@contextlib.contextmanager
+def linear_products(weight_first: dict):
+    """Within the block, ``weight_first`` ({rows: use weight @ x.T}, over :data:`CALIBRATED_ROWS`) instead of
+    the calibrated choice: for benchmarks that compare the two forms."""
+    saved = dict(_weight_first)
+    _weight_first.clear()
+    _weight_first.update(weight_first)
+    try:
+        yield
+    finally:
+        _weight_first.clear()
+        _weight_first.update(saved)
+
+
+@torch.inference_mode()
+def calibrate_linear(weights: list, reps: int = 2, margin: float = 0.95) -> dict:
+    """Choose, for each of :data:`CALIBRATED_ROWS`, the faster of ``F.linear`` and ``weight @ x.T`` for a
+    CPU float32 model with these ``weights`` (in forward order): each form is timed over one pass through
+    all of them, as a decode step reads them (mostly from memory, not cache), interleaved, best of
+    ``reps``; ``weight @ x.T`` is kept only where it is faster by ``margin``. Once per process for a
+    given set of shapes and thread count. Returns {rows: weight @ x.T chosen}."""
+    global _calibrated_for
+    weights = [w for w in weights if w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2]
+    key = (tuple(tuple(w.shape) for w in weights), torch.get_num_threads())
+    if not weights or key == _calibrated_for:
+        return dict(_weight_first)
+    inputs = {w.shape[1]: {n: torch.randn(n, w.shape[1]) for n in CALIBRATED_ROWS} for w in weights}
+    chosen = {}
+    for n in CALIBRATED_ROWS:
+        best = {False: math.inf, True: math.inf}
+        for _ in range(reps):
+            for weight_first in (False, True):
+                t = time.perf_counter()
+                for w in weights:
+                    x = inputs[w.shape[1]][n]
+                    _weight_first_product(x, w, None) if weight_first else F.linear(x, w)
+                best[weight_first] = min(best[weight_first], time.perf_counter() - t)
+        chosen[n] = best[True] < margin * best[False]
+    _weight_first.clear()
+    _weight_first.update(chosen)
+    _calibrated_for = key
+    return dict(chosen)
 
 
 class Linear(nn.Linear):

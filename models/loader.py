@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models.embedded import EMBEDDED_NAME, embedded_model_path
+from models.layers import Linear, calibrate_linear
 from models.registry import ArchConfig, ModelLoadError, model_class
 from models.tokenizer import Tokenizer
 
@@ -66,6 +67,7 @@ def load_model(path: Optional[str], dtype: Optional[torch.dtype], device, load_f
         model = model_class(arch)(arch)  # weightless until load_weights
         model.load_weights(weights)
     model.eval()
+    _calibrate_products(model)
     tok = _read_tokenizer(tokenizer) if tokenizer else _read_tokenizer(path, gguf_file)
     params = list(model.parameters())
     mib = sum(p.numel() * p.element_size() for p in params) / 2**20
@@ -88,6 +90,21 @@ def _read_tokenizer(path: str, gguf_file: Optional["GGUFFile"] = None) -> Tokeni
     if os.path.isdir(path):
         return Tokenizer.from_hf_dir(path)
     return Tokenizer.from_gguf_metadata((gguf_file or read_gguf(path)).metadata)
+
+
+def _calibrate_products(model: nn.Module) -> None:
+    """On CPU in float32, measure which product form each few-row linear runs faster in on this host
+    (:func:`models.layers.calibrate_linear`), over the weights a decode step reads: every linear layer in
+    forward order, then the logits head (the embedding, when tied)."""
+    weights = [m.weight for m in model.modules() if isinstance(m, Linear)]
+    if getattr(model, "lm_head", True) is None:
+        weights.append(model.embed_tokens.weight)
+    t = time.perf_counter()
+    chosen = calibrate_linear(weights)
+    if chosen:
+        rows = [n for n, yes in chosen.items() if yes]
+        logger.info("CPU linear products calibrated in %.1f s: %s", time.perf_counter() - t,
+                    f"weight @ x.T at {rows} rows" if rows else "F.linear at every row count")
 
 
 def _random_weights(model: nn.Module, dtype: torch.dtype, device: torch.device, std: float = 0.02) -> None:

@@ -49,8 +49,8 @@ import math
 import time
 from typing import Callable, Optional
 
-# 1 + d tree rows = a power of two: whole tiles on a GPU, and on CPU the sizes models.layers.linear runs
-# fastest (9 rows cost as much as 16 there)
+# 1 + d tree rows = a power of two: whole tiles on a GPU, and on CPU the row counts models.layers.linear
+# calibrates its product form at
 CANDIDATES = (0, 1, 3, 7, 15, 31, 63)
 MARGIN = 0.1  # a budget must promise this much more throughput than the plain step to be chosen
 MEASURE_SECONDS = 1.5
