@@ -85,7 +85,6 @@ def paged_attention(
     """
     if out is None:
         out = torch.empty_like(q)
-    hq, hkv = q.shape[1], k_cache.shape[1]
     cu = cu_seqlens_q.tolist()
     lens = kv_lens.tolist()
     for b in (range(len(lens)) if only is None else only):
@@ -326,6 +325,16 @@ def gather_compact(k_cache: Tensor, v_cache: Tensor, src_slots: Tensor, dst_slot
     v_cache[dst, heads] = v_keep
 
 
+def head_rows(cache: Tensor, slots: Tensor) -> Tensor:
+    """``cache[slots[b, h, n], h]``: each (request, kv head)'s own slots' rows of a [num_slots, Hkv, D] cache,
+    as [B, Hkv, N, D] (slot -1 reads slot 0). One index_select over the cache viewed as rows of one head
+    (on CPU ~2x faster than the advanced indexing it equals)."""
+    hkv, d = cache.shape[1], cache.shape[2]
+    heads = torch.arange(hkv, device=slots.device)[None, :, None]
+    rows = (slots.long().clamp(min=0) * hkv + heads).reshape(-1)
+    return cache.reshape(-1, d).index_select(0, rows).view(*slots.shape, d)
+
+
 def sparse_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, scale: float) -> Tensor:
     """Decode attention of each (request, kv head) over its own list of physical slots.
 
@@ -334,10 +343,8 @@ def sparse_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, sc
     """
     bsz, hq, d = q.shape
     hkv = k_cache.shape[1]
-    heads = torch.arange(hkv, device=q.device)[None, :, None]
-    idx = slots.long().clamp(min=0)
-    k = k_cache[idx, heads].float()  # [B, Hkv, N, D]
-    v = v_cache[idx, heads].float()
+    k = head_rows(k_cache, slots).float()  # [B, Hkv, N, D]
+    v = head_rows(v_cache, slots).float()
     logits = torch.matmul(q.float().view(bsz, hkv, hq // hkv, d), k.transpose(-1, -2)) * scale
     logits = logits.masked_fill((slots < 0)[:, :, None, :], float("-inf"))
     return torch.matmul(torch.softmax(logits, dim=-1), v).reshape(bsz, hq, d).to(q.dtype)

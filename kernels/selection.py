@@ -12,14 +12,25 @@ from typing import Optional
 
 import torch
 
+from kernels.reference import head_rows
+
 Tensor = torch.Tensor
 
 
 def _top(score: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """torch.topk along the last dim with ties broken by position (a stable sort): which of several equal
-    scores (kept tokens' +inf, underflowed zeros) survive must not depend on the batch the row is in."""
-    val, idx = torch.sort(score, dim=-1, descending=True, stable=True)
-    return val[..., :k], idx[..., :k]
+    """torch.topk along the last dim with ties broken by position, the earlier first (what a stable
+    descending sort gives): which of several equal scores (kept tokens' +inf, underflowed zeros) survive
+    must not depend on the batch the row is in. Each float32 score becomes a distinct int64 key: its bits
+    mapped to an order-preserving int32 in the high half, the reversed position in the low half, so the
+    top k are unique and torch.topk may pick them in any order of work (on CPU 6x faster than the stable
+    sort over an 8K context). Returns (scores, positions), highest first."""
+    bits = (score.float() + 0.0).contiguous().view(torch.int32)  # + 0.0: -0.0 ties with 0.0, as in a sort
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip the magnitude bits
+    width = score.shape[-1]
+    position = torch.arange(width, device=score.device)
+    key = (ordered.long() << 32) + ((1 << 32) - 1 - position)
+    idx = torch.topk(key, k, dim=-1, sorted=True).indices
+    return torch.gather(score, -1, idx), idx
 
 
 def kept_tokens(idx: Tensor, last: Tensor, first: Tensor, latest: Tensor) -> Tensor:
@@ -74,8 +85,7 @@ def rerank_slots(q: Tensor, k_cache: Tensor, slots: Tensor, forced: Tensor, budg
     bsz, hq, d = q.shape
     hkv, width = slots.shape[1], slots.shape[2]
     valid = slots >= 0
-    heads = torch.arange(hkv, device=slots.device)[None, :, None]
-    keys = k_cache[slots.clamp(min=0), heads].float()  # [B, Hkv, C, D]: each head's own candidates
+    keys = head_rows(k_cache, slots).float()  # [B, Hkv, C, D]: each head's own candidates
     logits = torch.einsum("bhgd,bhcd->bhgc", q.float().view(bsz, hkv, hq // hkv, d), keys) * scale
     probs = torch.softmax(logits.masked_fill(~valid[:, :, None, :], float("-inf")), dim=-1).sum(2)
     # rounded to 2^-20 before ranking (ties then go by position): the float noise of another batch

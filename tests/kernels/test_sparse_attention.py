@@ -96,6 +96,26 @@ def test_selection_ties_do_not_depend_on_the_batch(device):
     assert both[1, 0, -1].item() == 249
 
 
+def test_top_is_a_stable_descending_sort_cut_at_k(device):
+    """The selections' top-k (an integer-keyed torch.topk) picks what a stable descending sort keeps: the
+    same scores and positions in the same order, ties (+inf, 0.0 and -0.0, repeated values) by position."""
+    from kernels.selection import _top
+
+    g = torch.Generator().manual_seed(5)
+    for width in (1, 7, 64, 300):
+        s = torch.randn(2, 3, width, generator=g)
+        s[s > 1] = float("inf")
+        s[s < -1] = float("-inf")
+        s[(s > 0.2) & (s < 0.5)] = 0.0
+        s[(s > -0.5) & (s < -0.2)] = -0.0
+        s[:, :, ::3] = torch.round(s[:, :, ::3] * 4) / 4
+        s = s.to(device)
+        val, idx = torch.sort(s, dim=-1, descending=True, stable=True)
+        for k in {1, width // 2 or 1, width}:
+            top_val, top_idx = _top(s, k)
+            assert torch.equal(top_idx, idx[..., :k]) and torch.equal(top_val, val[..., :k])
+
+
 def test_rerank_is_topk_of_each_layers_own_scores(paged_pool, device):
     """A sparse layer's re-ranking keeps the forced candidates and, of the rest, the top of its own query's
     attention (group-summed softmax over the candidates); with every earlier token a candidate and no
