@@ -155,6 +155,8 @@ class ModelRunner:
                 sampling.append(s)
                 row += 1
         if sampling:
+            if self.speculator is not None:
+                self.speculator.learn_plain(logits, list(zip(sampling, sample_rows)), requests)
             reqs: list[Request] = [requests[s.request_id] for s in sampling]
             res = sample(logits[sample_rows], reqs)
             for i, s in enumerate(sampling):

@@ -137,6 +137,16 @@ class Speculator:
                          req.params.greedy)
         return out
 
+    def learn_plain(self, logits: Tensor, items: list, requests: dict) -> None:
+        """Token Recycling from a plain step's decode rows (``items``: [(ScheduledRequest, logits row)]): each
+        speculating request's input token gets the top-k of its logits, as a verified tree's root does.
+        Without this the table learns only while trees are verified, so once the budget rule turns
+        speculation off its rows go stale, the trees it probes are guesses from an old table, and their
+        low acceptance keeps speculation off (on chat prompts at one stream, table-only trees accepted
+        0.07 drafts at d = 1)."""
+        self._learn(logits, [(s, row) for s, row in items
+                             if len(s.token_ids) == 1 and "spec" in requests[s.request_id].state], requests)
+
     def _learn(self, logits: Tensor, items: list, requests: dict) -> None:
         """Token Recycling: the rows of ALL tree inputs get the top-k of their logits."""
         learners = [(s, row) for s, row in items if requests[s.request_id].state["spec"].drafter.table is not None]

@@ -191,3 +191,22 @@ def test_recycling_table_rows_are_topk_of_every_tree_input():
     for r, t in enumerate(flat):
         assert spec.shared_table.candidates(t) == logits[r].topk(8).indices.tolist()
     assert spec.stats["spec_num_drafts"] == 2 and spec.stats["spec_num_draft_tokens"] == 5
+
+
+def test_recycling_table_learns_from_plain_decode_rows():
+    """A step where a speculating request drafts nothing (budget 0) still writes its input token's row of M;
+    a request that does not speculate, and a prefill chunk, write nothing."""
+    v = 50
+    spec = Speculator(SpecConfig(), v)
+    reqs, items = {}, []
+    cases = [("r0", [30], "recycling"), ("r1", [31], "none"), ("r2", [32, 33], "recycling")]  # r2: a chunk
+    for row, (rid, tokens, method) in enumerate(cases):
+        req = Request(rid, [1, 2, *tokens], SamplingParams(temperature=0.0, speculative=SpecOptions(method)))
+        spec.attach(req)
+        reqs[rid] = req
+        s = ScheduledRequest(rid, tokens, list(range(len(tokens))), list(range(len(tokens))), [0], len(tokens), True)
+        items.append((s, row))
+    logits = torch.randn(len(cases), v)
+    spec.learn_plain(logits, items, reqs)
+    assert spec.shared_table.candidates(30) == logits[0].topk(8).indices.tolist()
+    assert not spec.shared_table.candidates(31) and not spec.shared_table.candidates(33)
