@@ -25,9 +25,9 @@ _calibrated_for: Optional[tuple] = None
 
 def _row_point(n: int) -> Optional[int]:
     """The calibrated row count whose choice a product of ``n`` rows follows (the next one up; whole
-    16-row panels past 64 follow 64), or None for the counts only ``F.linear`` runs: 17..31 rows, counts
-    past 16 that are not whole 16-row panels (they lost on every host measured), and more than 512."""
-    if 0 < n <= SMALL_ROWS or (n % SMALL_ROWS == 0 and n <= 512):
+    16-row panels past 64 follow 64), or None for the counts only ``F.linear`` runs: none, 17..31 rows,
+    counts past 16 that are not whole 16-row panels (they lost on every host measured), more than 512."""
+    if 0 < n and (n <= SMALL_ROWS or (n % SMALL_ROWS == 0 and n <= 512)):
         return next((p for p in CALIBRATED_ROWS if p >= n), CALIBRATED_ROWS[-1])
     return None
 
