@@ -210,3 +210,22 @@ def test_recycling_table_learns_from_plain_decode_rows():
     spec.learn_plain(logits, items, reqs)
     assert spec.shared_table.candidates(30) == logits[0].topk(8).indices.tolist()
     assert not spec.shared_table.candidates(31) and not spec.shared_table.candidates(33)
+
+
+def test_plain_learning_rows_take_turns():
+    """Past PLAIN_LEARN_ROWS speculating decodes, a step teaches the table that many rows, in turn."""
+    from server.spec import PLAIN_LEARN_ROWS
+
+    v, n = 200, PLAIN_LEARN_ROWS + 3
+    spec = Speculator(SpecConfig(), v)
+    reqs, items = {}, []
+    for row in range(n):
+        req = Request(f"r{row}", [1, 100 + row], SamplingParams(temperature=0.0, speculative=SpecOptions("recycling")))
+        spec.attach(req)
+        reqs[req.request_id] = req
+        items.append((ScheduledRequest(req.request_id, [100 + row], [1], [1], [0], 2, True), row))
+    logits = torch.randn(n, v)
+    spec.learn_plain(logits, items, reqs)
+    assert [bool(spec.shared_table.candidates(100 + r)) for r in range(n)] == [r < PLAIN_LEARN_ROWS for r in range(n)]
+    spec.learn_plain(logits, items, reqs)  # the next step starts where this one stopped
+    assert all(spec.shared_table.candidates(100 + r) == logits[r].topk(8).indices.tolist() for r in range(n))
