@@ -135,7 +135,7 @@ class Speculator:
                                    opts.relaxed_k, opts.relaxed_delta, opts.relaxed_lambda))
         nearest = self.nearest(logits.device) if any(t.relax_k > 0 for t in trees) else None
         verdicts = verify_trees(logits, trees, nearest)
-        self._learn(logits, items, requests)
+        self._learn(logits, self._learners(items, requests), requests)
         out = {}
         for (s, _), v in zip(items, verdicts):
             out[s.request_id] = v
@@ -151,16 +151,26 @@ class Speculator:
         speculation off its rows go stale, the trees it probes are guesses from an old table, and their
         low acceptance keeps speculation off (on chat prompts at one stream, table-only trees accepted
         0.07 drafts at d = 1)."""
-        items = [(s, row) for s, row in items if len(s.token_ids) == 1 and "spec" in requests[s.request_id].state]
+        items = [(s, row) for s, row in self._learners(items, requests) if len(s.token_ids) == 1]
         if len(items) > PLAIN_LEARN_ROWS:  # the requests take turns
             start = self._learn_turn % len(items)
             self._learn_turn += PLAIN_LEARN_ROWS
             items = (items[start:] + items[:start])[:PLAIN_LEARN_ROWS]
         self._learn(logits, items, requests)
 
-    def _learn(self, logits: Tensor, items: list, requests: dict) -> None:
-        """Token Recycling: the rows of ALL tree inputs get the top-k of their logits."""
-        learners = [(s, row) for s, row in items if requests[s.request_id].state["spec"].drafter.table is not None]
+    @staticmethod
+    def _learners(items: list, requests: dict) -> list:
+        """The ``items`` of requests whose drafter keeps a Token Recycling table (speculating, not n-gram)."""
+        out = []
+        for s, row in items:
+            state = requests[s.request_id].state.get("spec")
+            if state is not None and state.drafter.table is not None:
+                out.append((s, row))
+        return out
+
+    def _learn(self, logits: Tensor, learners: list, requests: dict) -> None:
+        """Token Recycling: the rows of ALL inputs of ``learners`` (:meth:`_learners`) get the top-k of their
+        logits."""
         if not learners:
             return
         rows = torch.tensor([row + j for s, row in learners for j in range(len(s.token_ids))], device=logits.device)
