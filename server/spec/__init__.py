@@ -44,8 +44,9 @@ def can_speculate(params) -> bool:
 
 
 # plain decode rows that teach Token Recycling's table per step (learn_plain): a top-k over the vocabulary
-# costs ~60 us a row on CPU, 1.9 ms for 32 rows (~1.5% of a 32-stream step); the table is shared, so
-# requests taking turns still refresh it every few steps
+# costs 60-150 us a row on CPU (8 rows: 0.9% of a 32-stream chat run); the table is shared, so requests
+# taking turns still refresh it every few steps. While the budget rule coasts (speculation clearly does
+# not pay: DraftBudget.coast) one row a step keeps the table warm for the next probe
 PLAIN_LEARN_ROWS = 8
 
 
@@ -89,6 +90,8 @@ class Speculator:
             if "spec" in r.state:
                 r.state["spec"].step_budget = 0  # a prefill chunk (or one cut to a single token) drafts nothing
         speculating = [r for r in decodes if "spec" in r.state]
+        if self.budget.coast(len(decodes), len(speculating)):
+            return
         states = [r.state["spec"] for r in speculating]
         for r, s in zip(speculating, states):
             s.evidence = s.drafter.evidence(r.token_ids)
@@ -152,10 +155,11 @@ class Speculator:
         low acceptance keeps speculation off (on chat prompts at one stream, table-only trees accepted
         0.07 drafts at d = 1)."""
         items = [(s, row) for s, row in self._learners(items, requests) if len(s.token_ids) == 1]
-        if len(items) > PLAIN_LEARN_ROWS:  # the requests take turns
+        rows = 1 if self.budget.coasting else PLAIN_LEARN_ROWS
+        if len(items) > rows:  # the requests take turns
             start = self._learn_turn % len(items)
-            self._learn_turn += PLAIN_LEARN_ROWS
-            items = (items[start:] + items[:start])[:PLAIN_LEARN_ROWS]
+            self._learn_turn += rows
+            items = (items[start:] + items[:start])[:rows]
         self._learn(logits, items, requests)
 
     @staticmethod

@@ -29,8 +29,12 @@ acceptance rate (a new prompt, a code block) is noticed, and a large budget whos
 underrates (a code prompt's n-gram chains: 4 accepted tokens per tree at d = 15 against the prior's 2)
 is measured at all. Probes come every ``PROBE_EVERY`` steps, or further apart for a budget whose probe
 costs more than ``PROBE_SHARE`` of the plain steps in between (at one stream on CPU a 32-token tree
-costs 4 plain steps: one probe per ~110). A batch where no budget could pay even then (compute-bound:
-a step's time grows as fast as its rows) is not probed at all: there a probe is pure cost. A budget must
+costs 4 plain steps: one probe per ~110), and each probe after which still no budget wins doubles the
+wait for the next (up to ``2**PROBE_BACKOFF`` times; a winning budget resets it): at 32 streams on CPU
+eight probes cost 0.6% of a chat run that never speculated. A batch where no budget could pay even then
+(compute-bound: a step's time grows as fast as its rows) is not probed at all: there a probe is pure cost.
+Where no budget is modelled even half ``MARGIN`` above the plain step, the next few steps of that batch size are
+plain without being scored (:meth:`DraftBudget.coast`): scoring is itself a cost. A budget must
 promise ``MARGIN`` more throughput than the plain step: a marginal modelled gain is within the noise of
 the model and of the machine, and the rule's promise is never to cost throughput.
 
@@ -59,6 +63,9 @@ EMA = 0.1
 BOOST_EMA = 0.3  # per request: reacts within a few steps
 PROBE_EVERY = 32
 PROBE_SHARE = 0.03  # probes may cost about this fraction of the time of the plain steps between them
+COAST_BELOW = 1 + MARGIN / 2  # a step whose best budget is modelled under this x the plain rate is clearly plain...
+COAST_STEPS = 8  # ...and so are the next steps of its batch size, up to this many, without scoring them
+PROBE_BACKOFF = 3  # probes that do not turn speculation on space the next ones out, up to 2**3 x PROBE_EVERY
 REALISM_EMA = 0.02  # over trees (a step verifies up to a batch of them)
 
 
@@ -86,6 +93,9 @@ class DraftBudget:
         self._pred_mean = self._real_mean = 0.0  # running means over trees: predicted vs realized acceptance
         self._trees = 0
         self._next_probe = PROBE_EVERY
+        self._backoff = 0  # probes since a budget last won: each doubles the wait for the next (to PROBE_BACKOFF)
+        self._coast: Optional[tuple] = None  # (bucket, step): steps of that batch bucket before it are plain
+        self.coasting = False  # this step is plain without being scored (:meth:`coast`)
 
     @staticmethod
     def candidates(cap: int) -> list:
@@ -172,7 +182,7 @@ class DraftBudget:
         (d, m) is scored, so a batch where only a few requests have a matched continuation lets those few
         draft instead of buying every request's tree or none."""
         self.current = None
-        self.probing = False
+        self.probing = self.coasting = False
         self.predicted = [0.0] * len(keys)
         if not keys:
             return []
@@ -193,7 +203,7 @@ class DraftBudget:
             return self._forward(bucket, grid, rows, deadline) * factor
 
         rate0 = num_decodes / seconds(0, 0)
-        best, best_rate, order, raw, worth_probe = (0, 0), rate0, {}, {}, []
+        best, best_rate, top_rate, order, raw, worth_probe = (0, 0), rate0, 0.0, {}, {}, []
         for d in grid[1:]:
             exp = {k: self.expected(k, d) for k in set(keys)}
             raw[d] = [exp[k] * b for k, b in zip(keys, boosts)]  # what the statistics say, before realism
@@ -203,6 +213,7 @@ class DraftBudget:
             for m, i in enumerate(order[d], 1):
                 gain += gains[i]
                 rate = (num_decodes + gain) / seconds(d, m)
+                top_rate = max(top_rate, rate)
                 if rate > best_rate:
                     best, best_rate = (d, m), rate
             # worth a probe: the batch's trees would pay if every draft were accepted
@@ -221,12 +232,16 @@ class DraftBudget:
             # one request's extra rows, as a share of the batch's step
             t0 = self._time(bucket, 0, None)
             extra = max(0.0, self._forward(bucket, grid, d / num_decodes, None) - t0) / t0
-            self._next_probe = self._steps + max(PROBE_EVERY, math.ceil(extra / PROBE_SHARE))
+            self._next_probe = self._steps + max(PROBE_EVERY << self._backoff, math.ceil(extra / PROBE_SHARE))
+            self._backoff = min(self._backoff + 1, PROBE_BACKOFF)  # reset when a budget wins again
         elif d > 0 and ((bucket, 0) not in self.overhead or self._steps % PROBE_EVERY == 0):
             d = 0  # observe the plain step's real cost
         elif d > 0:
+            self._backoff = 0
             for i in order[d][:m]:
                 budgets[i], self.predicted[i] = d, min(raw[d][i], d)
+        clearly_plain = d == 0 and not self.probing and top_rate <= rate0 * COAST_BELOW
+        self._coast = (bucket, self._steps + COAST_STEPS) if clearly_plain else None
         # a step that also timed forwards for the model, or a probe (one request drafts), is no sample of
         # the step's cost
         if not (self._measured or self.probing):
@@ -234,6 +249,23 @@ class DraftBudget:
             self.current = (bucket, self._class(grid, rows))
             self._modelled = self._forward(bucket, grid, rows, None)
         return budgets
+
+    def coast(self, num_decodes: int, num_speculating: int) -> bool:
+        """Whether this step is plain without scoring it (then :meth:`choose` is not called): a recent scored step
+        at this batch size modelled every budget at most half ``MARGIN`` above the plain step's rate (``COAST_BELOW``:
+        none came close to being chosen), fewer than ``COAST_STEPS`` steps ago, and no probe is due. Scoring every (d, m) costs ~0.5 ms a step at 32
+        streams on CPU, and where speculation clearly does not pay, a few steps' drift in the statistics
+        does not change the answer; a scored step renews or ends the coast."""
+        bucket = _bucket(max(num_decodes, num_speculating))
+        if (self._coast is None or self._coast[0] != bucket or self._steps >= self._coast[1]
+                or self._steps + 1 >= self._next_probe):
+            self.coasting = False
+            return False
+        self._steps += 1
+        self.probing, self.coasting = False, True
+        self.predicted = [0.0] * num_speculating
+        self.current, self._modelled = (bucket, 0), self._time(bucket, 0, None)
+        return True
 
     def observe(self, seconds: Optional[float]) -> None:
         """Wall time of the decode-only step run under the last :meth:`choose` (see the module doc); None:

@@ -213,7 +213,8 @@ def test_recycling_table_learns_from_plain_decode_rows():
 
 
 def test_plain_learning_rows_take_turns():
-    """Past PLAIN_LEARN_ROWS speculating decodes, a step teaches the table that many rows, in turn."""
+    """Past PLAIN_LEARN_ROWS speculating decodes, a step teaches the table that many rows, in turn (one while
+    the budget rule coasts)."""
     from server.spec import PLAIN_LEARN_ROWS
 
     v, n = 200, PLAIN_LEARN_ROWS + 3
@@ -229,3 +230,7 @@ def test_plain_learning_rows_take_turns():
     assert [bool(spec.shared_table.candidates(100 + r)) for r in range(n)] == [r < PLAIN_LEARN_ROWS for r in range(n)]
     spec.learn_plain(logits, items, reqs)  # the next step starts where this one stopped
     assert all(spec.shared_table.candidates(100 + r) == logits[r].topk(8).indices.tolist() for r in range(n))
+    spec.shared_table.m[:] = -1
+    spec.budget.coasting = True  # speculation clearly off (DraftBudget.coast): one row a step
+    spec.learn_plain(logits, items, reqs)
+    assert sum(bool(spec.shared_table.candidates(100 + r)) for r in range(n)) == 1

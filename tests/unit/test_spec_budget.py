@@ -1,5 +1,5 @@
 """The draft-budget rule: a modelled forward cost, scaled by what decode steps really took."""
-from server.spec.budget import PROBE_EVERY, DraftBudget
+from server.spec.budget import PROBE_BACKOFF, PROBE_EVERY, DraftBudget
 
 
 def _run(budget, steps, decodes, step_seconds, accepted=3):
@@ -129,17 +129,36 @@ def test_first_sample_replaces_prior_and_budgets_share_a_floor():
     assert budget.expected("goose/0", 7) == DraftBudget.prior(7)  # other evidence keys keep their own
 
 
-def test_probes_try_every_budget_in_turn():
+def test_probes_try_every_budget_in_turn_ever_further_apart():
     """Where d = 0 wins, the periodic probes cycle through the candidate budgets, so a large budget the prior
-    underrates still gets measured."""
+    underrates still gets measured; each probe after which d = 0 still wins doubles the wait for the next
+    (up to 2**PROBE_BACKOFF), so a batch where speculation never pays stops paying for probes."""
     budget = DraftBudget(_half_cost)
-    probed = []
-    for _ in range(8 * PROBE_EVERY):
+    probed, at = [], []
+    for step in range(64 * PROBE_EVERY):
         d = max(budget.choose(32, ["goose/3"] * 32, 32))
         if budget.probing:
             probed.append(d)
+            at.append(step)
         budget.observe(0.032)
     assert set(probed) == set(DraftBudget.candidates(32)) - {0}
+    gaps = [b - a for a, b in zip(at, at[1:])]
+    assert gaps[:3] == [PROBE_EVERY, 2 * PROBE_EVERY, 4 * PROBE_EVERY]
+    assert max(gaps) == PROBE_EVERY << PROBE_BACKOFF
+
+
+def test_a_winning_budget_resets_the_probe_backoff():
+    budget = DraftBudget(_half_cost)
+    budget.calibrate(8, 8)
+    keys = ["goose/3"] * 8
+    for _ in range(6 * PROBE_EVERY):  # the prior does not pay: probes back off
+        budget.choose(8, keys, 8)
+        budget.observe(0.008)
+    assert budget._backoff > 1
+    budget.record("goose/3", 7, 7)  # a prompt's continuation starts to match: every draft is accepted
+    while not any(budget.choose(8, keys, 8)):
+        budget.observe(0.008)
+    assert budget._backoff == 0 and not budget.probing
 
 
 def test_drafters_report_their_evidence():
@@ -183,3 +202,29 @@ def test_a_greedy_tree_teaches_every_smaller_budget():
         spec._record_acceptance(state, [0, 1, 2, 9], req.params.greedy)  # ranks of the accepted path's nodes
     assert {d: spec.budget.accepted["key-g", d] for d in (1, 3, 7, 15)} == {1: 1, 3: 3, 7: 3, 15: 4}
     assert [d for key, d in spec.budget.accepted if key == "key-s"] == [15]
+
+
+def test_clearly_losing_budgets_coast_without_scoring():
+    """Where every budget is modelled clearly below the plain step, the next steps of that batch size are plain
+    without scoring (up to COAST_STEPS), a due probe still runs, and another batch size is scored at once."""
+    from server.spec.budget import COAST_STEPS
+
+    budget = DraftBudget(_half_cost)
+    budget.calibrate(32, 32)
+    for d in DraftBudget.candidates(32):
+        budget.record("goose/0", d, 0)
+    keys = ["goose/0"] * 32
+    scored = []
+    for _ in range(4 * PROBE_EVERY):
+        if budget.coast(32, 32):
+            assert budget.coasting and budget.current == (32, 0) and budget.predicted == [0.0] * 32
+            scored.append(False)
+        else:
+            scored.append(True)
+            budget.choose(32, keys, 32)
+            assert not budget.coasting
+        budget.observe(0.032)
+    assert sum(scored) <= len(scored) // COAST_STEPS + 4  # a scored step, then coasting, renewed
+    assert budget._probes >= 1  # the coast does not skip a probe
+    assert not budget.coast(8, 8)  # a different batch bucket is scored
+
