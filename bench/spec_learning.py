@@ -72,9 +72,9 @@ def main() -> None:
         for r in range(args.rounds):
             for name in (("plain", "off", "on") if r % 2 == 0 else ("on", "off", "plain")):
                 if name == "plain":
-                    secs, outs, _ = run(llm, prompts, c, plain)
+                    secs, outs, _, _ = run(llm, prompts, c, plain)
                 else:
-                    secs, outs, delta = run_as(name, prompts, c, drafting)
+                    secs, outs, delta, _ = run_as(name, prompts, c, drafting)
                     accepted[name].append(mean_accepted_length(delta))
                 rates[name].append(sum(map(len, outs)) / secs)
         row = dict(workload=wname, concurrency=c, method=method,
