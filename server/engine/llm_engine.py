@@ -182,7 +182,7 @@ class LLMEngine:
         # the step's tokens are final now (stops applied, drafts verified): policies may evict
         for plan in self.eviction.after_step(sched, step_out, self.scheduler.requests, self.kv):
             self.scheduler.queue_compaction(plan)
-        self.speculator.observe_step(time.perf_counter() - t0, sample)
+        self.speculator.observe_step(time.perf_counter() - t0, sample, sum(map(len, step_out.sampled.values())))
         return outputs
 
     def _process_tokens(self, req: Request, new_tokens: list, new_logprobs: list) -> RequestOutput:

@@ -108,9 +108,10 @@ class Speculator:
             s.draft_parents is not None or (len(s.token_ids) == 1 and s.positions[0] >=
                                             requests[s.request_id].num_prompt_tokens) for s in sched.requests)
 
-    def observe_step(self, seconds: float, sample: bool) -> None:
-        """The engine's wall time for the step just run (``sample``: from :meth:`samples_step`)."""
-        self.budget.observe(seconds if sample else None)
+    def observe_step(self, seconds: float, sample: bool, tokens: int = 0) -> None:
+        """The engine's wall time for the step just run and the tokens it emitted (``sample``: from
+        :meth:`samples_step`)."""
+        self.budget.observe(seconds if sample else None, tokens)
 
     def propose(self, req: Request, max_nodes: int) -> Optional[DraftTree]:
         """A draft tree for a decoding request, or None when it does not speculate this step.

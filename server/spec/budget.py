@@ -33,10 +33,13 @@ costs 4 plain steps: one probe per ~110), and each probe after which still no bu
 wait for the next (up to ``2**PROBE_BACKOFF`` times; a winning budget resets it): at 32 streams on CPU
 eight probes cost 0.6% of a chat run that never speculated. A batch where no budget could pay even then
 (compute-bound: a step's time grows as fast as its rows) is not probed at all: there a probe is pure cost.
-Where no budget is modelled even half ``MARGIN`` above the plain step, the next few steps of that batch size are
-plain without being scored (:meth:`DraftBudget.coast`): scoring is itself a cost. A budget must
+Where no budget is modelled even half the margin above the plain step, the next few steps of that batch
+size are plain without being scored (:meth:`DraftBudget.coast`): scoring is itself a cost. A budget must
 promise ``MARGIN`` more throughput than the plain step: a marginal modelled gain is within the noise of
-the model and of the machine, and the rule's promise is never to cost throughput.
+the model and of the machine, and the rule's promise is never to cost throughput. That promise is also
+checked on outcomes (:meth:`DraftBudget._check_payoff`): per batch size, the token rate of the steps that
+drafted against that of plain steps; where drafting steps were slower the margin doubles (at 32 streams on
+CPU a step with any tree pays a fixed ~40 ms over a 110 ms plain step, so only sure trees pay there).
 
 The forward alone misses what a speculative step costs around it (drafting, tree masks, verification,
 Token Recycling's table updates, per-request attention of tree rows). So the engine reports the wall
@@ -63,8 +66,9 @@ EMA = 0.1
 BOOST_EMA = 0.3  # per request: reacts within a few steps
 PROBE_EVERY = 32
 PROBE_SHARE = 0.03  # probes may cost about this fraction of the time of the plain steps between them
-COAST_BELOW = 1 + MARGIN / 2  # a step whose best budget is modelled under this x the plain rate is clearly plain...
-COAST_STEPS = 8  # ...and so are the next steps of its batch size, up to this many, without scoring them
+MAX_MARGIN = 0.8  # the most the payoff check (DraftBudget.observe) raises a batch size's margin to
+PAYOFF_STEPS = 16  # speculative steps between two payoff checks of a batch size
+COAST_STEPS = 8  # steps of a batch size run plain without scoring after one where no budget came close
 PROBE_BACKOFF = 3  # probes that do not turn speculation on space the next ones out, up to 2**3 x PROBE_EVERY
 REALISM_EMA = 0.02  # over trees (a step verifies up to a batch of them)
 
@@ -96,6 +100,8 @@ class DraftBudget:
         self._backoff = 0  # probes since a budget last won: each doubles the wait for the next (to PROBE_BACKOFF)
         self._coast: Optional[tuple] = None  # (bucket, step): steps of that batch bucket before it are plain
         self.coasting = False  # this step is plain without being scored (:meth:`coast`)
+        self.margin: dict = {}  # bucket -> the margin in force there (MARGIN unless the payoff check raised it)
+        self._payoff: dict = {}  # bucket -> [plain steps' tok/s EMA, speculative steps' tok/s EMA, steps since check]
 
     @staticmethod
     def candidates(cap: int) -> list:
@@ -220,7 +226,8 @@ class DraftBudget:
             if (num_decodes + len(keys) * d) / seconds(d, len(keys)) > rate0 * (1 + MARGIN):
                 worth_probe.append(d)
         # unmodelled costs and noise: a marginal gain is not worth the risk
-        if best_rate <= rate0 * (1 + MARGIN):
+        margin = self.margin.get(bucket, MARGIN)
+        if best_rate <= rate0 * (1 + margin):
             best = (0, 0)
         d, m = best
         budgets = [0] * len(keys)
@@ -240,7 +247,7 @@ class DraftBudget:
             self._backoff = 0
             for i in order[d][:m]:
                 budgets[i], self.predicted[i] = d, min(raw[d][i], d)
-        clearly_plain = d == 0 and not self.probing and top_rate <= rate0 * COAST_BELOW
+        clearly_plain = d == 0 and not self.probing and top_rate <= rate0 * (1 + margin / 2)
         self._coast = (bucket, self._steps + COAST_STEPS) if clearly_plain else None
         # a step that also timed forwards for the model, or a probe (one request drafts), is no sample of
         # the step's cost
@@ -252,8 +259,8 @@ class DraftBudget:
 
     def coast(self, num_decodes: int, num_speculating: int) -> bool:
         """Whether this step is plain without scoring it (then :meth:`choose` is not called): a recent scored step
-        at this batch size modelled every budget at most half ``MARGIN`` above the plain step's rate (``COAST_BELOW``:
-        none came close to being chosen), fewer than ``COAST_STEPS`` steps ago, and no probe is due. Scoring every (d, m) costs ~0.5 ms a step at 32
+        at this batch size modelled every budget at most half the margin in force above the plain step's rate
+        (none came close to being chosen), fewer than ``COAST_STEPS`` steps ago, and no probe is due. Scoring every (d, m) costs ~0.5 ms a step at 32
         streams on CPU, and where speculation clearly does not pay, a few steps' drift in the statistics
         does not change the answer; a scored step renews or ends the coast."""
         bucket = _bucket(max(num_decodes, num_speculating))
@@ -267,16 +274,42 @@ class DraftBudget:
         self.current, self._modelled = (bucket, 0), self._time(bucket, 0, None)
         return True
 
-    def observe(self, seconds: Optional[float]) -> None:
-        """Wall time of the decode-only step run under the last :meth:`choose` (see the module doc); None:
-        the step was no sample (it also ran prefill work)."""
+    def observe(self, seconds: Optional[float], tokens: int = 0) -> None:
+        """Wall time of the decode-only step run under the last :meth:`choose` (see the module doc) and the
+        tokens it emitted (0: not counted); None: the step was no sample (it also ran prefill work)."""
         if seconds is None or self.current is None:
             self.current = None
             return
         ratio = seconds / self._modelled
         old = self.overhead.get(self.current)
         self.overhead[self.current] = ratio if old is None else (1 - EMA) * old + EMA * ratio
+        if tokens:
+            self._check_payoff(*self.current, tokens / seconds)
         self.current = None
+
+    def _check_payoff(self, bucket: int, rows_class: int, rate: float) -> None:
+        """The payoff check: what speculative steps delivered, against plain steps of the same batch size.
+
+        The cost model and the acceptance statistics each carry their own correction, but the rule's
+        promise is about their product: that the steps it drafts in emit tokens faster than plain steps.
+        So each batch size keeps running token rates of both kinds of step, and every ``PAYOFF_STEPS``
+        speculative steps compares them: where drafting steps were slower, the margin a budget must promise
+        doubles (up to ``MAX_MARGIN``), so only the surest trees are still bought; where they beat plain
+        steps by the margin in force, it halves back toward ``MARGIN``."""
+        kind = 0 if rows_class == 0 else 1
+        state = self._payoff.setdefault(bucket, [None, None, 0])
+        state[kind] = rate if state[kind] is None else (1 - EMA) * state[kind] + EMA * rate
+        if not kind:
+            return
+        state[2] += 1
+        if state[2] < PAYOFF_STEPS or state[0] is None:
+            return
+        state[2] = 0
+        margin = self.margin.get(bucket, MARGIN)
+        if state[1] < state[0]:
+            self.margin[bucket] = min(2 * margin, MAX_MARGIN)
+        elif state[1] > state[0] * (1 + margin):
+            self.margin[bucket] = max(margin / 2, MARGIN)
 
     @property
     def realism(self) -> float:

@@ -228,3 +228,31 @@ def test_clearly_losing_budgets_coast_without_scoring():
     assert budget._probes >= 1  # the coast does not skip a probe
     assert not budget.coast(8, 8)  # a different batch bucket is scored
 
+
+
+def _payoff_run(tokens_when_drafting: int, steps: int = 200):
+    """8 decodes whose d = 1 trees the statistics expect to accept 1 draft each: modelled 1.23x the plain
+    rate once a drafting step's observed 13 ms (against 12 modelled) is learned. Plain steps emit 8 tokens in
+    8 ms; drafting steps ``tokens_when_drafting`` in 13 ms."""
+    budget = DraftBudget(_half_cost)
+    budget.calibrate(8, 1)
+    budget.record("goose/3", 1, 1)
+    chosen = []
+    for _ in range(steps):
+        d = max(budget.choose(8, ["goose/3"] * 8, 1))
+        chosen.append(d)
+        budget.observe(0.013 if d else 0.008, tokens_when_drafting if d else 8)
+    return budget, chosen
+
+
+def test_drafting_steps_slower_than_plain_steps_raise_the_margin():
+    """The model promises 1.23x, but the drafting steps emit 12 tokens in 13 ms (923 tok/s) against the plain
+    steps' 1,000: the payoff check doubles the margin (0.1 -> 0.2 -> 0.4) and the rule stops drafting."""
+    budget, chosen = _payoff_run(12)
+    assert budget.margin[8] == 0.4
+    assert sum(chosen[-100:]) <= 100 // PROBE_EVERY  # at most the probes
+
+
+def test_drafting_steps_that_deliver_keep_the_margin():
+    budget, chosen = _payoff_run(16)  # 1,231 tok/s against 1,000: the trees pay as modelled
+    assert budget.margin.get(8, 0.1) == 0.1 and sum(chosen[-100:]) >= 90
