@@ -66,7 +66,7 @@ EMA = 0.1
 BOOST_EMA = 0.3  # per request: reacts within a few steps
 PROBE_EVERY = 32
 PROBE_SHARE = 0.03  # probes may cost about this fraction of the time of the plain steps between them
-MAX_MARGIN = 0.8  # the most the payoff check (DraftBudget.observe) raises a batch size's margin to
+MAX_MARGIN = 0.8  # the most the payoff check (DraftBudget._check_payoff) raises a batch size's margin to
 PAYOFF_STEPS = 16  # speculative steps between two payoff checks of a batch size
 COAST_STEPS = 8  # steps of a batch size run plain without scoring after one where no budget came close
 PROBE_BACKOFF = 3  # probes that do not turn speculation on space the next ones out, up to 2**3 x PROBE_EVERY
@@ -258,11 +258,12 @@ class DraftBudget:
         return budgets
 
     def coast(self, num_decodes: int, num_speculating: int) -> bool:
-        """Whether this step is plain without scoring it (then :meth:`choose` is not called): a recent scored step
-        at this batch size modelled every budget at most half the margin in force above the plain step's rate
-        (none came close to being chosen), fewer than ``COAST_STEPS`` steps ago, and no probe is due. Scoring every (d, m) costs ~0.5 ms a step at 32
-        streams on CPU, and where speculation clearly does not pay, a few steps' drift in the statistics
-        does not change the answer; a scored step renews or ends the coast."""
+        """Whether this step is plain without scoring it (then :meth:`choose` is not called): a scored step at
+        this batch size fewer than ``COAST_STEPS`` steps ago modelled every budget at most half the margin in
+        force above the plain step's rate (none came close to being chosen), and no probe is due. Scoring
+        every (d, m) costs ~0.5 ms a step at 32 streams on CPU, and where speculation clearly does not pay,
+        a few steps' drift in the statistics does not change the answer; a scored step renews or ends the
+        coast."""
         bucket = _bucket(max(num_decodes, num_speculating))
         if (self._coast is None or self._coast[0] != bucket or self._steps >= self._coast[1]
                 or self._steps + 1 >= self._next_probe):
