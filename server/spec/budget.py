@@ -99,7 +99,6 @@ class DraftBudget:
         self._next_probe = PROBE_EVERY
         self._backoff = 0  # probes since a budget last won: each doubles the wait for the next (to PROBE_BACKOFF)
         self._coast: Optional[tuple] = None  # (bucket, step): steps of that batch bucket before it are plain
-        self.coasting = False  # this step is plain without being scored (:meth:`coast`)
         self.margin: dict = {}  # bucket -> the margin in force there (MARGIN unless the payoff check raised it)
         self._payoff: dict = {}  # bucket -> [plain steps' tok/s EMA, speculative steps' tok/s EMA, steps since check]
 
@@ -188,7 +187,7 @@ class DraftBudget:
         (d, m) is scored, so a batch where only a few requests have a matched continuation lets those few
         draft instead of buying every request's tree or none."""
         self.current = None
-        self.probing = self.coasting = False
+        self.probing = False
         self.predicted = [0.0] * len(keys)
         if not keys:
             return []
@@ -267,13 +266,17 @@ class DraftBudget:
         bucket = _bucket(max(num_decodes, num_speculating))
         if (self._coast is None or self._coast[0] != bucket or self._steps >= self._coast[1]
                 or self._steps + 1 >= self._next_probe):
-            self.coasting = False
             return False
         self._steps += 1
-        self.probing, self.coasting = False, True
+        self.probing = False
         self.predicted = [0.0] * num_speculating
         self.current, self._modelled = (bucket, 0), self._time(bucket, 0, None)
         return True
+
+    @property
+    def coasting(self) -> bool:
+        """The latest scored step found no budget close to paying (:meth:`coast`): this step is plain."""
+        return self._coast is not None
 
     def observe(self, seconds: Optional[float], tokens: int = 0) -> None:
         """Wall time of the decode-only step run under the last :meth:`choose` (see the module doc) and the
