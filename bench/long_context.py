@@ -1,8 +1,9 @@
-"""Long context: sparse decode (TidalDecode, Quest), windowed attention and Probe-and-Skip prefill,
+"""Long context: sparse decode (TidalDecode, Quest, Loki), windowed attention and Probe-and-Skip prefill,
 each against the exact (dense) path in the same run, on the embedded SmolLM2-135M.
 
 * decode: time per generated token vs context length (end to end), and one layer's decode attention
-  alone (dense paged decode vs selection + sparse decode over the same pool);
+  alone (dense paged decode vs a sparse read of the budget's slots, and vs Loki's sketch scoring,
+  selection and sparse read over the same pool);
 * prefill: time at each length with and without token skipping (one chunk, no prefix cache);
 * fidelity on real text no one here wrote (CPython's ``pydoc_data.topics``): needle retrieval at several
   depths of a prose haystack, and teacher-forced perplexity of a document's continuation after a long
@@ -66,15 +67,16 @@ def _extra_fields(item: str, extras: list, usage: str, words: Optional[dict] = N
 
 
 def timed_methods(budgets: list) -> list:
-    """(name, sparsity, None) of the methods whose decode speed is timed: dense, TidalDecode and Quest at
-    each budget, and at the largest TidalDecode re-selecting every 4 layers (``-r4``), re-ranking 4x the
-    budget in candidates in every sparse layer (``-c``), and both."""
+    """(name, sparsity, None) of the methods whose decode speed is timed: dense, TidalDecode, Quest and Loki
+    (24-dimensional key sketches) at each budget, and at the largest TidalDecode re-selecting every 4
+    layers (``-r4``), re-ranking 4x the budget in candidates in every sparse layer (``-c``), and both."""
     from server.engine.request import SparsityOptions
 
     out = [("dense", None, None)]
     for b in budgets:
         out += [(f"tidal-{b}", SparsityOptions(method="tidal", budget=b), None),
-                (f"quest-{b}", SparsityOptions(method="quest", budget=b), None)]
+                (f"quest-{b}", SparsityOptions(method="quest", budget=b), None),
+                (f"loki-{b}", SparsityOptions(method="loki", budget=b), None)]
     top = max(budgets)
     cand = 4 * top
     return out + [(f"tidal-{top}-r4", SparsityOptions(method="tidal", budget=top, reselect_every=4), None),
@@ -100,17 +102,31 @@ def tidal_configs(spec: str, budget: int) -> list:
     return out
 
 
-def methods(budgets: list, tidal: str = "", skips: str = "") -> list:
+def loki_configs(spec: str, budget: int) -> list:
+    """(name, SparsityOptions) of Loki settings "rank[:field=value...],..." at ``budget`` (16 = key sketches of
+    16 dimensions; 8:candidates=1024 = 8 dimensions pick 1,024 candidates, exact scores the budget)."""
+    from server.engine.request import SparsityOptions
+
+    out = []
+    for item in (x for x in spec.split(",") if x):
+        rank, *rest = item.split(":")
+        fields, suffix = _extra_fields(item, rest, "--loki: rank[:field=value...]")
+        out.append((f"loki-{budget}-k{rank}{suffix}", SparsityOptions(method="loki", budget=budget, rank=int(rank),
+                                                                      **fields)))
+    return out
+
+
+def methods(budgets: list, tidal: str = "", skips: str = "", loki: str = "") -> list:
     """(name, sparsity, skipping) of every method whose fidelity is compared: the timed ones, TidalDecode
     as the paper has it (no kept first/latest tokens), the optional KV correction (every 32 generated
-    tokens), the TidalDecode settings ``tidal`` (:func:`tidal_configs`), a window, and the Probe-and-Skip
-    settings ``skips``."""
+    tokens), the TidalDecode settings ``tidal`` (:func:`tidal_configs`), the Loki settings ``loki``
+    (:func:`loki_configs`), a window, and the Probe-and-Skip settings ``skips``."""
     from server.engine.request import SparsityOptions
 
     top = max(budgets)
     out = timed_methods(budgets)
     out += [(f"tidal-{top}-paper", SparsityOptions(method="tidal", budget=top, sinks=0, recent=0), None)]
-    out += [(name, opts, None) for name, opts in tidal_configs(tidal, top)]
+    out += [(name, opts, None) for name, opts in tidal_configs(tidal, top) + loki_configs(loki, top)]
     out += [(f"tidal-{top}-kvc32", SparsityOptions(method="tidal", budget=top, correction_interval=32), None),
             ("window-1024", SparsityOptions(method="window", window=1024, sinks=4), None)]
     return out + [(name, None, opts) for name, opts in skip_configs(skips)]
@@ -135,14 +151,18 @@ def decode_time(llm, prompt: list, sparsity, n: int, batch: int = 1) -> float:
     return statistics.median(times)
 
 
-def attention_time(arch, dtype, context: int, budget: int, reps: int) -> dict:
+def attention_time(arch, dtype, context: int, budget: int, reps: int, rank: int = 24) -> dict:
     """One layer's decode attention with the model's head shapes, batch 1, on the device's backend: dense
-    vs TidalDecode's sparse layer (sparse decode over budget slots). On a GPU timed with device events
+    vs TidalDecode's sparse layer (sparse decode over budget slots) vs Loki's layer (score the context's
+    ``rank``-dimensional key sketches, select, sparse decode; the sketches are in place, as after the
+    first step). On a GPU timed with device events
     (``triton.testing.do_bench``); the H100 figures of 2026-11-24 in bench/results were taken before,
     with a host clock over 20 queued calls, which at these sizes times the Python launch path as much
     as the kernels."""
     from kernels import reference as ref
     from kernels.backend import select_backend
+    from kernels.selection import sketch_topk
+    from server.policies.key_index import KeySketch
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backend = select_backend("auto", dev)
@@ -171,7 +191,16 @@ def attention_time(arch, dtype, context: int, budget: int, reps: int) -> dict:
         from kernels.paged_attention import paged_decode
         dense = clock(lambda: paged_decode(q, k, v, table, kv, bs, scale))
     sparse = clock(lambda: backend.sparse_decode(q, k, v, slots, scale))
-    return {"dense_ms": dense, "sparse_ms": sparse, "speedup": dense / sparse}
+    sketch, every = KeySketch(1, rank), torch.arange(context, device=dev)  # slot i holds kv index i
+    sketch.scores(0, q[0], k, every, context, scale)
+
+    def loki():
+        picked, _ = sketch_topk(sketch.scores(0, q[0], k, every, context, scale), every, budget, 4, 32)
+        return backend.sparse_decode(q, k, v, picked[None], scale)
+
+    loki_ms = clock(loki)
+    return {"dense_ms": dense, "sparse_ms": sparse, "speedup": dense / sparse, "loki_rank": rank,
+            "loki_ms": loki_ms, "loki_speedup": dense / loki_ms}
 
 
 def prefill_time(llm, prompt: list, skipping) -> float:
@@ -232,6 +261,18 @@ def fidelity(llm, hay: list, args, compared: list, depths: list, results: dict, 
     print(f"window 64: peak {results['window_kv_blocks']['peak_blocks']} KV blocks over {args.window_tokens} tokens")
 
 
+def _only(methods: list, names: str, flag: str, ap) -> list:
+    """The (name, ...) rows of ``methods`` named in the comma-separated ``names`` (all when empty), dense
+    always kept as the baseline; an unknown name is a usage error of ``flag``."""
+    if not names:
+        return methods
+    wanted = {"dense", *names.split(",")}
+    unknown = wanted - {m[0] for m in methods}
+    if unknown:
+        ap.error(f"{flag}: unknown {sorted(unknown)}")
+    return [m for m in methods if m[0] in wanted]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small contexts and counts: checks the script runs")
@@ -240,6 +281,9 @@ def main() -> None:
     ap.add_argument("--budgets", default="128,256")
     ap.add_argument("--prefill-rounds", type=int, default=2, help="interleaved rounds of the prefill timings")
     ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--decode-rounds", type=int, default=1, help="interleaved rounds of the decode timings")
+    ap.add_argument("--timed", default="", help="only these methods in the decode timings, by name (dense is "
+                    "always kept as the baseline); default every timed method")
     ap.add_argument("--depths", default="0.1,0.5,0.9")
     ap.add_argument("--fidelity-context", type=int, default=4000)
     ap.add_argument("--ppl-tokens", type=int, default=64)
@@ -249,6 +293,8 @@ def main() -> None:
     ap.add_argument("--no-fidelity", action="store_true", help="timing sections only")
     ap.add_argument("--tidal", default="", help="extra TidalDecode settings to time and compare at the largest "
                     "budget, layers[:field=value...] each (tidal_configs), e.g. 12/21,1/3/15:candidates=2048")
+    ap.add_argument("--loki", default="", help="extra Loki settings to time and compare at the largest budget, "
+                    "rank[:field=value...] each (loki_configs), e.g. 8,16:candidates=1024")
     ap.add_argument("--fidelity-methods", default="", help="only these methods in the fidelity section, by name "
                     "(e.g. dense,spts-L2-0.9; dense is always kept as the baseline); default every method")
     ap.add_argument("--oracle", type=int, nargs="*", default=[256],
@@ -291,13 +337,8 @@ def main() -> None:
     # the speed sections and the needle read from the start, the perplexity documents are the last windows
     hay = haystack(llm.tokenizer, max(contexts + prefills + [args.fidelity_context])
                    + args.ppl_docs * (args.fidelity_context + args.ppl_tokens))
-    compared = methods(budgets, args.tidal, args.skip)
-    if args.fidelity_methods:
-        wanted = {"dense", *args.fidelity_methods.split(",")}
-        unknown = wanted - {m for m, _, _ in compared}
-        if unknown:
-            ap.error(f"--fidelity-methods: unknown {sorted(unknown)}")
-        compared = [m for m in compared if m[0] in wanted]
+    compared = methods(budgets, args.tidal, args.skip, args.loki)
+    compared = _only(compared, args.fidelity_methods, "--fidelity-methods", ap)
     table = {m: {} for m, _, _ in compared}
     results = {"device": str(llm.engine.device), "device_name": device_description(llm.engine.device),
                "model": llm.engine.model_name,
@@ -306,11 +347,15 @@ def main() -> None:
                "time": datetime.now(timezone.utc).isoformat(), "args": vars(args), "decode": [], "attention": [],
                "prefill": [], "needle": {}, "perplexity": {}}
 
-    timed = timed_methods(budgets) + [(name, opts, None) for name, opts in tidal_configs(args.tidal, max(budgets))]
+    timed = timed_methods(budgets) + [(name, opts, None) for name, opts in
+                                      tidal_configs(args.tidal, max(budgets)) + loki_configs(args.loki, max(budgets))]
+    timed = _only(timed, args.timed, "--timed", ap)
     for ctx in ([] if args.no_speed else contexts):
-        row = {"context": ctx}
-        for name, sparsity, _ in timed:
-            row[name] = decode_time(llm, hay[:ctx], sparsity, args.decode_steps, args.decode_batch) * 1e3
+        times = {name: [] for name, _, _ in timed}
+        for _ in range(args.decode_rounds):  # interleaved rounds, medians
+            for name, sparsity, _ in timed:
+                times[name].append(decode_time(llm, hay[:ctx], sparsity, args.decode_steps, args.decode_batch) * 1e3)
+        row = {"context": ctx, **{name: statistics.median(t) for name, t in times.items()}}
         results["decode"].append(row)
         for b in budgets:
             results["attention"].append({"context": ctx, "budget": b, **attention_time(
@@ -337,7 +382,8 @@ def main() -> None:
     if not args.no_fidelity:
         fidelity(llm, hay, args, compared, depths, results, table)
     print("\nattention (one layer, ms): " + "; ".join(
-        f"{a['context']}/{a['budget']}: dense {a['dense_ms']:.3f} sparse {a['sparse_ms']:.3f} ({a['speedup']:.1f}x)"
+        f"{a['context']}/{a['budget']}: dense {a['dense_ms']:.3f} sparse {a['sparse_ms']:.3f} ({a['speedup']:.1f}x) "
+        f"loki-k{a['loki_rank']} {a['loki_ms']:.3f} ({a['loki_speedup']:.1f}x)"
         for a in results["attention"]))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

@@ -1,4 +1,5 @@
-"""Which slots a sparse decode step reads: TidalDecode's token top-k and Quest's page bounds.
+"""Which slots a sparse decode step reads: TidalDecode's token top-k, Quest's page bounds and Loki's low-rank
+key sketches.
 
 Tensors in, slot lists out ([B, Hkv, N] physical slots, -1 = padding), ready for
 :func:`kernels.sparse_attention.sparse_decode`. These are plain torch on every device: the work is
@@ -96,6 +97,48 @@ def rerank_slots(q: Tensor, k_cache: Tensor, slots: Tensor, forced: Tensor, budg
     val, idx = _top(score, k)
     keep = (val > float("-inf")) & (torch.arange(k, device=q.device) < budgets.long()[:, None, None])
     return torch.where(keep, torch.gather(slots, 2, idx), -1)
+
+
+def key_basis(keys: Tensor, rank: int) -> Tensor:
+    """Loki's low-rank key space: per kv head the ``rank`` principal directions of keys [L, Hkv, D], i.e. the
+    eigenvectors of KᵀK with the largest eigenvalues (uncentred, since attention scores are plain dot
+    products). Returns [Hkv, D, rank] float32, orthonormal columns."""
+    k = keys.float()
+    _, vectors = torch.linalg.eigh(torch.einsum("lhd,lhe->hde", k, k))  # eigenvalues ascending
+    return vectors.flip(-1)[..., :rank].contiguous()
+
+
+def sketch_scores(q: Tensor, sketch: Tensor, basis: Tensor, scale: float) -> Tensor:
+    """One request's approximate decode attention from key sketches: q [Hq, D] projected on ``basis``
+    [Hkv, D, r] against every kv index's key sketch [L, Hkv, r] (its key projected on the same basis).
+    With r = D the scores are exact. Returns per kv head the group's softmax probabilities summed, [Hkv, L],
+    rounded to 2^-20 (as :func:`rerank_slots` does) so that float noise of another batch cannot reorder
+    near-equal tokens."""
+    hkv, d, _ = basis.shape
+    qs = torch.einsum("hgd,hdr->hgr", q.float().view(hkv, -1, d), basis)
+    logits = torch.einsum("hgr,lhr->hgl", qs, sketch.float()) * scale
+    return torch.round(torch.softmax(logits, dim=-1).sum(1) * 2.0 ** 20)
+
+
+def sketch_topk(scores: Tensor, slots: Tensor, k: int, first: int, latest: int) -> tuple[Tensor, Tensor]:
+    """One request's Loki selection: per kv head the current token (the last of ``scores`` [Hkv, L], L = its
+    context), the first ``first`` and the latest ``latest`` earlier tokens, and the highest scoring of the
+    rest, min(k, L) in all. ``scores`` are non-negative and integer-valued (:func:`sketch_scores` rounds
+    them); equal scores go to the earlier token, and when the kept tokens alone exceed k the earliest of
+    them stay, as in :func:`topk_token_slots`, whose selection this equals. One int64 key per token (score
+    bits, then the reversed position) makes the order total, in fewer tensor ops than the general path:
+    this runs in every sparse layer. ``slots`` [>= L] maps kv index -> physical slot.
+    Returns (slot lists [Hkv, K], kv indices [Hkv, K]), highest first."""
+    width = scores.shape[-1]
+    pos = torch.arange(width, device=scores.device)
+    key = (scores.long() << 32) - pos
+    kept = (1 << 62) - pos  # above every score, earliest first
+    key[:, :first] = kept[:first]
+    start = max(width - 1 - latest, 0)
+    key[:, start:] = kept[start:]
+    key[:, -1] = (1 << 63) - 1  # the current token
+    idx = torch.topk(key, min(k, width), dim=-1, sorted=True).indices
+    return slots[idx], idx
 
 
 def quest_page_bounds(q: Tensor, key_min: Tensor, key_max: Tensor, block_tables: Tensor, num_pages: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 from server.config import EngineConfig
+from server.engine.request import SPARSITY_METHODS
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,10 @@ ENGINE_FLAGS = (
           ("none", "ngram", "recycling", "goose")),
     _Flag("num-draft-tokens", "spec.num_draft_tokens", int, "draft tokens per speculative step"),
     _Flag("sparsity", "sparsity.method", str, "default decode attention sparsity",
-          ("dense", "window", "quest", "tidal")),
-    _Flag("sparsity-budget", "sparsity.budget", int, "tokens attended per step by quest/tidal"),
+          SPARSITY_METHODS),
+    _Flag("sparsity-budget", "sparsity.budget", int, "tokens attended per step by quest/tidal/loki"),
     _Flag("window", "sparsity.window", int, "recent-token window of windowed sparsity"),
-    _Flag("sinks", "sparsity.sinks", int, "attention-sink tokens always kept by windowed and tidal sparsity"),
+    _Flag("sinks", "sparsity.sinks", int, "attention-sink tokens always kept by windowed, tidal and loki sparsity"),
     _Flag("kv-eviction", "eviction.method", str, "default KV eviction policy",
           ("none", "streaming", "h2o", "snapkv", "lazy")),
     _Flag("kv-budget", "eviction.budget", float, "KV entries kept per request: tokens (> 1) or ratio (<= 1) of prompt + max_tokens"),

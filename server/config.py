@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from server.engine.request import SkipOptions
+from server.engine.request import SPARSITY_METHODS, SkipOptions
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -89,13 +89,13 @@ class SpecConfig:
 class SparsityConfig:
     """Server-wide default for decode sparsity (requests may override)."""
 
-    method: str = "dense"  # dense | window | quest | tidal
+    method: str = "dense"  # dense | window | quest | tidal | loki
     window: int = 1024
     sinks: int = 4
     budget: int = 256
 
     def __post_init__(self) -> None:
-        _check(self.method in ("dense", "window", "quest", "tidal"), f"sparsity: unknown method {self.method!r}")
+        _check(self.method in SPARSITY_METHODS, f"sparsity: unknown method {self.method!r}")
         _check(self.window >= 1 and self.sinks >= 0 and self.budget >= 1, "sparsity window/budget must be >= 1, sinks >= 0")
 
 

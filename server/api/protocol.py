@@ -75,6 +75,7 @@ class Sparsity(_Strict):
     reselect_every: Optional[int] = None
     correction_interval: Optional[int] = None
     candidates: Optional[int] = None
+    rank: Optional[int] = None
 
     def to_options(self) -> SparsityOptions:
         return SparsityOptions(**self.model_dump(exclude_unset=True))

@@ -33,7 +33,7 @@ _CUMULATIVE = {
     "spec_num_accepted_tokens": ("sift:spec_decode_num_accepted_tokens", "Draft tokens accepted."),
     "kv_evicted_tokens": ("sift:kv_evicted_tokens", "KV entries dropped by eviction policies."),
     "kv_compactions": ("sift:kv_compactions", "KV compactions performed by eviction policies."),
-    "sparse_decode_tokens": ("sift:sparse_decode_tokens", "Decode tokens that attended sparsely (quest, tidal)."),
+    "sparse_decode_tokens": ("sift:sparse_decode_tokens", "Decode tokens that attended sparsely (quest, tidal, loki, pruned reads)."),
     "skip_prefill_tokens": ("sift:token_skip_prefill_tokens", "Prompt tokens prefilled with token skipping."),
     "skip_token_blocks": ("sift:token_skip_skipped_blocks", "Token-block computations skipped (attention + MLP)."),
 }

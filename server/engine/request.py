@@ -50,9 +50,12 @@ class EvictionOptions:
             raise ValueError("kv_eviction.alpha must be in (0, 1)")
 
 
+SPARSITY_METHODS = ("dense", "window", "quest", "tidal", "loki")
+
+
 @dataclass(frozen=True)
 class SparsityOptions:
-    """Per-request decode sparsity: dense|window|quest|tidal."""
+    """Per-request decode sparsity: dense|window|quest|tidal|loki."""
 
     method: str = "dense"
     budget: int = 256
@@ -67,9 +70,10 @@ class SparsityOptions:
     # tidal: a selection keeps this many candidates and every sparse layer attends over its own top-`budget`
     # of them, ranked by its own query (0 = off: every sparse layer attends over the selection itself)
     candidates: int = 0
+    rank: int = 24  # loki: dimensions of the key sketches that rank the context (clipped to the head dim)
 
     def __post_init__(self) -> None:
-        if self.method not in ("dense", "window", "quest", "tidal"):
+        if self.method not in SPARSITY_METHODS:
             raise ValueError(f"sparsity.method: unknown value {self.method!r}")
         if isinstance(self.reselection_layer, (list, tuple)):  # a list from JSON: hashable like the rest
             object.__setattr__(self, "reselection_layer", tuple(self.reselection_layer))
@@ -79,6 +83,8 @@ class SparsityOptions:
             raise ValueError("sparsity.correction_interval must be >= 0")
         if self.candidates and self.candidates <= self.budget:
             raise ValueError("sparsity.candidates must be 0 (off) or larger than the budget")
+        if self.rank < 1:
+            raise ValueError("sparsity.rank must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
-"""Sparse decode, step by step: the Quest key index, the planner that turns the scheduled requests'
-sparsity policies (:mod:`server.policies.sparsity`) into one step's plan, and the plan the attention
-backend runs layer by layer (dense rows batched, selection layers, token and page reads)."""
+"""Sparse decode, step by step: the planner that turns the scheduled requests' sparsity policies
+(:mod:`server.policies.sparsity`) into one step's plan, and the plan the attention backend runs layer by
+layer (dense rows batched, selection layers, token, page and sketch-ranked reads). The key indexes the
+plans rank by live in :mod:`server.policies.key_index`."""
 from __future__ import annotations
 
 from typing import Optional
@@ -10,70 +11,12 @@ import torch.nn.functional as F
 
 from kernels import reference as ref
 from kernels.backend import AttentionBackend, AttentionMetadata
-from kernels.selection import (kept_tokens, pages_to_slots, quest_page_bounds, rerank_slots, top_pages,
-                               topk_token_slots)
-from server.policies.sparsity import DENSE, KEEP, PAGES, SELECT, TOKENS, pruned_reads
+from kernels.selection import (kept_tokens, pages_to_slots, quest_page_bounds, rerank_slots, sketch_topk,
+                               top_pages, topk_token_slots)
+from server.policies.key_index import QuestIndex
+from server.policies.sparsity import DENSE, KEEP, PAGES, SELECT, SKETCH, TOKENS, pruned_reads
 
 Tensor = torch.Tensor
-
-
-class QuestIndex:
-    """Per (layer, block, kv head) elementwise min and max of the block's keys.
-
-    Allocated when the first quest request is scheduled; from then on every KV write of a step with
-    sparse decode rows updates it (a block's first slot resets it), so blocks a quest request later
-    adopts from the prefix cache are mostly indexed already. Blocks written before it existed, in steps
-    without sparse rows (those run no sparse plan at all), or rewritten outside store_kv (block copies,
-    compaction) are marked stale and recomputed from the pool before a quest request reads them.
-    """
-
-    def __init__(self, kv_caches: list, block_size: int):
-        k0 = kv_caches[0][0]
-        num_blocks = k0.shape[0] // block_size
-        shape = (num_blocks, k0.shape[1], k0.shape[2])
-        self.block_size = block_size
-        self.key_min = [torch.full(shape, float("inf"), dtype=k0.dtype, device=k0.device) for _ in kv_caches]
-        self.key_max = [torch.full(shape, float("-inf"), dtype=k0.dtype, device=k0.device) for _ in kv_caches]
-        self.fresh = [False] * num_blocks  # host-side: metadata describes the block's content
-
-    def note_writes(self, slot_mapping: list, rewritten_blocks: list) -> None:
-        """Host bookkeeping before a step: blocks written from their first slot become fresh."""
-        for b in rewritten_blocks:
-            self.fresh[b] = False
-        bs = self.block_size
-        for s in slot_mapping:
-            if s >= 0 and s % bs == 0:
-                self.fresh[s // bs] = True
-
-    def refresh(self, blocks: list, kv_caches: list) -> None:
-        """Recompute stale blocks among ``blocks`` from the pool (every layer)."""
-        stale = sorted({b for b in blocks if not self.fresh[b]})
-        if not stale:
-            return
-        dev = self.key_min[0].device
-        slots = (torch.tensor(stale, device=dev)[:, None] * self.block_size
-                 + torch.arange(self.block_size, device=dev)).reshape(-1)
-        for layer, (k, _) in enumerate(kv_caches):
-            keys = k[slots].view(len(stale), self.block_size, *k.shape[1:])
-            self.key_min[layer][stale] = keys.amin(1)
-            self.key_max[layer][stale] = keys.amax(1)
-        for b in stale:
-            self.fresh[b] = True
-
-    def record(self, layer: int, k_cache: Tensor, slot_mapping: Tensor) -> None:
-        """Fold this step's keys of one layer into their blocks' extrema."""
-        slots = slot_mapping[slot_mapping >= 0]
-        if slots.numel() == 0:
-            return
-        blocks = slots // self.block_size
-        first = blocks[slots % self.block_size == 0]
-        lo, hi = self.key_min[layer], self.key_max[layer]
-        lo[first] = float("inf")
-        hi[first] = float("-inf")
-        keys = k_cache[slots]
-        idx = blocks[:, None, None].expand_as(keys)
-        lo.scatter_reduce_(0, idx, keys, "amin")
-        hi.scatter_reduce_(0, idx, keys, "amax")
 
 
 class SparsePlanner:
@@ -96,6 +39,8 @@ class SparsePlanner:
             if policy is not None and policy.sparse_decode:
                 if policy.name == "quest" and self.index is None:
                     self.index = QuestIndex(self.kv_caches, self.block_size)
+                if policy.name == "loki":
+                    self._check_sketch(policy, req, s, sched)
                 # a decode step, not a one-token prefill chunk (prefill stays dense)
                 if len(s.token_ids) == 1 and s.draft_parents is None and s.positions[0] >= req.num_prompt_tokens:
                     rows.append(offset)
@@ -110,6 +55,14 @@ class SparsePlanner:
             self.index.refresh([blk for _, s, p in picked if p.name == "quest" for blk in s.block_table],
                                self.kv_caches)
         return SparsePlan(rows, picked, meta, self.index, self.block_size)
+
+    def _check_sketch(self, policy, req, s, sched) -> None:
+        """A loki request's key sketches go stale when its keys are rewritten in place: a recompute after
+        preemption, or an eviction compaction into its blocks."""
+        moved = {int(x) // self.block_size for c in sched.compactions for x in c.dst_slots}
+        if req.num_preemptions != policy.preemptions or (moved and not moved.isdisjoint(s.block_table)):
+            policy.preemptions = req.num_preemptions
+            policy.sketch.invalidate()
 
     def _note_writes(self, sched, recorded: bool) -> None:
         """Tell the Quest index what this step rewrites. ``recorded``: a plan folds the step's keys into the
@@ -154,7 +107,7 @@ class SparsePlan:
         self.selected = torch.tensor([p.selected for p in self.policies], device=dev)
         self.max_selected = min(int(max(p.selected for p in self.policies)), self.sub.max_kv_len)
         # some tidal rows keep more candidates than their budget: their sparse layers re-rank them
-        self.rerank = any(p.selected > p.budget for p in self.policies)
+        self.rerank = any(p.name == "tidal" and p.selected > p.budget for p in self.policies)
         self.forced: Optional[Tensor] = None  # [n, Hkv, max_selected]: candidates every layer keeps
         # the rows are the whole batch in order: a layer where all of them read their tidal selection is
         # one sparse decode call, without gathering rows or slot lists
@@ -168,7 +121,7 @@ class SparsePlan:
             key = (roles, need_dense)
             if key not in cache:
                 groups = [torch.tensor([i for i, r in enumerate(roles) if r == role], device=dev)
-                          for role in (SELECT, TOKENS, PAGES, KEEP)]
+                          for role in (SELECT, TOKENS, PAGES, KEEP, SKETCH)]
                 cache[key] = None if all(g.numel() == 0 for g in groups) else (need_dense, *groups)
             self.layers.append(cache[key])
 
@@ -179,7 +132,7 @@ class SparsePlan:
         groups = self.layers[layer] if self.layers is not None else None
         if groups is None:
             return backend.dense_forward(layer, q, k_cache, v_cache, meta, scale)
-        need_dense, select, tokens, pages, keep = groups
+        need_dense, select, tokens, pages, keep, sketch = groups
         if self.whole_batch and not need_dense and tokens.numel() == self.rows.numel():
             return backend.sparse_decode(q, k_cache, v_cache, self._token_slots(q, k_cache, None, scale), scale)
         out = backend.dense_forward(layer, q, k_cache, v_cache, meta, scale) if need_dense else torch.empty_like(q)
@@ -192,10 +145,12 @@ class SparsePlan:
             lists.append(self._quest_slots(layer, q[self.rows[pages]], pages))
         if keep.numel():
             lists.append(self._kept_slots(layer, keep, k_cache.shape[1]))
+        if sketch.numel():
+            lists.append(self._sketch_slots(layer, q, sketch, k_cache, scale))
         if lists:
             width = max(x.shape[2] for x in lists)
             slots = torch.cat([F.pad(x, (0, width - x.shape[2]), value=-1) for x in lists])
-            sparse_rows = self.rows[torch.cat([g for g in (tokens, pages, keep) if g.numel()])]
+            sparse_rows = self.rows[torch.cat([g for g in (tokens, pages, keep, sketch) if g.numel()])]
             out[sparse_rows] = backend.sparse_decode(q[sparse_rows], k_cache, v_cache, slots, scale)
         return out
 
@@ -235,6 +190,28 @@ class SparsePlan:
         bounds = quest_page_bounds(q, self.index.key_min[layer], self.index.key_max[layer], tables, num_pages)
         chosen = top_pages(bounds, num_pages, self.budgets[pages], bs)
         return pages_to_slots(chosen, tables, lens, bs)
+
+    def _sketch_slots(self, layer: int, q: Tensor, sketch: Tensor, k_cache: Tensor, scale: float) -> Tensor:
+        """Slot lists [len(sketch), Hkv, K] of the loki rows ``sketch``: each request's top-budget tokens by its
+        key sketches' scores (:func:`sketch_topk`), or its top candidates by them re-ranked by exact scores."""
+        rows, qs = sketch.tolist(), q[self.rows[sketch]]
+        lists, indices = [], []
+        for j, i in enumerate(rows):
+            policy, kv_len = self.policies[i], self.sub.kv_lens_host[i]
+            slots = self.sub._cache["slots"][i]
+            scores = policy.sketch.scores(layer, qs[j], k_cache, slots, kv_len, scale)
+            picked, kv_idx = sketch_topk(scores, slots, policy.selected, *policy.reserved())
+            lists.append(picked)
+            indices.append(kv_idx)
+        width = max(x.shape[1] for x in lists)
+        picked = torch.stack([F.pad(x, (0, width - x.shape[1]), value=-1) for x in lists])
+        if not any(self.policies[i].selected > self.policies[i].budget for i in rows):
+            return picked
+        kv_idx = torch.stack([F.pad(x, (0, width - x.shape[1]), value=-1) for x in indices])
+        first, latest = (x.long()[:, None, None] for x in self.reserved[sketch].unbind(1))
+        last = (self.sub.kv_lens[sketch].long() - 1)[:, None, None]
+        forced = (kv_idx >= 0) & kept_tokens(kv_idx, last, first, latest)
+        return rerank_slots(qs, k_cache, picked, forced, self.budgets[sketch], scale, self.max_budget)
 
     def _kept_slots(self, layer: int, keep: Tensor, num_kv_heads: int) -> Tensor:
         """Slot lists [len(keep), Hkv, N] of pruned-reads rows (every kv head reads the same tokens)."""

@@ -1,4 +1,4 @@
-"""SparsityPolicy: which KV entries a request's attention reads. dense | window | quest | tidal.
+"""SparsityPolicy: which KV entries a request's attention reads. dense | window | quest | tidal | loki.
 
 * ``window`` (StreamingLLM-style): every query sees the first ``sinks`` tokens and the last ``window``;
   prefill and decode alike, through the attention kernels' window/sinks masks. Blocks wholly outside
@@ -22,9 +22,16 @@
   request by those T tokens and re-feeds them as one dense chunk, which overwrites their K/V with exact
   values (a T-token prefill every T steps).
 * ``quest`` (Quest): per block and layer the elementwise min/max of its keys (kept by
-  :class:`server.policies.sparse_plan.QuestIndex`, updated at every KV write once a quest request
+  :class:`server.policies.key_index.QuestIndex`, updated at every KV write once a quest request
   exists); in every layer but the first two, each kv head reads the budget // block_size pages of
   highest bound sum_i max(q_i min_i, q_i max_i), the current page always included.
+* ``loki`` (Loki, 2406.02542, with TidalDecode's token granularity): in every layer but the first two each
+  request ranks its whole context by approximate scores from low-rank key sketches (``rank`` principal
+  directions of its own keys, :class:`server.policies.key_index.KeySketch`) and attends exactly over its
+  own top-budget tokens (kept first/latest tokens included, as tidal keeps them); with ``candidates`` C >
+  budget the sketch picks C and the exact scores of those pick the budget (:func:`rerank_slots`). Every
+  layer selects for itself, so nothing hinges on one layer's choice carrying to others (what TidalDecode
+  loses on SmolLM2); the sketch reads rank/D of the keys.
 
 * pruned reads (:class:`PrunedReads`, not a method a request names): a request whose Probe-and-Skip
   prefill pruned prompt tokens (server/policies/skipping.py) reads, in each layer, every kv index but
@@ -44,9 +51,10 @@ import torch
 
 from server.config import SparsityConfig
 from server.engine.request import Request, SparsityOptions
+from server.policies.key_index import KeySketch
 
 Tensor = torch.Tensor
-DENSE, SELECT, TOKENS, PAGES, KEEP = range(5)  # a request's role in one decode layer
+DENSE, SELECT, TOKENS, PAGES, KEEP, SKETCH = range(6)  # a request's role in one decode layer
 ALL_TOKENS = 1 << 62
 QUEST_DENSE_LAYERS = 2  # Quest leaves the first two layers dense
 
@@ -96,9 +104,30 @@ class WindowPolicy(SparsityPolicy):
         return 0  # even prompt KV past layer 0 comes from windowed attention
 
 
-class TidalPolicy(SparsityPolicy):
-    name = "tidal"
+class _SparseDecode(SparsityPolicy):
+    """A policy whose decode steps read a selection of the KV (a SparsePlan runs them)."""
+
     sparse_decode = True
+
+    def exact_kv_tokens(self, req: Request) -> int:
+        return req.num_prompt_tokens  # generated tokens' KV comes out of sparse layers
+
+
+class _TokenSelection(_SparseDecode):
+    """A policy that selects tokens per (request, kv head): the first ``sinks`` and latest ``recent`` kept,
+    ``candidates`` > budget re-ranked by each layer's exact scores."""
+
+    def reserved(self) -> tuple[int, int]:
+        return self.opts.sinks, self.opts.recent
+
+    @property
+    def selected(self) -> int:
+        """Tokens a selection keeps: the budget, or the candidates each sparse layer re-ranks."""
+        return max(self.opts.budget, self.opts.candidates)
+
+
+class TidalPolicy(_TokenSelection):
+    name = "tidal"
 
     def __init__(self, opts: SparsityOptions, num_layers: int):
         super().__init__(opts, num_layers)
@@ -117,17 +146,6 @@ class TidalPolicy(SparsityPolicy):
                            for i in range(num_layers))
         self.dense_upto = 0  # tokens [0, dense_upto) have dense K/V (prefill, or corrected)
 
-    def reserved(self) -> tuple[int, int]:
-        return self.opts.sinks, self.opts.recent
-
-    @property
-    def selected(self) -> int:
-        """Tokens a selection keeps: the budget, or the candidates each sparse layer re-ranks."""
-        return max(self.opts.budget, self.opts.candidates)
-
-    def exact_kv_tokens(self, req: Request) -> int:
-        return req.num_prompt_tokens  # generated tokens' KV comes out of sparse layers
-
     def rewind(self, req: Request) -> int:
         t = self.opts.correction_interval
         done = max(self.dense_upto, req.num_prompt_tokens)
@@ -137,19 +155,25 @@ class TidalPolicy(SparsityPolicy):
         return req.num_computed_tokens - done
 
 
-class QuestPolicy(SparsityPolicy):
+class QuestPolicy(_SparseDecode):
     name = "quest"
-    sparse_decode = True
 
     def __init__(self, opts: SparsityOptions, num_layers: int):
         super().__init__(opts, num_layers)
         self.roles = tuple(DENSE if i < QUEST_DENSE_LAYERS else PAGES for i in range(num_layers))
 
-    def exact_kv_tokens(self, req: Request) -> int:
-        return req.num_prompt_tokens
+
+class LokiPolicy(_TokenSelection):
+    name = "loki"
+
+    def __init__(self, opts: SparsityOptions, num_layers: int):
+        super().__init__(opts, num_layers)
+        self.roles = tuple(DENSE if i < QUEST_DENSE_LAYERS else SKETCH for i in range(num_layers))
+        self.sketch = KeySketch(num_layers, opts.rank)
+        self.preemptions = 0  # the request's count when its sketches were taken (a recompute rewrites keys)
 
 
-POLICIES = {p.name: p for p in (SparsityPolicy, WindowPolicy, TidalPolicy, QuestPolicy)}
+POLICIES = {p.name: p for p in (SparsityPolicy, WindowPolicy, TidalPolicy, QuestPolicy, LokiPolicy)}
 
 
 class PrunedReads:

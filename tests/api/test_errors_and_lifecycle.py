@@ -33,6 +33,8 @@ ERROR_CASES = [
      "speculative.method"),
     ("negative technique option", COMPLETIONS, {"prompt": "hi", "sparsity": {"method": "tidal", "recent": -1}}, 400,
      "sparsity"),
+    ("zero-dimension key sketches", COMPLETIONS, {"prompt": "hi", "sparsity": {"method": "loki", "rank": 0}}, 400,
+     "sparsity.rank"),
     ("re-selection layer past the model's layers", COMPLETIONS,
      {"prompt": "hi", "sparsity": {"method": "tidal", "reselection_layer": [3, 99]}}, 400, None),
     ("unknown model", COMPLETIONS, {"prompt": "hi", "model": "gpt-4o"}, 404, "model"),

@@ -114,3 +114,14 @@ def test_n2_streams_two_indexed_choices(server, model_name):
     assert [texts[0], texts[1]] == [c["message"]["content"] for c in full["choices"]]
     if all(c["finish_reason"] == "length" for c in full["choices"]):
         assert full["usage"]["completion_tokens"] == 2 * 6
+
+
+def test_technique_options_pass_through_the_openai_client(server, model_name, read_metric):
+    """A per-request technique option (Loki sparse decode) rides in the official client's extra_body and runs:
+    every decode step after the first token attends sparsely."""
+    client = openai.OpenAI(base_url=server.v1, api_key="unused")
+    before = read_metric(server, "sift:sparse_decode_tokens_total")
+    out = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=5, temperature=0,
+                                    extra_body={"sparsity": {"method": "loki", "budget": 4, "rank": 8}})
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 5
+    assert read_metric(server, "sift:sparse_decode_tokens_total") == before + 4

@@ -39,8 +39,10 @@ def _logprobs(out):
 @pytest.mark.parametrize("opts", [SparsityOptions(method="tidal", budget=1024),
                                   SparsityOptions(method="tidal", budget=1024, candidates=2048),
                                   SparsityOptions(method="quest", budget=1024),
+                                  SparsityOptions(method="loki", budget=1024),
+                                  SparsityOptions(method="loki", budget=1024, candidates=2048, rank=4),
                                   SparsityOptions(method="window", window=1024, sinks=4)],
-                         ids=["tidal", "tidal-rerank", "quest", "window"])
+                         ids=["tidal", "tidal-rerank", "quest", "loki", "loki-rerank", "window"])
 def test_budget_covering_the_context_equals_dense(llm, doc, dense, opts):
     out = llm.generate([doc], replace(GREEDY, sparsity=opts))[0]
     assert out.token_ids == dense.token_ids
@@ -58,13 +60,15 @@ def test_mixed_batch_gives_each_request_its_solo_tokens(llm, doc):
               replace(GREEDY, sparsity=SparsityOptions(method="tidal", budget=48)),
               replace(GREEDY, sparsity=SparsityOptions(method="tidal", budget=32, candidates=96)),
               replace(GREEDY, sparsity=SparsityOptions(method="quest", budget=48)),
+              replace(GREEDY, sparsity=SparsityOptions(method="loki", budget=32, rank=8)),
+              replace(GREEDY, sparsity=SparsityOptions(method="loki", budget=32, rank=4, candidates=64)),
               replace(GREEDY, skipping=SKIP),
               replace(GREEDY, sparsity=SparsityOptions(method="window", window=48, sinks=4))]
     prompts = [doc[i * 7:] for i in range(len(params))]  # distinct prompts: no prefix sharing between them
     solo = [llm.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
     together = llm.generate(prompts, params)
     assert [o.token_ids for o in together] == solo
-    assert any(s != solo[0] for s in solo[1:5])  # the lossy methods did something
+    assert all(s != solo[0] for s in solo[1:7])  # every lossy method changed something
     assert llm.engine.kv.num_requests == 0
 
 

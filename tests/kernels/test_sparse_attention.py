@@ -1,9 +1,10 @@
-"""Sparse decode attention, TidalDecode/Quest selection and token-skip row ops against torch oracles."""
+"""Sparse decode attention, TidalDecode/Quest/Loki selection and token-skip row ops against torch oracles."""
 import pytest
 import torch
 
 from kernels import reference as ref
-from kernels.selection import pages_to_slots, quest_page_bounds, rerank_slots, top_pages, topk_token_slots
+from kernels.selection import (key_basis, pages_to_slots, quest_page_bounds, rerank_slots, sketch_scores, sketch_topk,
+                               top_pages, topk_token_slots)
 from kernels.sparse_attention import sparse_decode
 from kernels.token_skip import gather_rows, scatter_add_rows_
 
@@ -145,6 +146,51 @@ def test_rerank_is_topk_of_each_layers_own_scores(paged_pool, device):
     forced[2, 0, low] = True
     slots = rerank_slots(q, k_cache, cand, forced, n * 4, 0.125, 4)
     assert int(padded[2, low]) in slots[2, 0].tolist() and (slots[0] >= 0).sum(-1).tolist() == [4] * hkv
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_key_sketch_scores(paged_pool, device, group):
+    """Loki: the basis is orthonormal and spans the keys' top principal directions; at full rank the sketch
+    scores are the dense decode's group-summed probabilities (to the 2^-20 they are rounded to); at low rank
+    they are the same softmax over the projected q·k."""
+    kv_len, hkv, d = 90, NUM_KV_HEADS[group], 64
+    k_cache, v_cache, tables, kv = paged_pool([kv_len], hkv, d, 16, torch.float32)
+    q = torch.randn(1, hkv * group, d, generator=torch.Generator().manual_seed(3)).to(device)
+    slots = ref.slots_for(tables[0], kv_len, 16).to(device)
+    keys = k_cache[slots]
+    for rank in (d, 8):
+        basis = key_basis(keys, rank)
+        assert basis.shape == (hkv, d, rank)
+        torch.testing.assert_close(basis.transpose(1, 2) @ basis, torch.eye(rank, device=device).expand(hkv, -1, -1),
+                                   atol=1e-4, rtol=0)
+        sketch = torch.einsum("lhd,hdr->lhr", keys, basis)
+        got = sketch_scores(q[0], sketch, basis, 0.125) / 2.0 ** 20
+        proj = torch.einsum("hdr,her->hde", basis, basis)  # the projector on the sketch space
+        logits = torch.einsum("hgd,hde,lhe->hgl", q[0].view(hkv, group, d), proj, keys) * 0.125
+        torch.testing.assert_close(got, torch.softmax(logits, -1).sum(1), atol=2e-6, rtol=0)
+        if rank == d:
+            _, (score_sum, _) = ref.paged_decode(q, k_cache, v_cache, tables, kv, 16, 0.125, return_scores=True)
+            torch.testing.assert_close(got, score_sum[0, :, :kv_len], atol=2e-6, rtol=0)
+    # the first principal direction captures at least as much key energy as any other unit vector tried
+    top = key_basis(keys, 1)[:, :, 0]
+    energy = torch.einsum("lhd,hd->hl", keys, top).pow(2).sum(-1)
+    for other in torch.nn.functional.normalize(torch.randn(5, hkv, d, device=device), dim=-1):
+        assert (torch.einsum("lhd,hd->hl", keys, other).pow(2).sum(-1) <= energy + 1e-3).all()
+
+
+@pytest.mark.parametrize("width,k,first,latest", [(300, 40, 4, 8), (300, 10, 6, 8), (30, 64, 2, 3), (50, 20, 0, 0)])
+def test_sketch_topk_equals_the_general_selection(device, width, k, first, latest):
+    """Loki's per-layer fast path picks what topk_token_slots picks, ties (many: the
+    scores are coarse integers) included, and when the kept tokens alone exceed the budget."""
+    gen = torch.Generator().manual_seed(width + k)
+    scores = torch.randint(0, 6, (2, width), generator=gen).float().to(device)
+    slots = torch.randperm(width + 17, generator=gen)[:width].to(device)
+    got_slots, got_idx = sketch_topk(scores, slots, k, first, latest)
+    one = torch.ones(1, dtype=torch.long, device=device)
+    want_slots, want_idx = topk_token_slots(scores[None], slots[None], one * width, one * k, one * first, one * latest)
+    want = [[x for x in row if x >= 0] for row in want_idx[0].tolist()]
+    assert [sorted(r) for r in got_idx.tolist()] == [sorted(r) for r in want]
+    assert sorted(got_slots.flatten().tolist()) == sorted(x for x in want_slots[0].flatten().tolist() if x >= 0)
 
 
 def test_tidal_selection_keeps_first_and_latest_tokens(paged_pool, device):

@@ -9,8 +9,9 @@ from server.engine.outputs import ScheduledRequest, SchedulerOutput
 from server.engine.request import Request, SamplingParams, SparsityOptions
 from server.engine.scheduler import Scheduler
 from server.policies import sparsity
-from server.policies.sparse_plan import QuestIndex, SparsePlanner
-from server.policies.sparsity import DENSE, PAGES, SELECT, TOKENS
+from server.policies.key_index import KeySketch, QuestIndex
+from server.policies.sparse_plan import SparsePlanner
+from server.policies.sparsity import DENSE, PAGES, SELECT, SKETCH, TOKENS
 
 
 def test_tidal_and_quest_roles():
@@ -22,6 +23,8 @@ def test_tidal_and_quest_roles():
     assert every.roles == (DENSE, DENSE, SELECT, TOKENS, SELECT, TOKENS, SELECT, TOKENS)
     assert tidal.reserved() == (4, 32) and sparsity.make_policy(SparsityOptions(method="quest"), 4).reserved() == (0, 0)
     assert sparsity.make_policy(SparsityOptions(method="quest"), 4).roles == (DENSE, DENSE, PAGES, PAGES)
+    loki = sparsity.make_policy(SparsityOptions(method="loki", candidates=512), 4)
+    assert loki.roles == (DENSE, DENSE, SKETCH, SKETCH) and loki.reserved() == (4, 32) and loki.selected == 512
     several = sparsity.make_policy(SparsityOptions(method="tidal", selection_layer=1, reselection_layer=[2, 5]), 8)
     assert several.roles == (DENSE, SELECT, SELECT, TOKENS, TOKENS, SELECT, TOKENS, TOKENS)
     with pytest.raises(ValueError):
@@ -92,6 +95,27 @@ def test_quest_index_tracks_block_extrema():
     torch.testing.assert_close(index.key_max[0][1], k_cache[4:8].amax(0))
     index.refresh([2], [(k_cache, k_cache)])  # a stale block is recomputed from the pool
     torch.testing.assert_close(index.key_min[0][2], k_cache[8:12].amin(0))
+
+
+def test_key_sketch_projects_new_keys_and_restarts_when_invalidated():
+    """A request's sketches cover every kv index up to the current one, projecting only what was written
+    since the last step; after invalidate() (keys rewritten in place) they are projected anew."""
+    hkv, d, rank = 2, 8, 3
+    k_cache = torch.randn(600, hkv, d)
+    slots = torch.randperm(600)
+    sk = KeySketch(num_layers=1, rank=rank)
+    q = torch.randn(2 * hkv, d)
+    first = sk.scores(0, q, k_cache, slots, 10, 0.5)
+    basis = sk.basis[0]
+    assert first.shape == (hkv, 10) and sk.done == [10]
+    k_cache[slots[:10]] += 1.0  # rewritten in place: sketches stale until invalidated
+    sk.scores(0, q, k_cache, slots, 12, 0.5)
+    torch.testing.assert_close(sk.rows[0][:10], torch.einsum("lhd,hdr->lhr", k_cache[slots[:10]] - 1.0, basis))
+    torch.testing.assert_close(sk.rows[0][10:12], torch.einsum("lhd,hdr->lhr", k_cache[slots[10:12]], basis))
+    sk.invalidate()
+    sk.scores(0, q, k_cache, slots, 400, 0.5)  # past the first allocation's rows: grown
+    torch.testing.assert_close(sk.rows[0][:400], torch.einsum("lhd,hdr->lhr", k_cache[slots[:400]], basis))
+    assert sk.basis[0] is basis  # the basis stays
 
 
 def test_a_step_without_sparse_rows_has_no_plan_and_stales_what_it_writes():
