@@ -97,7 +97,8 @@ class KeySketch:
             self.basis[layer] = key_basis(k_cache[slots[:kv_len]], min(self.rank, k_cache.shape[-1]))
         basis, rows = self.basis[layer], self.rows[layer]
         if rows is None or rows.shape[0] < kv_len:
-            grown = torch.empty(max(2 * kv_len, 256), *basis.shape[::2], device=basis.device)
+            # stored in the cache's dtype (half the memory under bfloat16), scored in float32
+            grown = torch.empty(max(2 * kv_len, 256), *basis.shape[::2], device=basis.device, dtype=k_cache.dtype)
             if rows is not None:
                 grown[:done] = rows[:done]
             rows = self.rows[layer] = grown
