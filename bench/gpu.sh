@@ -27,4 +27,5 @@ step bench_kernels 300 "$py" -m bench.kernels
 step bench_spec 900 "$py" -m bench.spec --concurrency 1 8 32 --rounds 2 --max-tokens 128 --no-lantern \
   --out "$out/spec.json"
 step bench_long_context 600 "$py" -m bench.long_context --model bench/shapes/llama-3.1-8b --load-format dummy \
-  --contexts 1024,4096,8192,16384,32768 --prefill 2048,4096,8192 --out "$out/long_context_llama8b.json"
+  --contexts 1024,4096,8192,16384,32768 --prefill 2048,4096,8192 --budgets 256 --timed tidal-256,quest-256,loki-256 \
+  --out "$out/long_context_llama8b.json"
