@@ -31,6 +31,7 @@ class SparsePlanner:
 
     def plan(self, sched, requests: dict, meta: AttentionMetadata) -> Optional["SparsePlan"]:
         rows, picked, offset = [], [], 0
+        moved = {int(x) // self.block_size for c in sched.compactions for x in c.dst_slots}  # rewritten in place
         for b, s in enumerate(sched.requests):
             req = requests[s.request_id]
             policy = req.state.get("sparsity")
@@ -40,7 +41,7 @@ class SparsePlanner:
                 if policy.name == "quest" and self.index is None:
                     self.index = QuestIndex(self.kv_caches, self.block_size)
                 if policy.name == "loki":
-                    self._check_sketch(policy, req, s, sched)
+                    self._check_sketch(policy, req, s, moved)
                 # a decode step, not a one-token prefill chunk (prefill stays dense)
                 if len(s.token_ids) == 1 and s.draft_parents is None and s.positions[0] >= req.num_prompt_tokens:
                     rows.append(offset)
@@ -56,10 +57,10 @@ class SparsePlanner:
                                self.kv_caches)
         return SparsePlan(rows, picked, meta, self.index, self.block_size)
 
-    def _check_sketch(self, policy, req, s, sched) -> None:
+    @staticmethod
+    def _check_sketch(policy, req, s, moved: set) -> None:
         """A loki request's key sketches go stale when its keys are rewritten in place: a recompute after
-        preemption, or an eviction compaction into its blocks."""
-        moved = {int(x) // self.block_size for c in sched.compactions for x in c.dst_slots}
+        preemption, or an eviction compaction into its blocks (``moved``: the step's compacted blocks)."""
         if req.num_preemptions != policy.preemptions or (moved and not moved.isdisjoint(s.block_table)):
             policy.preemptions = req.num_preemptions
             policy.sketch.invalidate()
@@ -166,8 +167,7 @@ class SparsePlan:
         pad = self.max_selected - slots.shape[2]
         self.tidal_slots[select] = F.pad(slots, (0, pad), value=-1)
         if self.rerank:  # what every layer keeps: the current token and the kept first/latest tokens
-            last, first, latest = (x.long()[:, None, None] for x in (sub.kv_lens - 1, first, latest))
-            forced = (kv_idx >= 0) & kept_tokens(kv_idx, last, first, latest)
+            forced = self._forced(kv_idx, sub.kv_lens, self.reserved[select])
             if self.forced is None:
                 self.forced = torch.zeros(self.tidal_slots.shape, dtype=torch.bool, device=slots.device)
             self.forced[select] = F.pad(forced, (0, pad), value=False)
@@ -208,10 +208,16 @@ class SparsePlan:
         if not any(self.policies[i].selected > self.policies[i].budget for i in rows):
             return picked
         kv_idx = torch.stack([F.pad(x, (0, width - x.shape[1]), value=-1) for x in indices])
-        first, latest = (x.long()[:, None, None] for x in self.reserved[sketch].unbind(1))
-        last = (self.sub.kv_lens[sketch].long() - 1)[:, None, None]
-        forced = (kv_idx >= 0) & kept_tokens(kv_idx, last, first, latest)
+        forced = self._forced(kv_idx, self.sub.kv_lens[sketch], self.reserved[sketch])
         return rerank_slots(qs, k_cache, picked, forced, self.budgets[sketch], scale, self.max_budget)
+
+    @staticmethod
+    def _forced(kv_idx: Tensor, kv_lens: Tensor, reserved: Tensor) -> Tensor:
+        """Which selected kv indices ``kv_idx`` [n, Hkv, K] (-1 = padding) every layer keeps when it re-ranks:
+        the current token and the kept first/latest ones (``reserved`` [n, 2])."""
+        first, latest = (x.long()[:, None, None] for x in reserved.unbind(1))
+        last = (kv_lens.long() - 1)[:, None, None]
+        return (kv_idx >= 0) & kept_tokens(kv_idx, last, first, latest)
 
     def _kept_slots(self, layer: int, keep: Tensor, num_kv_heads: int) -> Tensor:
         """Slot lists [len(keep), Hkv, N] of pruned-reads rows (every kv head reads the same tokens)."""
