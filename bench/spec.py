@@ -2,8 +2,10 @@
 
 For HumanEval prompts and chat prompts, each drafter (ngram, recycling, goose) at each concurrency c
 (c requests in flight, each replaced by the next prompt when it finishes, as c clients would send them)
-runs interleaved with the plain baseline in the same process (rounds of none, method, none, ...),
-so machine noise hits both alike; the speedup is the median of the rounds' paired ratios. Then a
+runs on one of two engines in the same process while the plain baseline runs on the other, the two
+taking turns step by step (:func:`lockstep`), so the machine's drift hits both alike; each engine counts
+only its own steps' time, the engines swap roles every round, and the speedup is the median of the
+rounds' paired ratios. Then a
 LANTERN delta sweep (greedy, goose drafts): acceptance, relaxed accepts, agreement with the plain
 greedy output, and the measured total-variation distance of the relaxed distribution to the target
 on the model's real next-token distributions.
@@ -51,41 +53,73 @@ def chat_prompts(tok, n):
     return out
 
 
-def _spec_delta(llm, before):
-    now = llm.engine.stats()
+def _spec_delta(eng, before):
+    now = eng.stats()
     return {k: now[k] - before.get(k, 0) for k in ("spec_num_drafts", "spec_num_draft_tokens",
                                                    "spec_num_accepted_tokens", "spec_relaxed_accepts")}
 
 
-def run(llm, prompts, concurrency, params):
-    """Generate ``prompts`` with ``concurrency`` requests in flight: a closed loop, as that many clients would
-    run it (each sends its next prompt when its request finishes), so a request that speculation finishes
-    early lets the next one in instead of idling until its wave's slowest request is done. Returns
-    (seconds, each prompt's output token ids, spec counter deltas, (seconds, tokens) of the full phase).
+class ClosedLoop:
+    """``prompts`` generated on one engine with ``concurrency`` requests in flight: a closed loop, as that
+    many clients would run it (each sends its next prompt when its request finishes), so a request that
+    speculation finishes early lets the next one in instead of idling until its wave's slowest request is
+    done. Time is the engine's own: the seconds spent inside its ``step()`` calls, so two loops can take
+    turns step by step (:func:`lockstep`) and each still counts only its own work.
 
     The full phase ends when a request finishes and no prompt is left to replace it: from there the run
     drains with fewer than ``concurrency`` requests in flight. Without speculation every request of a wave
     ends in the same step and there is no drain; with it requests end at different steps, and the drain's
     thinning batch (at 32 streams a step of 20 costs nearly a step of 32 on CPU) is a cost of this finite
     benchmark, not of serving ``concurrency`` streams, so the full phase's rate is reported beside the run's."""
-    eng = llm.engine
-    before = eng.stats()
-    outs, live, sent, full = [[] for _ in prompts], {}, 0, None
-    start = time.perf_counter()
-    while sent < len(prompts) or live:
-        while sent < len(prompts) and len(live) < concurrency:
+
+    def __init__(self, llm, prompts, concurrency, params):
+        self.eng, self.prompts, self.concurrency, self.params = llm.engine, prompts, concurrency, params
+        self.before = self.eng.stats()
+        self.outs = [[] for _ in prompts]
+        self.live, self.sent, self.full, self.seconds = {}, 0, None, 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.sent == len(self.prompts) and not self.live
+
+    def step(self) -> None:
+        while self.sent < len(self.prompts) and len(self.live) < self.concurrency:
             rid = f"bench-{next(_ids)}"
-            eng.add_request(rid, list(prompts[sent]), params)
-            live[rid], sent = sent, sent + 1
-        for out in eng.step():
-            if out.request_id in live:
-                outs[live[out.request_id]].extend(out.new_token_ids)
+            self.eng.add_request(rid, list(self.prompts[self.sent]), self.params)
+            self.live[rid], self.sent = self.sent, self.sent + 1
+        start = time.perf_counter()
+        outs = self.eng.step()
+        self.seconds += time.perf_counter() - start
+        for out in outs:
+            if out.request_id in self.live:
+                self.outs[self.live[out.request_id]].extend(out.new_token_ids)
                 if out.finished:
-                    del live[out.request_id]
-        if full is None and sent == len(prompts) and len(live) < min(concurrency, len(prompts)):
-            full = (time.perf_counter() - start, sum(map(len, outs)))
-    secs = time.perf_counter() - start
-    return secs, outs, _spec_delta(llm, before), full or (secs, sum(map(len, outs)))
+                    del self.live[out.request_id]
+        if (self.full is None and self.sent == len(self.prompts)
+                and len(self.live) < min(self.concurrency, len(self.prompts))):
+            self.full = (self.seconds, sum(map(len, self.outs)))
+
+    def result(self):
+        """(seconds, each prompt's output token ids, spec counter deltas, (seconds, tokens) of the full phase)."""
+        return (self.seconds, self.outs, _spec_delta(self.eng, self.before),
+                self.full or (self.seconds, sum(map(len, self.outs))))
+
+
+def lockstep(*loops):
+    """Run the closed loops taking turns, one engine step each, until all are done. On a machine whose speed
+    drifts by 10-20% within minutes, two systems run one after the other see different machines; taking turns
+    every step (a few hundred ms at most) they see the same one, and each loop still times only its own
+    steps."""
+    while not all(loop.done for loop in loops):
+        for loop in loops:
+            if not loop.done:
+                loop.step()
+    return [loop.result() for loop in loops]
+
+
+def run(llm, prompts, concurrency, params):
+    """One closed loop on its own (:class:`ClosedLoop`): its :meth:`ClosedLoop.result`."""
+    return lockstep(ClosedLoop(llm, prompts, concurrency, params))[0]
 
 
 def mean_accepted_length(d):
@@ -93,30 +127,34 @@ def mean_accepted_length(d):
     return (d["spec_num_accepted_tokens"] + d["spec_num_drafts"]) / d["spec_num_drafts"] if d["spec_num_drafts"] else 1.0
 
 
-def bench_drafters(llm, workloads, methods, concurrencies, max_tokens, draft_tokens, rounds, per_stream=2):
-    """Each method against the plain path, ``rounds`` interleaved pairs per (workload, concurrency): the
-    speedup is the median over pairs of the method's rate / its own pair's baseline rate (a pair's two runs
-    are adjacent, so a drift of the machine between pairs cancels; pooling all runs would not cancel it). A run
-    is ``per_stream`` requests per stream (at least 4), ``c`` in flight at a time (:func:`run`)."""
+def bench_drafters(llms, workloads, methods, concurrencies, max_tokens, draft_tokens, rounds, per_stream=2):
+    """Each method against the plain path, ``rounds`` pairs per (workload, concurrency). A pair runs the
+    method on one engine and the plain path on the other in :func:`lockstep`, and the engines swap roles
+    from one round to the next (so a difference between the two engines cancels); the speedup is the
+    median over pairs of the method's rate / its pair's plain rate. A run is ``per_stream`` requests per
+    stream (at least 4), ``c`` in flight at a time (:class:`ClosedLoop`)."""
     rows = []
     for wname, prompts in workloads.items():
         for c in concurrencies:
             ps = prompts[:max(4, per_stream * c)]
-            base_p = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
             totals = {m: [0.0, 0, 0, {}] for m in ("none", *methods)}
             ratios = {m: [] for m in methods}
             full_ratios = {m: [] for m in methods}
-            for m in methods:  # warm-up: code paths, the shared Token Recycling table
-                run(llm, ps[:c], c, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True,
-                                                   speculative=SpecOptions(m, num_draft_tokens=draft_tokens)))
+
+            def params(m, n=max_tokens):
+                return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, speculative=None
+                                      if m == "none" else SpecOptions(m, num_draft_tokens=draft_tokens))
+
+            for llm in llms:  # warm-up: code paths, each engine's shared Token Recycling table
+                for m in methods:
+                    run(llm, ps[:c], c, params(m, 8))
             for r in range(rounds):
-                for m in methods:  # interleaved, ABBA: baseline, method; method, baseline; ... (cancels a drift)
+                for m in methods:
+                    engines = llms if r % 2 == 0 else llms[::-1]
+                    results = lockstep(ClosedLoop(engines[0], ps, c, params("none")),
+                                       ClosedLoop(engines[1], ps, c, params(m)))
                     pair = {}
-                    for mm in (("none", m) if r % 2 == 0 else (m, "none")):
-                        params = base_p if mm == "none" else SamplingParams(
-                            temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
-                            speculative=SpecOptions(mm, num_draft_tokens=draft_tokens))
-                        secs, outs, delta, (full_secs, full_tok) = run(llm, ps, c, params)
+                    for mm, (secs, outs, delta, (full_secs, full_tok)) in zip(("none", m), results):
                         t = totals[mm]
                         ntok = sum(map(len, outs))
                         t[0], t[1] = t[0] + secs, t[1] + ntok
@@ -178,13 +216,13 @@ def bench_lantern(llm, prompts, deltas, k, max_tokens, draft_tokens):
 def _lantern_sweep(llm, prompts, deltas, k, max_tokens, draft_tokens):
     nearest = llm.engine.speculator.nearest(torch.device("cpu")).cpu()
     greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    _, base, _ = run(llm, prompts, len(prompts), greedy)
+    _, base, _, _ = run(llm, prompts, len(prompts), greedy)
     dists = [(next_token_distributions(llm, p), p) for p in prompts[:4]]
     rows = []
     for delta in deltas:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, speculative=SpecOptions(
             "goose", num_draft_tokens=draft_tokens, relaxed_k=k, relaxed_delta=delta))
-        _, outs, d = run(llm, prompts, len(prompts), params)
+        _, outs, d, _ = run(llm, prompts, len(prompts), params)
         agree = []
         for o, b in zip(outs, base):
             n = next((i for i, (x, y) in enumerate(zip(o, b)) if x != y), min(len(o), len(b)))
@@ -212,6 +250,8 @@ def main():
     ap.add_argument("--num-draft-tokens", type=int, default=32)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--methods", nargs="+", default=["ngram", "recycling", "goose"])
+    ap.add_argument("--workloads", nargs="+", default=["humaneval", "chat"], choices=["humaneval", "chat"])
+    ap.add_argument("--num-blocks", type=int, default=2048, help="KV blocks of each of the two engines")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--requests-per-stream", type=int, default=2,
                     help="a run at concurrency c generates this many requests per stream (c in flight, closed loop)")
@@ -224,15 +264,19 @@ def main():
     args = ap.parse_args()
     if args.quick:
         args.max_tokens, args.concurrency, args.rounds, args.deltas = 16, [1, 2], 1, [0.0, 0.2]
-    llm = LLM(num_blocks=4096, max_num_seqs=max(args.concurrency), dtype=args.dtype)
-    # the cost model's forward timings, as a server speculating by default takes them at start-up (else each
-    # batch size's first speculating step would pause inside a timed run to measure)
-    llm.engine.speculator.budget.calibrate(max(args.concurrency), args.num_draft_tokens)
+    # two engines, as two servers would be: the plain path runs on one while a drafter runs on the other
+    llms = [LLM(num_blocks=args.num_blocks, max_num_seqs=max(args.concurrency), dtype=args.dtype) for _ in range(2)]
+    for llm in llms:
+        # the cost model's forward timings, as a server speculating by default takes them at start-up (else
+        # each batch size's first speculating step would pause inside a timed run to measure)
+        llm.engine.speculator.budget.calibrate(max(args.concurrency), args.num_draft_tokens)
+    llm = llms[0]
     n = max(4, args.requests_per_stream * max(args.concurrency))  # the same prompts whichever concurrency runs
     workloads = {"humaneval": humaneval_prompts(llm.tokenizer, n), "chat": chat_prompts(llm.tokenizer, n)}
-    drafters = bench_drafters(llm, workloads, args.methods, args.concurrency, args.max_tokens,
+    workloads = {w: workloads[w] for w in args.workloads}
+    drafters = bench_drafters(llms, workloads, args.methods, args.concurrency, args.max_tokens,
                               args.num_draft_tokens, args.rounds, args.requests_per_stream)
-    lantern = [] if args.no_lantern else bench_lantern(llm, workloads["humaneval"][:4 if args.quick else 8],
+    lantern = [] if args.no_lantern else bench_lantern(llm, humaneval_prompts(llm.tokenizer, 4 if args.quick else 8),
                                                        args.deltas, args.lantern_k, args.max_tokens,
                                                        args.num_draft_tokens)
     result = dict(device=str(llm.engine.device), machine=platform.machine(), dtype=str(llm.engine.dtype),
