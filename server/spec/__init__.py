@@ -17,7 +17,7 @@ from server.config import SpecConfig
 from server.engine.request import Request, SpecOptions
 from server.spec.budget import DraftBudget
 from server.spec.drafters import TOPK, Drafter, RecyclingTable, make_drafter
-from server.spec.tree import DraftTree
+from server.spec.tree import DraftTree, realized_path
 from server.spec.verify import TreeInput, Verdict, nearest_neighbours, verify_trees
 
 Tensor = torch.Tensor
@@ -34,6 +34,20 @@ class SpecState:
     predicted: float = 0.0  # the accepted drafts the budget rule expected of this step's tree
     evidence: str = ""  # the drafter's evidence class this step (Drafter.evidence): the key of its statistics
     boost: float = 1.0  # this request's acceptance relative to its evidence key's (DraftBudget.boost)
+    shadow: Optional["Shadow"] = None  # a tree drafted but not run, waiting for the tokens that score it
+
+
+@dataclass
+class Shadow:
+    """A draft tree proposed and not verified (:meth:`Speculator.plan`): once the request has emitted the
+    tokens after ``start`` that decide it (:func:`server.spec.tree.realized_path`), it is scored as if it had
+    been verified."""
+
+    tree: DraftTree
+    start: int  # the request's length when it was drafted: the target's tokens for it begin here
+    evidence: str
+    budget: int
+    predicted: float  # what the budget rule's statistics expected it to accept
 
 
 def can_speculate(params) -> bool:
@@ -46,8 +60,11 @@ def can_speculate(params) -> bool:
 # plain decode rows that teach Token Recycling's table per step (learn_plain): a top-k over the vocabulary
 # costs 60-150 us a row on CPU (8 rows: 0.9% of a 32-stream chat run); the table is shared, so requests
 # taking turns still refresh it every few steps. While the budget rule coasts (speculation clearly does
-# not pay: DraftBudget.coast) one row a step keeps the table warm for the next probe
+# not pay: DraftBudget.coast) one row a step keeps the table warm for the shadow trees
 PLAIN_LEARN_ROWS = 8
+# shadow trees drafted per step (plan): ~0.15 ms each for a 32-node GOOSE tree on CPU; they resolve within a
+# few steps (most at the first token), so one a step keeps every evidence key's statistics fresh
+SHADOWS_PER_STEP = 1
 
 
 class Speculator:
@@ -64,6 +81,7 @@ class Speculator:
                          "spec_relaxed_accepts": 0}
         self.accepted_per_pos: list = []
         self._learn_turn = 0  # learn_plain: whose rows teach the table next
+        self._shadow_turn = 0  # plan: who drafts the next shadow tree
 
     # -- requests ------------------------------------------------------------------------------
     def attach(self, req: Request) -> None:
@@ -84,21 +102,53 @@ class Speculator:
 
     # -- scheduling ----------------------------------------------------------------------------
     def plan(self, running: list) -> None:
-        """Choose each speculating decode's draft budget for this step (:meth:`DraftBudget.choose`)."""
+        """Choose each speculating decode's draft budget for this step (:meth:`DraftBudget.choose`), score the
+        shadow trees the last steps decided, and draft a shadow tree for a request that runs plain."""
         decodes = [r for r in running if r.num_tokens - r.num_computed_tokens == 1]
         for r in running:
-            if "spec" in r.state:
-                r.state["spec"].step_budget = 0  # a prefill chunk (or one cut to a single token) drafts nothing
+            state = r.state.get("spec")
+            if state is not None:
+                state.step_budget = 0  # a prefill chunk (or one cut to a single token) drafts nothing
+                if state.shadow is not None:
+                    self._score_shadow(r, state)
         speculating = [r for r in decodes if "spec" in r.state]
-        if self.budget.coast(len(decodes), len(speculating)):
+        if not self.budget.coast(len(decodes), len(speculating)):
+            states = [r.state["spec"] for r in speculating]
+            for r, s in zip(speculating, states):
+                s.evidence = s.drafter.evidence(r.token_ids)
+            cap = max((s.options.num_draft_tokens for s in states), default=0)
+            budgets = self.budget.choose(len(decodes), [s.evidence for s in states], cap, [s.boost for s in states])
+            for s, d, predicted in zip(states, budgets, self.budget.predicted):
+                s.step_budget, s.predicted = d, predicted
+        self._draft_shadows(speculating)
+
+    def _draft_shadows(self, speculating: list) -> None:
+        """Shadow trees: while a request runs plain, the statistics of the budget it would draft still learn.
+        Its drafter proposes the tree of its full ``num_draft_tokens`` (which holds the tree of every smaller
+        budget: :mod:`server.spec.tree`), nothing is run, and the tokens the request emits next score it
+        (:meth:`_score_shadow`). No forward pays for that knowledge; a probe tree verified for it would (at
+        32 streams on CPU a step with any tree in it runs 25% longer)."""
+        idle = [r for r in speculating if r.state["spec"].step_budget == 0 and r.state["spec"].shadow is None]
+        for j in range(min(SHADOWS_PER_STEP, len(idle))):  # the idle requests in turn
+            r = idle[(self._shadow_turn + j) % len(idle)]
+            s = r.state["spec"]
+            d = s.options.num_draft_tokens
+            key = s.drafter.evidence(r.token_ids)
+            tree = s.drafter.propose(r.token_ids, d)
+            s.shadow = Shadow(tree, r.num_tokens, key, d, min(self.budget.expected(key, d) * s.boost, d))
+        self._shadow_turn += SHADOWS_PER_STEP
+
+    def _score_shadow(self, req: Request, state: SpecState) -> None:
+        """Once decided, the request's shadow tree counts as a verified tree of its evidence key: every
+        candidate budget up to its own learns what its part of the tree accepted (the tokens that decide
+        it do not depend on the tree, so this holds for sampled requests too)."""
+        shadow = state.shadow
+        path = realized_path(shadow.tree, req.token_ids[shadow.start:])
+        if path is None:
             return
-        states = [r.state["spec"] for r in speculating]
-        for r, s in zip(speculating, states):
-            s.evidence = s.drafter.evidence(r.token_ids)
-        cap = max((s.options.num_draft_tokens for s in states), default=0)
-        budgets = self.budget.choose(len(decodes), [s.evidence for s in states], cap, [s.boost for s in states])
-        for s, d, predicted in zip(states, budgets, self.budget.predicted):
-            s.step_budget, s.predicted = d, predicted
+        state.shadow = None
+        ranks = shadow.tree.ranks()
+        self._tally(state, shadow.evidence, shadow.budget, shadow.predicted, [ranks[i] for i in path], True)
 
     def samples_step(self, sched, requests: dict) -> bool:
         """Whether the step about to run teaches the cost model: it awaits a sample and the step is
@@ -200,15 +250,19 @@ class Speculator:
                 self.accepted_per_pos[i] += 1
 
     def _record_acceptance(self, state: SpecState, path_ranks: list, greedy: bool) -> None:
-        """Statistics of one tree: ``path_ranks`` = the drafter's ranks of the accepted path's nodes. Under
-        greedy verification the tree a smaller candidate budget c would have drafted accepts the path's
+        """Statistics of one verified tree: ``path_ranks`` = the drafter's ranks of the accepted path's nodes.
+        Under greedy verification the tree a smaller candidate budget c would have drafted accepts the path's
         nodes of rank < c (:mod:`server.spec.tree`), so each smaller budget gets that sample too; sampled
         acceptance depends on the siblings tried, and only the budget drafted learns."""
-        key, d = state.evidence, state.step_budget
-        self.budget.realized(state.predicted, len(path_ranks))
+        self._tally(state, state.evidence, state.step_budget, state.predicted, path_ranks, greedy)
+
+    def _tally(self, state: SpecState, key: str, d: int, predicted: float, path_ranks: list,
+               every_budget: bool) -> None:
+        """One tree of evidence ``key`` at budget ``d`` (verified or shadow) into the statistics."""
+        self.budget.realized(predicted, len(path_ranks))
         state.boost = self.budget.boost(state.boost, key, d, len(path_ranks))
         self.budget.record(key, d, len(path_ranks))
-        if greedy:
+        if every_budget:
             for c in self.budget.candidates(d)[1:-1]:  # 0 < c < d
                 self.budget.record(key, c, sum(r < c for r in path_ranks))
 

@@ -22,18 +22,13 @@ ratio of accepted drafts to predicted ones over recent trees: choosing the reque
 look best biases the chosen ones' predictions high (on CPU, about 2x on chat prompts), and an unbiased
 rule would buy trees that do not pay. When the batch is compute-bound the time grows with B(1 + d) and
 the rule picks d = 0 (no speculation); a budget that stops paying
-off is abandoned as its EMA falls; while d = 0 wins, a budget that would pay if every draft were
-accepted is still tried now and then, the candidates in turn, by one request in turn (``probing``; a
-whole batch drafting 16 tokens each would cost that step several plain steps), so that a recovering
-acceptance rate (a new prompt, a code block) is noticed, and a large budget whose acceptance the prior
-underrates (a code prompt's n-gram chains: 4 accepted tokens per tree at d = 15 against the prior's 2)
-is measured at all. Probes come every ``PROBE_EVERY`` steps, or further apart for a budget whose probe
-costs more than ``PROBE_SHARE`` of the plain steps in between (at one stream on CPU a 32-token tree
-costs 4 plain steps: one probe per ~110), and each probe after which still no budget wins doubles the
-wait for the next (up to ``2**PROBE_BACKOFF`` times; a winning budget resets it): at 32 streams on CPU
-eight probes cost 0.6% of a chat run that never speculated. A batch where no budget could pay even then
-(compute-bound: a step's time grows as fast as its rows) is not probed at all: there a probe is pure cost.
-Where no budget is modelled even half the margin above the plain step, the next few steps of that batch
+off is abandoned as its EMA falls. While d = 0 wins, the statistics still learn, at no forward cost, from
+*shadow* trees (:meth:`server.spec.Speculator.plan`): a tree drafted but not run, scored against the
+tokens the request then emits, which is what verifying it would have accepted. So a recovering acceptance
+rate (a new prompt, a code block) is noticed, and a large budget whose acceptance the prior underrates
+(a code prompt's n-gram chains: 4 accepted tokens per tree at d = 15 against the prior's 2) is measured,
+without buying a tree to find out (the probe trees this replaced cost 0.4-0.6% of a 32-stream chat run
+whose steps with any tree in them took 25% longer). Where no budget is modelled even half the margin above the plain step, the next few steps of that batch
 size are plain without being scored (:meth:`DraftBudget.coast`): scoring is itself a cost. A budget must
 promise ``MARGIN`` more throughput than the plain step: a marginal modelled gain is within the noise of
 the model and of the machine, and the rule's promise is never to cost throughput. That promise is also
@@ -46,7 +41,7 @@ Token Recycling's table updates, per-request attention of tree rows). So the eng
 time of every decode-only step (:meth:`DraftBudget.observe`), and each (bucket, d) keeps an EMA of
 observed / modelled time that scales its modelled time (a step where m of B draft d counts under the
 smallest candidate >= d * m / B); a budget not yet observed borrows d = 0's factor. d = 0 itself is
-observed first and then again every ``PROBE_EVERY`` steps while speculation wins, so the comparison is
+observed first and then again every ``PLAIN_EVERY`` steps while speculation wins, so the comparison is
 always against the plain step's real cost.
 """
 from __future__ import annotations
@@ -64,12 +59,10 @@ MARGIN = 0.1  # a budget must promise this much more throughput than the plain s
 MEASURE_SECONDS = 1.5
 EMA = 0.1
 BOOST_EMA = 0.3  # per request: reacts within a few steps
-PROBE_EVERY = 32
-PROBE_SHARE = 0.03  # probes may cost about this fraction of the time of the plain steps between them
+PLAIN_EVERY = 32  # while speculation wins, every PLAIN_EVERY-th step is plain, to observe the plain step's cost
 MAX_MARGIN = 0.8  # the most the payoff check (DraftBudget._check_payoff) raises a batch size's margin to
 PAYOFF_STEPS = 16  # speculative steps between two payoff checks of a batch size
 COAST_STEPS = 8  # steps of a batch size run plain without scoring after one where no budget came close
-PROBE_BACKOFF = 3  # probes that do not turn speculation on space the next ones out, up to 2**3 x PROBE_EVERY
 REALISM_EMA = 0.02  # over trees (a step verifies up to a batch of them)
 
 
@@ -90,14 +83,10 @@ class DraftBudget:
         self.current: Optional[tuple] = None  # (bucket, budget class) of the step being run, None: not a sample
         self._modelled = 0.0  # the modelled forward time of that step
         self._measured = False  # this step's choose() ran forwards to measure them
-        self.probing = False  # this step's budget is a probe: only one request should draft (the caller picks)
         self._steps = 0
-        self._probes = 0
         self.predicted: list = []  # the last choose()'s expected accepted drafts per request (0: no tree)
         self._pred_mean = self._real_mean = 0.0  # running means over trees: predicted vs realized acceptance
         self._trees = 0
-        self._next_probe = PROBE_EVERY
-        self._backoff = 0  # probes since a budget last won: each doubles the wait for the next (to PROBE_BACKOFF)
         self._coast: Optional[tuple] = None  # (bucket, step): steps of that batch bucket before it are plain
         self.margin: dict = {}  # bucket -> the margin in force there (MARGIN unless the payoff check raised it)
         self._payoff: dict = {}  # bucket -> [plain steps' tok/s EMA, speculative steps' tok/s EMA, steps since check]
@@ -187,7 +176,6 @@ class DraftBudget:
         (d, m) is scored, so a batch where only a few requests have a matched continuation lets those few
         draft instead of buying every request's tree or none."""
         self.current = None
-        self.probing = False
         self.predicted = [0.0] * len(keys)
         if not keys:
             return []
@@ -208,7 +196,7 @@ class DraftBudget:
             return self._forward(bucket, grid, rows, deadline) * factor
 
         rate0 = num_decodes / seconds(0, 0)
-        best, best_rate, top_rate, order, raw, worth_probe = (0, 0), rate0, 0.0, {}, {}, []
+        best, best_rate, top_rate, order, raw = (0, 0), rate0, 0.0, {}, {}
         for d in grid[1:]:
             exp = {k: self.expected(k, d) for k in set(keys)}
             raw[d] = [exp[k] * b for k, b in zip(keys, boosts)]  # what the statistics say, before realism
@@ -221,36 +209,20 @@ class DraftBudget:
                 top_rate = max(top_rate, rate)
                 if rate > best_rate:
                     best, best_rate = (d, m), rate
-            # worth a probe: the batch's trees would pay if every draft were accepted
-            if (num_decodes + len(keys) * d) / seconds(d, len(keys)) > rate0 * (1 + MARGIN):
-                worth_probe.append(d)
         # unmodelled costs and noise: a marginal gain is not worth the risk
         margin = self.margin.get(bucket, MARGIN)
         if best_rate <= rate0 * (1 + margin):
             best = (0, 0)
         d, m = best
         budgets = [0] * len(keys)
-        self.probing = d == 0 and bool(worth_probe) and self._steps >= self._next_probe
-        if self.probing:  # measure a budget's acceptance again, the candidates in turn, requests in turn
-            d, i = worth_probe[self._probes % len(worth_probe)], self._probes % len(keys)
-            budgets[i], self.predicted[i] = d, min(raw[d][i], d)
-            self._probes += 1
-            # one request's extra rows, as a share of the batch's step
-            t0 = self._time(bucket, 0, None)
-            extra = max(0.0, self._forward(bucket, grid, d / num_decodes, None) - t0) / t0
-            self._next_probe = self._steps + max(PROBE_EVERY << self._backoff, math.ceil(extra / PROBE_SHARE))
-            self._backoff = min(self._backoff + 1, PROBE_BACKOFF)  # reset when a budget wins again
-        elif d > 0 and ((bucket, 0) not in self.overhead or self._steps % PROBE_EVERY == 0):
+        if d > 0 and ((bucket, 0) not in self.overhead or self._steps % PLAIN_EVERY == 0):
             d = 0  # observe the plain step's real cost
         elif d > 0:
-            self._backoff = 0
             for i in order[d][:m]:
                 budgets[i], self.predicted[i] = d, min(raw[d][i], d)
-        clearly_plain = d == 0 and not self.probing and top_rate <= rate0 * (1 + margin / 2)
+        clearly_plain = d == 0 and top_rate <= rate0 * (1 + margin / 2)
         self._coast = (bucket, self._steps + COAST_STEPS) if clearly_plain else None
-        # a step that also timed forwards for the model, or a probe (one request drafts), is no sample of
-        # the step's cost
-        if not (self._measured or self.probing):
+        if not self._measured:  # a step that also timed forwards for the model is no sample of its cost
             rows = sum(budgets) / num_decodes
             self.current = (bucket, self._class(grid, rows))
             self._modelled = self._forward(bucket, grid, rows, None)
@@ -259,16 +231,14 @@ class DraftBudget:
     def coast(self, num_decodes: int, num_speculating: int) -> bool:
         """Whether this step is plain without scoring it (then :meth:`choose` is not called): a scored step at
         this batch size fewer than ``COAST_STEPS`` steps ago modelled every budget at most half the margin in
-        force above the plain step's rate (none came close to being chosen), and no probe is due. Scoring
+        force above the plain step's rate (none came close to being chosen). Scoring
         every (d, m) costs ~0.5 ms a step at 32 streams on CPU, and where speculation clearly does not pay,
         a few steps' drift in the statistics does not change the answer; a scored step renews or ends the
         coast."""
         bucket = _bucket(max(num_decodes, num_speculating))
-        if (self._coast is None or self._coast[0] != bucket or self._steps >= self._coast[1]
-                or self._steps + 1 >= self._next_probe):
+        if self._coast is None or self._coast[0] != bucket or self._steps >= self._coast[1]:
             return False
         self._steps += 1
-        self.probing = False
         self.predicted = [0.0] * num_speculating
         self.current, self._modelled = (bucket, 0), self._time(bucket, 0, None)
         return True

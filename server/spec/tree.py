@@ -24,6 +24,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Optional
 
 import numpy as np
 
@@ -48,6 +49,25 @@ class DraftTree:
 
 
 EMPTY = DraftTree((), ())
+
+
+def realized_path(tree: DraftTree, tokens: list) -> Optional[list]:
+    """The draft nodes (indices) a verification of ``tree`` accepts when the target's next tokens are
+    ``tokens``: the path from the root whose tokens they are, to the first one no child of the path's end
+    matches. Under greedy verification that is exactly the accepted path; under lossless sampling with
+    siblings tried in turn, it has the accepted path's distribution (each level accepts a child with the
+    summed probability of the children, the probability that the sampled token is one of them). None
+    while ``tokens`` end before that is decided (the path's end has children and no next token yet)."""
+    children: dict = {}
+    for i, (t, p) in enumerate(zip(tree.tokens, tree.parents)):
+        children.setdefault(p, {}).setdefault(t, i)  # siblings are in priority order: the first is tried first
+    path, node = [], -1
+    for t in tokens:
+        node = children.get(node, {}).get(t)
+        if node is None:
+            return path
+        path.append(node)
+    return path if (path[-1] if path else -1) not in children else None
 
 
 @lru_cache(maxsize=64)

@@ -234,3 +234,24 @@ def test_plain_learning_rows_take_turns():
     spec.budget._coast = (16, 1 << 30)  # speculation clearly off (DraftBudget.coast): one row a step
     spec.learn_plain(logits, items, reqs)
     assert sum(bool(spec.shared_table.candidates(100 + r)) for r in range(n)) == 1
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_shadow_scoring_equals_greedy_verification(seed):
+    """A shadow tree scored against the tokens the target emits (realized_path) accepts exactly the path
+    greedy verification of the same tree accepts: random trees over a 6-token vocabulary, peaked logits so
+    that paths go deep."""
+    from server.spec.tree import DraftTree, realized_path
+
+    rng = random.Random(seed)
+    n = rng.randint(0, 12)
+    parents = random_parents(rng, n)
+    tokens = [rng.randrange(6) for _ in range(n + 1)]
+    logits = torch.randn(n + 1, 6) + 4 * torch.nn.functional.one_hot(torch.randint(0, 6, (n + 1,)), 6)
+    (verdict,) = verify_trees(logits, [_tree_input(0, tokens, parents, GREEDY)])
+    tree = DraftTree(tuple(tokens[1:]), tuple(parents))
+    emitted = verdict.tokens  # the accepted drafts and the bonus token: what a plain decode emits too
+    assert realized_path(tree, emitted) == [node - 1 for node in verdict.nodes]
+    # fewer tokens than decide it: undecided while the path's end still has children
+    path = realized_path(tree, emitted[:-1])
+    assert path is None or path == [node - 1 for node in verdict.nodes]

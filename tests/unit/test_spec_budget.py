@@ -1,5 +1,5 @@
 """The draft-budget rule: a modelled forward cost, scaled by what decode steps really took."""
-from server.spec.budget import PROBE_BACKOFF, PROBE_EVERY, DraftBudget
+from server.spec.budget import PLAIN_EVERY, DraftBudget
 
 
 def _run(budget, steps, decodes, step_seconds, accepted=3):
@@ -18,20 +18,20 @@ def test_memory_bound_forward_speculates():
     budget = DraftBudget(lambda b, q: 0.010)  # flat: a wider step costs nothing more
     chosen = _run(budget, 40, 1, lambda d: 0.010)
     assert chosen[0] == 0  # the plain step's real cost is observed first
-    assert sum(d > 0 for d in chosen[1:]) >= len(chosen) - 1 - 40 // PROBE_EVERY - 1
+    assert sum(d > 0 for d in chosen[1:]) >= len(chosen) - 1 - 40 // PLAIN_EVERY - 1
 
 
 def test_compute_bound_forward_does_not_speculate():
     """Time grows with every token: no budget could pay even if every draft were accepted, so no step
-    drafts, not even a probe."""
+    drafts."""
     budget = DraftBudget(lambda b, q: 0.001 * b * q)
-    chosen = _run(budget, 4 * PROBE_EVERY, 32, lambda d: 0.032 * (1 + d))
-    assert not any(chosen) and not budget.probing
+    chosen = _run(budget, 4 * PLAIN_EVERY, 32, lambda d: 0.032 * (1 + d))
+    assert not any(chosen)
 
 
 def _half_cost(b, q):
     """A draft row costs half a plain row: d = 0 wins at the prior's acceptance, but a budget would pay if
-    every draft were accepted, so it is worth probing."""
+    every draft were accepted."""
     return 0.001 * b * (1 + 0.5 * (q - 1))
 
 
@@ -41,7 +41,7 @@ def test_observed_overhead_turns_speculation_off():
     budget = DraftBudget(lambda b, q: 0.010)
     chosen = _run(budget, 60, 8, lambda d: 0.010 if d == 0 else 0.030, accepted=1)
     assert any(d > 0 for d in chosen[:10])  # tried at first, on the model's word
-    assert sum(d > 0 for d in chosen[30:]) <= 1  # then dropped (at most a periodic probe)
+    assert sum(d > 0 for d in chosen[30:]) <= 1  # then dropped
     assert budget.overhead[(8, 0)] == 1.0 and min(v for (b, d), v in budget.overhead.items() if d) > 2.0
 
 
@@ -57,32 +57,49 @@ def test_steps_that_measure_are_not_samples():
     assert budget.current == (4, max(d))
 
 
-def test_probe_steps_draft_for_one_request_in_turn():
-    """Where speculation does not pay at the expected acceptance, the periodic probe lets one request draft,
-    a different one each time, and the probe is no sample of a whole speculative step's cost."""
-    from server.config import SpecConfig
+def _decoding(rid, prompt, method="ngram", temperature=0.0, num_draft_tokens=7):
     from server.engine.request import Request, SamplingParams, SpecOptions
+
+    req = Request(rid, list(prompt), SamplingParams(temperature=temperature, speculative=SpecOptions(
+        method, num_draft_tokens=num_draft_tokens)))
+    req.num_computed_tokens = req.num_tokens - 1  # decoding: one new token to run
+    return req
+
+
+def test_shadow_trees_teach_every_budget_without_drafting():
+    """Where no budget pays, no request drafts, yet the statistics learn: each step one plain request drafts a
+    shadow tree that nothing runs, and the tokens it emits next score it as a verification would have."""
+    from server.config import SpecConfig
     from server.spec import Speculator
 
-    spec = Speculator(SpecConfig(), 64, measure=_half_cost)
-    reqs = []
-    for i in range(8):
-        req = Request(f"r{i}", [1, 2, 3, 4] * 8, SamplingParams(temperature=0.0, speculative=SpecOptions("ngram")))
-        req.num_computed_tokens = req.num_tokens - 1  # decoding: one new token to run
-        spec.attach(req)
-        reqs.append(req)
-    probes = []
-    for _ in range(3 * PROBE_EVERY):
+    spec = Speculator(SpecConfig(), 128, measure=lambda b, q: 0.001 * b * q)  # compute-bound: d = 0 wins
+    req = _decoding("r0", [1, 2, 3, 4] * 8)  # the last 3-gram recurs: the n-gram chain 1 2 3 4 1 2 3
+    spec.attach(req)
+    for token in (1, 2, 99):  # the target emits 1 2, then leaves the chain
+        spec.plan([req])
+        assert spec.propose(req, 64) is None  # nothing is drafted
+        assert req.state["spec"].shadow is not None and req.state["spec"].shadow.start == 32
+        req.output_token_ids.append(token)
+        req.num_computed_tokens += 1
+    assert ("ngram/3", 7) not in spec.budget.accepted
+    spec.plan([req])  # 1 2 99 decides the shadow: 2 drafts accepted; a new shadow follows from here
+    assert {d: spec.budget.accepted["ngram/3", d] for d in (1, 2, 3, 7)} == {1: 1, 2: 2, 3: 2, 7: 2}
+    assert req.state["spec"].shadow.start == 35
+
+
+def test_one_shadow_a_step_the_plain_requests_in_turn():
+    """A shadow waits for the tokens that decide it (none are emitted here); meanwhile the next step's shadow
+    goes to another plain request."""
+    from server.config import SpecConfig
+    from server.spec import SHADOWS_PER_STEP, Speculator
+
+    spec = Speculator(SpecConfig(), 128, measure=lambda b, q: 0.001 * b * q)
+    reqs = [_decoding(f"r{i}", [5 + i, 6, 7, 8] * 3) for i in range(4)]  # each an undecided n-gram chain
+    for r in reqs:
+        spec.attach(r)
+    for step in range(1, 5):
         spec.plan(reqs)
-        drafted = [r.request_id for r in reqs if spec.propose(r, 64) is not None]
-        if spec.budget.probing:
-            assert spec.budget.current is None
-            probes.append(drafted)
-        else:
-            assert drafted == []
-        spec.observe_step(0.008, spec.budget.current is not None)
-    assert len(probes) >= 2 and all(len(p) == 1 for p in probes)
-    assert probes[0] != probes[1]
+        assert sum(r.state["spec"].shadow is not None for r in reqs) == min(4, step * SHADOWS_PER_STEP)
 
 
 def test_only_the_requests_likely_to_accept_draft():
@@ -98,7 +115,7 @@ def test_only_the_requests_likely_to_accept_draft():
     assert budget.choose(32, keys, 32) == [0] * 32  # the plain step's real cost is observed first
     budget.observe(0.032)
     budgets = budget.choose(32, keys, 32)
-    assert budgets == [0] * 14 + [7] * 4 + [0] * 14 and not budget.probing
+    assert budgets == [0] * 14 + [7] * 4 + [0] * 14
 
 
 def test_acceptance_the_statistics_overpromise_is_scaled_down():
@@ -129,38 +146,6 @@ def test_first_sample_replaces_prior_and_budgets_share_a_floor():
     assert budget.expected("goose/0", 7) == DraftBudget.prior(7)  # other evidence keys keep their own
 
 
-def test_probes_try_every_budget_in_turn_ever_further_apart():
-    """Where d = 0 wins, the periodic probes cycle through the candidate budgets, so a large budget the prior
-    underrates still gets measured; each probe after which d = 0 still wins doubles the wait for the next
-    (up to 2**PROBE_BACKOFF), so a batch where speculation never pays stops paying for probes."""
-    budget = DraftBudget(_half_cost)
-    probed, at = [], []
-    for step in range(64 * PROBE_EVERY):
-        d = max(budget.choose(32, ["goose/3"] * 32, 32))
-        if budget.probing:
-            probed.append(d)
-            at.append(step)
-        budget.observe(0.032)
-    assert set(probed) == set(DraftBudget.candidates(32)) - {0}
-    gaps = [b - a for a, b in zip(at, at[1:])]
-    assert gaps[:3] == [PROBE_EVERY, 2 * PROBE_EVERY, 4 * PROBE_EVERY]
-    assert max(gaps) == PROBE_EVERY << PROBE_BACKOFF
-
-
-def test_a_winning_budget_resets_the_probe_backoff():
-    budget = DraftBudget(_half_cost)
-    budget.calibrate(8, 8)
-    keys = ["goose/3"] * 8
-    for _ in range(6 * PROBE_EVERY):  # the prior does not pay: probes back off
-        budget.choose(8, keys, 8)
-        budget.observe(0.008)
-    assert budget._backoff > 1
-    budget.record("goose/3", 7, 7)  # a prompt's continuation starts to match: every draft is accepted
-    while not any(budget.choose(8, keys, 8)):
-        budget.observe(0.008)
-    assert budget._backoff == 0 and not budget.probing
-
-
 def test_drafters_report_their_evidence():
     from server.spec.drafters import RecyclingTable, make_drafter
 
@@ -181,7 +166,7 @@ def test_calibrate_times_every_bucket_before_serving():
     calls.clear()
     for n in (1, 3, 8):
         budget.choose(n, ["goose/3"] * n, 7)
-        assert budget.current is not None or budget.probing  # a sample: nothing was measured in the step
+        assert budget.current is not None  # a sample: nothing was measured in the step
     assert calls == []
 
 
@@ -206,7 +191,7 @@ def test_a_greedy_tree_teaches_every_smaller_budget():
 
 def test_clearly_losing_budgets_coast_without_scoring():
     """Where every budget is modelled clearly below the plain step, the next steps of that batch size are plain
-    without scoring (up to COAST_STEPS), a due probe still runs, and another batch size is scored at once."""
+    without scoring (up to COAST_STEPS), and another batch size is scored at once."""
     from server.spec.budget import COAST_STEPS
 
     budget = DraftBudget(_half_cost)
@@ -215,7 +200,7 @@ def test_clearly_losing_budgets_coast_without_scoring():
         budget.record("goose/0", d, 0)
     keys = ["goose/0"] * 32
     scored = []
-    for _ in range(4 * PROBE_EVERY):
+    for _ in range(4 * PLAIN_EVERY):
         if budget.coast(32, 32):
             assert budget.coasting and budget.current == (32, 0) and budget.predicted == [0.0] * 32
             scored.append(False)
@@ -224,7 +209,6 @@ def test_clearly_losing_budgets_coast_without_scoring():
             budget.choose(32, keys, 32)
         budget.observe(0.032)
     assert sum(scored) <= len(scored) // COAST_STEPS + 4  # a scored step, then coasting, renewed
-    assert budget._probes >= 1  # the coast does not skip a probe
     assert not budget.coast(8, 8)  # a different batch bucket is scored
 
 
@@ -249,7 +233,7 @@ def test_drafting_steps_slower_than_plain_steps_raise_the_margin():
     steps' 1,000: the payoff check doubles the margin (0.1 -> 0.2 -> 0.4) and the rule stops drafting."""
     budget, chosen = _payoff_run(12)
     assert budget.margin[8] == 0.4
-    assert sum(chosen[-100:]) <= 100 // PROBE_EVERY  # at most the probes
+    assert sum(chosen[-100:]) == 0
 
 
 def test_drafting_steps_that_deliver_keep_the_margin():
