@@ -65,6 +65,8 @@ PLAIN_LEARN_ROWS = 8
 # shadow trees drafted per step (plan): ~0.15 ms each for a 32-node GOOSE tree on CPU; they resolve within a
 # few steps (most at the first token), so one a step keeps every evidence key's statistics fresh
 SHADOWS_PER_STEP = 1
+# one scored shadow in this many also counts toward the budget rule's realism (see _score_shadow)
+SHADOW_REALISM_EVERY = 32
 
 
 class Speculator:
@@ -82,6 +84,7 @@ class Speculator:
         self.accepted_per_pos: list = []
         self._learn_turn = 0  # learn_plain: whose rows teach the table next
         self._shadow_turn = 0  # plan: who drafts the next shadow tree
+        self._shadows_scored = 0
 
     # -- requests ------------------------------------------------------------------------------
     def attach(self, req: Request) -> None:
@@ -141,14 +144,22 @@ class Speculator:
     def _score_shadow(self, req: Request, state: SpecState) -> None:
         """Once decided, the request's shadow tree counts as a verified tree of its evidence key: every
         candidate budget up to its own learns what its part of the tree accepted (the tokens that decide
-        it do not depend on the tree, so this holds for sampled requests too)."""
+        it do not depend on the tree, so this holds for sampled requests too).
+
+        Realism (:attr:`DraftBudget.realism`) measures how far the trees the rule *chose* fall short of
+        their predictions (the selection bias of picking the best-looking statistics); shadows are not
+        chosen, and every one counting would make it measure the statistics' accuracy on unselected trees
+        instead. One in ``SHADOW_REALISM_EVERY`` still counts (about the rate of the probe trees shadows
+        replaced), so realism recovers while nothing is drafted."""
         shadow = state.shadow
         path = realized_path(shadow.tree, req.token_ids[shadow.start:])
         if path is None:
             return
         state.shadow = None
         ranks = shadow.tree.ranks()
-        self._tally(state, shadow.evidence, shadow.budget, shadow.predicted, [ranks[i] for i in path], True)
+        self._shadows_scored += 1
+        predicted = shadow.predicted if self._shadows_scored % SHADOW_REALISM_EVERY == 0 else 0.0
+        self._tally(state, shadow.evidence, shadow.budget, predicted, [ranks[i] for i in path], True)
 
     def samples_step(self, sched, requests: dict) -> bool:
         """Whether the step about to run teaches the cost model: it awaits a sample and the step is
@@ -202,8 +213,8 @@ class Speculator:
         """Token Recycling from a plain step's decode rows (``items``: [(ScheduledRequest, logits row)]): each
         speculating request's input token gets the top-k of its logits, as a verified tree's root does.
         Without this the table learns only while trees are verified, so once the budget rule turns
-        speculation off its rows go stale, the trees it probes are guesses from an old table, and their
-        low acceptance keeps speculation off (on chat prompts at one stream, table-only trees accepted
+        speculation off its rows go stale, the shadow trees it scores are guesses from an old table, and
+        their low acceptance keeps speculation off (on chat prompts at one stream, table-only trees accepted
         0.07 drafts at d = 1)."""
         items = [(s, row) for s, row in self._learners(items, requests) if len(s.token_ids) == 1]
         rows = 1 if self.budget.coasting else PLAIN_LEARN_ROWS

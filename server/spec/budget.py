@@ -21,15 +21,16 @@ prompt and free prose, than between budgets. Every prediction is scaled by ``rea
 ratio of accepted drafts to predicted ones over recent trees: choosing the requests whose statistics
 look best biases the chosen ones' predictions high (on CPU, about 2x on chat prompts), and an unbiased
 rule would buy trees that do not pay. When the batch is compute-bound the time grows with B(1 + d) and
-the rule picks d = 0 (no speculation); a budget that stops paying
-off is abandoned as its EMA falls. While d = 0 wins, the statistics still learn, at no forward cost, from
-*shadow* trees (:meth:`server.spec.Speculator.plan`): a tree drafted but not run, scored against the
-tokens the request then emits, which is what verifying it would have accepted. So a recovering acceptance
-rate (a new prompt, a code block) is noticed, and a large budget whose acceptance the prior underrates
-(a code prompt's n-gram chains: 4 accepted tokens per tree at d = 15 against the prior's 2) is measured,
-without buying a tree to find out (the probe trees this replaced cost 0.4-0.6% of a 32-stream chat run
-whose steps with any tree in them took 25% longer). Where no budget is modelled even half the margin above the plain step, the next few steps of that batch
-size are plain without being scored (:meth:`DraftBudget.coast`): scoring is itself a cost. A budget must
+the rule picks d = 0 (no speculation); a budget that stops paying off is abandoned as its EMA falls.
+While d = 0 wins, the statistics still learn, at no forward cost, from *shadow* trees
+(:meth:`server.spec.Speculator.plan`): a tree drafted but not run, scored against the tokens the request
+then emits, which is what verifying it would have accepted. So a recovering acceptance rate (a new
+prompt, a code block) is noticed, and a large budget whose acceptance the prior underrates (a code
+prompt's n-gram chains: 4 accepted tokens per tree at d = 15 against the prior's 2) is measured, without
+buying a tree to find out (the probe trees this replaced cost 0.4-0.6% of a 32-stream chat run on CPU,
+where a step with any tree in it took 25% longer). Where no budget is modelled even half the margin
+above the plain step, the next few steps of that batch size are plain without being scored
+(:meth:`DraftBudget.coast`): scoring is itself a cost. A budget must
 promise ``MARGIN`` more throughput than the plain step: a marginal modelled gain is within the noise of
 the model and of the machine, and the rule's promise is never to cost throughput. That promise is also
 checked on outcomes (:meth:`DraftBudget._check_payoff`): per batch size, the token rate of the steps that
