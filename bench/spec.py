@@ -16,6 +16,7 @@ on the model's real next-token distributions.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import platform
@@ -72,8 +73,11 @@ class ClosedLoop:
     thinning batch (at 32 streams a step of 20 costs nearly a step of 32 on CPU) is a cost of this finite
     benchmark, not of serving ``concurrency`` streams, so the full phase's rate is reported beside the run's."""
 
-    def __init__(self, llm, prompts, concurrency, params):
+    def __init__(self, llm, prompts, concurrency, params, spread=0.0):
         self.eng, self.prompts, self.concurrency, self.params = llm.engine, prompts, concurrency, params
+        # prompt i asks for max_tokens * (1 - spread * u_i), u_i spread evenly over [0, 1) in a fixed order
+        self.lengths = [max(1, round(params.max_tokens * (1 - spread * ((i * 0.6180339887) % 1))))
+                        for i in range(len(prompts))]
         self.before = self.eng.stats()
         self.outs = [[] for _ in prompts]
         self.live, self.sent, self.full, self.seconds = {}, 0, None, 0.0
@@ -85,7 +89,8 @@ class ClosedLoop:
     def step(self) -> None:
         while self.sent < len(self.prompts) and len(self.live) < self.concurrency:
             rid = f"bench-{next(_ids)}"
-            self.eng.add_request(rid, list(self.prompts[self.sent]), self.params)
+            self.eng.add_request(rid, list(self.prompts[self.sent]),
+                                 dataclasses.replace(self.params, max_tokens=self.lengths[self.sent]))
             self.live[rid], self.sent = self.sent, self.sent + 1
         start = time.perf_counter()
         outs = self.eng.step()
@@ -127,12 +132,14 @@ def mean_accepted_length(d):
     return (d["spec_num_accepted_tokens"] + d["spec_num_drafts"]) / d["spec_num_drafts"] if d["spec_num_drafts"] else 1.0
 
 
-def bench_drafters(llms, workloads, methods, concurrencies, max_tokens, draft_tokens, rounds, per_stream=2):
+def bench_drafters(llms, workloads, methods, concurrencies, max_tokens, draft_tokens, rounds, per_stream=2,
+                   spread=0.0):
     """Each method against the plain path, ``rounds`` pairs per (workload, concurrency). A pair runs the
     method on one engine and the plain path on the other in :func:`lockstep`, and the engines swap roles
     from one round to the next (so a difference between the two engines cancels); the speedup is the
     median over pairs of the method's rate / its pair's plain rate. A run is ``per_stream`` requests per
-    stream (at least 4), ``c`` in flight at a time (:class:`ClosedLoop`)."""
+    stream (at least 4), ``c`` in flight at a time (:class:`ClosedLoop`); ``spread`` > 0 varies the requests'
+    lengths (below ``max_tokens`` by up to that fraction), as real traffic's do."""
     rows = []
     for wname, prompts in workloads.items():
         for c in concurrencies:
@@ -151,8 +158,8 @@ def bench_drafters(llms, workloads, methods, concurrencies, max_tokens, draft_to
             for r in range(rounds):
                 for m in methods:
                     engines = llms if r % 2 == 0 else llms[::-1]
-                    results = lockstep(ClosedLoop(engines[0], ps, c, params("none")),
-                                       ClosedLoop(engines[1], ps, c, params(m)))
+                    results = lockstep(ClosedLoop(engines[0], ps, c, params("none"), spread),
+                                       ClosedLoop(engines[1], ps, c, params(m), spread))
                     pair = {}
                     for mm, (secs, outs, delta, (full_secs, full_tok)) in zip(("none", m), results):
                         t = totals[mm]
@@ -249,7 +256,12 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--num-draft-tokens", type=int, default=32)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--methods", nargs="+", default=["ngram", "recycling", "goose"])
+    ap.add_argument("--methods", nargs="*", default=["ngram", "recycling", "goose"],
+                    help="drafters to time against the plain path (none: only the LANTERN sweep)")
+    ap.add_argument("--length-spread", type=float, default=0.0,
+                    help="requests ask for max_tokens * (1 - spread * u), u spread over [0, 1): with equal lengths "
+                         "(0) every plain request of a wave ends in the same step and the next wave's prompts are "
+                         "prefilled together, a synchrony real traffic does not have and speculation breaks")
     ap.add_argument("--workloads", nargs="+", default=["humaneval", "chat"], choices=["humaneval", "chat"])
     ap.add_argument("--num-blocks", type=int, default=2048, help="KV blocks of each of the two engines")
     ap.add_argument("--rounds", type=int, default=2)
@@ -275,7 +287,7 @@ def main():
     workloads = {"humaneval": humaneval_prompts(llm.tokenizer, n), "chat": chat_prompts(llm.tokenizer, n)}
     workloads = {w: workloads[w] for w in args.workloads}
     drafters = bench_drafters(llms, workloads, args.methods, args.concurrency, args.max_tokens,
-                              args.num_draft_tokens, args.rounds, args.requests_per_stream)
+                              args.num_draft_tokens, args.rounds, args.requests_per_stream, args.length_spread)
     lantern = [] if args.no_lantern else bench_lantern(llm, humaneval_prompts(llm.tokenizer, 4 if args.quick else 8),
                                                        args.deltas, args.lantern_k, args.max_tokens,
                                                        args.num_draft_tokens)
