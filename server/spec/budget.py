@@ -62,7 +62,7 @@ EMA = 0.1
 BOOST_EMA = 0.3  # per request: reacts within a few steps
 PLAIN_EVERY = 32  # while speculation wins, every PLAIN_EVERY-th step is plain, to observe the plain step's cost
 MAX_MARGIN = 0.8  # the most the payoff check (DraftBudget._check_payoff) raises a batch size's margin to
-PAYOFF_STEPS = 16  # speculative steps between two payoff checks of a batch size
+PAYOFF_STEPS = 4  # speculative steps between two payoff checks of a batch size (a 64-token run at 32 streams has ~10)
 COAST_STEPS = 8  # steps of a batch size run plain without scoring after one where no budget came close
 REALISM_EMA = 0.02  # over trees (a step verifies up to a batch of them)
 
