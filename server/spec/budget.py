@@ -297,7 +297,8 @@ class DraftBudget:
         return min(max(self._real_mean / max(self._pred_mean, 1e-6), 0.05), 2.0)
 
     def realized(self, predicted: float, accepted: int) -> None:
-        """One verified tree: what :meth:`choose` predicted it would accept, and what it did."""
+        """One verified tree (or a shadow tree counted toward realism, see ``Speculator._score_shadow``): what
+        the statistics predicted it would accept, and what it did."""
         if predicted <= 0:
             return
         self._trees += 1
