@@ -287,7 +287,8 @@ def main():
     workloads = {"humaneval": humaneval_prompts(llm.tokenizer, n), "chat": chat_prompts(llm.tokenizer, n)}
     workloads = {w: workloads[w] for w in args.workloads}
     drafters = bench_drafters(llms, workloads, args.methods, args.concurrency, args.max_tokens,
-                              args.num_draft_tokens, args.rounds, args.requests_per_stream, args.length_spread)
+                              args.num_draft_tokens, args.rounds, args.requests_per_stream,
+                              args.length_spread) if args.methods else []
     lantern = [] if args.no_lantern else bench_lantern(llm, humaneval_prompts(llm.tokenizer, 4 if args.quick else 8),
                                                        args.deltas, args.lantern_k, args.max_tokens,
                                                        args.num_draft_tokens)
