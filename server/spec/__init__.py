@@ -8,7 +8,7 @@ trees for the scheduler (``plan`` / ``propose``), and verifies the trees' logits
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -17,7 +17,7 @@ from server.config import SpecConfig
 from server.engine.request import Request, SpecOptions
 from server.spec.budget import DraftBudget
 from server.spec.drafters import TOPK, Drafter, RecyclingTable, make_drafter
-from server.spec.tree import DraftTree, realized_path
+from server.spec.tree import DraftTree, PathWalk
 from server.spec.verify import TreeInput, Verdict, nearest_neighbours, verify_trees
 
 Tensor = torch.Tensor
@@ -39,15 +39,21 @@ class SpecState:
 
 @dataclass
 class Shadow:
-    """A draft tree proposed and not verified (:meth:`Speculator.plan`): once the request has emitted the
-    tokens after ``start`` that decide it (:func:`server.spec.tree.realized_path`), it is scored as if it had
-    been verified."""
+    """A draft tree proposed and not verified (:meth:`Speculator.plan`): the tokens the request emits after
+    ``start`` walk it (:class:`server.spec.tree.PathWalk`, each token once), and once they decide its path
+    it is scored as if it had been verified."""
 
     tree: DraftTree
     start: int  # the request's length when it was drafted: the target's tokens for it begin here
     evidence: str
     budget: int
     predicted: float  # what the budget rule's statistics expected it to accept
+    walk: PathWalk = field(init=False)
+    seen: int = field(init=False)  # the request's length up to which its tokens were fed to the walk
+
+    def __post_init__(self):
+        self.walk = PathWalk(self.tree)
+        self.seen = self.start
 
 
 def can_speculate(params) -> bool:
@@ -152,14 +158,16 @@ class Speculator:
         instead. One in ``SHADOW_REALISM_EVERY`` still counts (about the rate of the probe trees shadows
         replaced), so realism recovers while nothing is drafted."""
         shadow = state.shadow
-        path = realized_path(shadow.tree, req.token_ids[shadow.start:])
-        if path is None:
+        # a shadow is drafted at a decode, so its tokens are output tokens; only the new ones are fed
+        new = req.output_token_ids[shadow.seen - req.num_prompt_tokens:]
+        shadow.seen = req.num_tokens
+        if not shadow.walk.feed(new):
             return
         state.shadow = None
         ranks = shadow.tree.ranks()
         self._shadows_scored += 1
         predicted = shadow.predicted if self._shadows_scored % SHADOW_REALISM_EVERY == 0 else 0.0
-        self._tally(state, shadow.evidence, shadow.budget, predicted, [ranks[i] for i in path], True)
+        self._tally(state, shadow.evidence, shadow.budget, predicted, [ranks[i] for i in shadow.walk.path], True)
 
     def samples_step(self, sched, requests: dict) -> bool:
         """Whether the step about to run teaches the cost model: it awaits a sample and the step is

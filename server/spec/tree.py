@@ -51,23 +51,43 @@ class DraftTree:
 EMPTY = DraftTree((), ())
 
 
+class PathWalk:
+    """The draft nodes (indices) a verification of ``tree`` accepts when the target's next tokens are the
+    ones fed (:meth:`feed`, in order, over any number of calls): the path from the root whose tokens they
+    are, to the first one no child of the path's end matches. Under greedy verification that is exactly the
+    accepted path; under lossless sampling with siblings tried in turn, it has the accepted path's
+    distribution (each level accepts a child with the summed probability of the children, the probability
+    that the sampled token is one of them). Fed a few tokens a step, it does a step's work only."""
+
+    def __init__(self, tree: DraftTree):
+        self.tokens = tree.tokens
+        self.first, self.count = children(tree.parents)
+        self.path: list = []
+        self.node = 0  # flat index of the path's end (0 = the root)
+        self.done = not self.count[0]
+
+    def feed(self, tokens) -> bool:
+        """Follow ``tokens``; whether the path is decided (a token no child matches, or a leaf reached)."""
+        for t in tokens:
+            if self.done:
+                break
+            first = self.first[self.node]
+            # siblings are contiguous and in priority order: the first match is the one tried first
+            nxt = next((i for i in range(first, first + self.count[self.node]) if self.tokens[i - 1] == t), None)
+            if nxt is None:
+                self.done = True
+            else:
+                self.path.append(nxt - 1)
+                self.node = nxt
+                self.done = not self.count[nxt]
+        return self.done
+
+
 def realized_path(tree: DraftTree, tokens: list) -> Optional[list]:
-    """The draft nodes (indices) a verification of ``tree`` accepts when the target's next tokens are
-    ``tokens``: the path from the root whose tokens they are, to the first one no child of the path's end
-    matches. Under greedy verification that is exactly the accepted path; under lossless sampling with
-    siblings tried in turn, it has the accepted path's distribution (each level accepts a child with the
-    summed probability of the children, the probability that the sampled token is one of them). None
-    while ``tokens`` end before that is decided (the path's end has children and no next token yet)."""
-    children: dict = {}
-    for i, (t, p) in enumerate(zip(tree.tokens, tree.parents)):
-        children.setdefault(p, {}).setdefault(t, i)  # siblings are in priority order: the first is tried first
-    path, node = [], -1
-    for t in tokens:
-        node = children.get(node, {}).get(t)
-        if node is None:
-            return path
-        path.append(node)
-    return path if (path[-1] if path else -1) not in children else None
+    """:class:`PathWalk`'s path for ``tokens``, or None while they end before it is decided (the path's end
+    has children and no next token yet)."""
+    walk = PathWalk(tree)
+    return walk.path if walk.feed(tokens) else None
 
 
 @lru_cache(maxsize=64)
