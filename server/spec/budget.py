@@ -6,36 +6,36 @@ chosen to maximise expected tokens per second::
 
     (B + sum of the m largest accepted_i(d)) / step_time(B, d * m / B)
 
-so that where only a few requests have a continuation worth drafting (a matched n-gram, a repetitive
-code prompt) those few draft, instead of every request's tree or none being bought. ``step_time(B, e)``
-is measured the first time a batch-size bucket (a power of two) speculates: a forward of B sequences
-of 1 + d tokens each, for every candidate d (short, bounded by ``MEASURE_SECONDS``; sizes past the
-limit are extrapolated linearly), and linear in between for the e draft rows per sequence of a step
-where only some draft. ``accepted_i(d)`` is the running mean of accepted draft tokens per verified
-tree at budget d, kept per *evidence key* (the method and what its drafter found this step,
-:meth:`Drafter.evidence`: ``goose/3`` = a 3-gram prompt match to build the spine from, ``goose/0`` = a
-table-only tree) as the plain mean of its first samples, an EMA after (one measurement replaces the
-prior), times each request's own ``boost`` (its acceptance relative to its key's, a faster EMA), at
-most d: acceptance differs far more between a matched continuation and a guess, or a repetitive code
-prompt and free prose, than between budgets. Every prediction is scaled by ``realism``, the measured
-ratio of accepted drafts to predicted ones over recent trees: choosing the requests whose statistics
-look best biases the chosen ones' predictions high (on CPU, about 2x on chat prompts), and an unbiased
-rule would buy trees that do not pay. When the batch is compute-bound the time grows with B(1 + d) and
-the rule picks d = 0 (no speculation); a budget that stops paying off is abandoned as its EMA falls.
-While d = 0 wins, the statistics still learn, at no forward cost, from *shadow* trees
-(:meth:`server.spec.Speculator.plan`): a tree drafted but not run, scored against the tokens the request
-then emits, which is what verifying it would have accepted. So a recovering acceptance rate (a new
-prompt, a code block) is noticed, and a large budget whose acceptance the prior underrates (a code
-prompt's n-gram chains: 4 accepted tokens per tree at d = 15 against the prior's 2) is measured, without
-buying a tree to find out (the probe trees this replaced cost 0.4-0.6% of a 32-stream chat run on CPU,
-where a step with any tree in it took 25% longer). Where no budget is modelled even half the margin
-above the plain step, the next few steps of that batch size are plain without being scored
-(:meth:`DraftBudget.coast`): scoring is itself a cost. A budget must
-promise ``MARGIN`` more throughput than the plain step: a marginal modelled gain is within the noise of
-the model and of the machine, and the rule's promise is never to cost throughput. That promise is also
-checked on outcomes (:meth:`DraftBudget._check_payoff`): per batch size, the token rate of the steps that
-drafted against that of plain steps; where drafting steps were slower the margin doubles (at 32 streams on
-CPU a step with any tree pays a fixed ~40 ms over a 110 ms plain step, so only sure trees pay there).
+so that where only a few requests have a continuation worth drafting (a matched n-gram, a repetitive code
+prompt) those few draft, instead of every request's tree or none being bought. ``step_time(B, e)`` is
+measured the first time a batch-size bucket (a power of two) speculates: a forward of B sequences of 1 + d
+tokens each, for every candidate d (short, bounded by ``MEASURE_SECONDS``; sizes past the limit are
+extrapolated linearly); a step where only some draft, e draft rows per sequence, costs what the smallest
+candidate budget >= e does (a forward's cost grows in steps with its rows, :meth:`DraftBudget._forward`).
+``accepted_i(d)`` is the running mean of accepted draft tokens per verified tree at budget d, kept per
+*evidence key* (the method and what its drafter found this step, :meth:`Drafter.evidence`: ``goose/3`` = a
+3-gram prompt match to build the spine from, ``goose/0`` = a table-only tree) as the plain mean of its first
+samples, an EMA after (one measurement replaces the prior), times each request's own ``boost`` (its
+acceptance relative to its key's, a faster EMA), at most d: acceptance differs far more between a matched
+continuation and a guess, or a repetitive code prompt and free prose, than between budgets. Every prediction
+is scaled by ``realism``, the measured ratio of accepted drafts to predicted ones over recent trees:
+choosing the requests whose statistics look best biases the chosen ones' predictions high (on CPU, about 2x
+on chat prompts), and an unbiased rule would buy trees that do not pay. When the batch is compute-bound the
+time grows with B(1 + d) and the rule picks d = 0 (no speculation); a budget that stops paying off is
+abandoned as its EMA falls. While d = 0 wins, the statistics still learn, at no forward cost, from *shadow*
+trees (:meth:`server.spec.Speculator.plan`): a tree drafted but not run, scored against the tokens the
+request then emits, which is what verifying it would have accepted. So a recovering acceptance rate (a new
+prompt, a code block) is noticed, and a large budget whose acceptance the prior underrates (a code prompt's
+n-gram chains: 4 accepted tokens per tree at d = 15 against the prior's 2) is measured, without buying a
+tree to find out (the probe trees this replaced cost 0.4-0.6% of a 32-stream chat run on CPU, where a step
+with any tree in it took 25% longer). Where no budget is modelled even half the margin above the plain step,
+the next few steps of that batch size are plain without being scored (:meth:`DraftBudget.coast`): scoring is
+itself a cost. A budget must promise ``MARGIN`` more throughput than the plain step: a marginal modelled
+gain is within the noise of the model and of the machine, and the rule's promise is never to cost
+throughput. That promise is also checked on outcomes (:meth:`DraftBudget._check_payoff`): per batch size,
+the time a window of drafting steps lost against the plain steps' token rate; where they lost, the
+margin doubles (at 32 streams on CPU a tree step emitted 120-160 tokens/s against the plain steps'
+190, so only sure trees pay there).
 
 The forward alone misses what a speculative step costs around it (drafting, tree masks, verification,
 Token Recycling's table updates, per-request attention of tree rows). So the engine reports the wall
@@ -50,6 +50,7 @@ from __future__ import annotations
 import bisect
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 # 1 + d tree rows a power of two (whole tiles on a GPU), and d = 2: where the CPU's BLAS runs up to three
@@ -62,9 +63,21 @@ EMA = 0.1
 BOOST_EMA = 0.3  # per request: reacts within a few steps
 PLAIN_EVERY = 32  # while speculation wins, every PLAIN_EVERY-th step is plain, to observe the plain step's cost
 MAX_MARGIN = 0.8  # the most the payoff check (DraftBudget._check_payoff) raises a batch size's margin to
-PAYOFF_STEPS = 4  # speculative steps between two payoff checks of a batch size (a 64-token run at 32 streams has ~10)
+PAYOFF_STEPS = 4  # drafting steps in one payoff verdict (_check_payoff) of a batch size
+PAYOFF_LOSS = 1.0  # plain steps' worth of time lost that brings the verdict forward
 COAST_STEPS = 8  # steps of a batch size run plain without scoring after one where no budget came close
 REALISM_EMA = 0.02  # over trees (a step verifies up to a batch of them)
+
+
+@dataclass
+class _Payoff:
+    """One batch size's payoff window (:meth:`DraftBudget._check_payoff`)."""
+
+    plain_rate: Optional[float] = None  # plain steps' tokens per second (EMA)
+    plain_step: Optional[float] = None  # plain steps' seconds (EMA)
+    tokens: int = 0  # drafting steps since the last verdict: their tokens, seconds and count
+    seconds: float = 0.0
+    steps: int = 0
 
 
 def _bucket(n: int) -> int:
@@ -90,7 +103,7 @@ class DraftBudget:
         self._trees = 0
         self._coast: Optional[tuple] = None  # (bucket, step): steps of that batch bucket before it are plain
         self.margin: dict = {}  # bucket -> the margin in force there (MARGIN unless the payoff check raised it)
-        self._payoff: dict = {}  # bucket -> [plain steps' tok/s EMA, speculative steps' tok/s EMA, steps since check]
+        self._payoff: dict = {}  # bucket -> _Payoff (see _check_payoff)
 
     @staticmethod
     def candidates(cap: int) -> list:
@@ -152,15 +165,12 @@ class DraftBudget:
         return time.perf_counter() + MEASURE_SECONDS
 
     def _forward(self, bucket: int, grid: list, rows: float, deadline: Optional[float]) -> float:
-        """Modelled forward time of a step at ``bucket`` whose sequences run ``1 + rows`` tokens on average:
-        linear between the two budgets of ``grid`` (the step's candidates) around ``rows``."""
-        j = bisect.bisect_right(grid, rows) - 1
-        lo = grid[j]
-        t_lo = self._time(bucket, lo, deadline)
-        if rows == lo:
-            return t_lo
-        hi = grid[j + 1]
-        return t_lo + (self._time(bucket, hi, deadline) - t_lo) * (rows - lo) / (hi - lo)
+        """Modelled forward time of a step at ``bucket`` whose sequences run ``1 + rows`` tokens on average: the
+        time of the smallest budget of ``grid`` (the step's candidates) with at least as many rows. A forward's
+        cost grows in steps with its rows, not linearly (BLAS panels on a CPU, tiles on a GPU): on this
+        project's CPU 31 decodes + one 16-node tree (47 rows) took 252 ms, as long as 32 two-token rows (64
+        rows, 249 ms), against 162 ms for 32 decodes, where interpolating between the two would promise 205."""
+        return self._time(bucket, self._class(grid, rows), deadline)
 
     @staticmethod
     def _class(grid: list, rows: float) -> int:
@@ -259,32 +269,44 @@ class DraftBudget:
         old = self.overhead.get(self.current)
         self.overhead[self.current] = ratio if old is None else (1 - EMA) * old + EMA * ratio
         if tokens:
-            self._check_payoff(*self.current, tokens / seconds)
+            self._check_payoff(*self.current, tokens, seconds)
         self.current = None
 
-    def _check_payoff(self, bucket: int, rows_class: int, rate: float) -> None:
-        """The payoff check: what speculative steps delivered, against plain steps of the same batch size.
+    def _check_payoff(self, bucket: int, rows_class: int, tokens: int, seconds: float) -> None:
+        """The payoff check: what drafting steps delivered, against plain steps of the same batch size.
 
         The cost model and the acceptance statistics each carry their own correction, but the rule's
-        promise is about their product: that the steps it drafts in emit tokens faster than plain steps.
-        So each batch size keeps running token rates of both kinds of step, and every ``PAYOFF_STEPS``
-        speculative steps compares them: where drafting steps were slower, the margin a budget must promise
-        doubles (up to ``MAX_MARGIN``), so only the surest trees are still bought; where they beat plain
-        steps by the margin in force, it halves back toward ``MARGIN``."""
-        kind = 0 if rows_class == 0 else 1
-        state = self._payoff.setdefault(bucket, [None, None, 0])
-        state[kind] = rate if state[kind] is None else (1 - EMA) * state[kind] + EMA * rate
-        if not kind:
+        promise is about their product: that the steps it drafts in emit tokens at least as fast as plain
+        steps. So each batch size keeps the plain steps' running token rate and step time, and a window of
+        the drafting steps since the last verdict: their tokens and seconds, so the time they lost against
+        the plain rate (seconds minus what their tokens would have taken plainly; a step that gained counts
+        negative). The verdict comes after ``PAYOFF_STEPS`` drafting steps, or at once when the window has
+        lost more than ``PAYOFF_LOSS`` plain steps: where the window lost time, the margin a budget must
+        promise doubles (up to ``MAX_MARGIN``), so only the surest trees are still bought; where its rate beat
+        plain steps by the margin in force, the margin halves back toward ``MARGIN``. Summing time rather than
+        averaging rates lets a tree that accepted 3 tokens pay for the trees around it that accepted none (at
+        one stream on CPU a fruitless tree costs ~30% of a plain step), and the early verdict answers a couple
+        of clearly losing steps (at 32 streams a losing tree step cost ~60% of a plain step) without waiting
+        out the window; a window's credit ends with its verdict, so an early win does not excuse later
+        losses."""
+        pay = self._payoff.setdefault(bucket, _Payoff())
+        if not rows_class:
+            pay.plain_rate = tokens / seconds if pay.plain_rate is None else (
+                (1 - EMA) * pay.plain_rate + EMA * tokens / seconds)
+            pay.plain_step = seconds if pay.plain_step is None else (1 - EMA) * pay.plain_step + EMA * seconds
             return
-        state[2] += 1
-        if state[2] < PAYOFF_STEPS or state[0] is None:
+        if pay.plain_rate is None:
             return
-        state[2] = 0
+        pay.tokens, pay.seconds, pay.steps = pay.tokens + tokens, pay.seconds + seconds, pay.steps + 1
+        lost = pay.seconds - pay.tokens / pay.plain_rate
+        if pay.steps < PAYOFF_STEPS and lost <= PAYOFF_LOSS * pay.plain_step:
+            return
         margin = self.margin.get(bucket, MARGIN)
-        if state[1] < state[0]:
+        if lost > 0:
             self.margin[bucket] = min(2 * margin, MAX_MARGIN)
-        elif state[1] > state[0] * (1 + margin):
+        elif pay.tokens / pay.seconds > pay.plain_rate * (1 + margin):
             self.margin[bucket] = max(margin / 2, MARGIN)
+        pay.tokens, pay.seconds, pay.steps = 0, 0.0, 0
 
     @property
     def realism(self) -> float:

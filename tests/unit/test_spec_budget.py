@@ -239,3 +239,25 @@ def test_drafting_steps_slower_than_plain_steps_raise_the_margin():
 def test_drafting_steps_that_deliver_keep_the_margin():
     budget, chosen = _payoff_run(16)  # 1,231 tok/s against 1,000: the trees pay as modelled
     assert budget.margin.get(8, 0.1) == 0.1 and sum(chosen[-100:]) >= 90
+
+
+def test_payoff_window_sums_lost_time():
+    """Plain steps: 32 tokens in 160 ms. Two drafting steps that each lose more than half a plain step raise the
+    margin before the window ends; small losses paid back by wins in the same window never do; and a win's
+    credit ends with its window's verdict, so it does not excuse the losses after it."""
+    from server.spec.budget import MARGIN
+
+    def verdict(steps):
+        budget = DraftBudget(_half_cost)
+        for _ in range(3):
+            budget._check_payoff(32, 0, 32, 0.160)
+        for tokens, seconds in steps:
+            budget._check_payoff(32, 1, tokens, seconds)
+        return budget.margin.get(32, MARGIN)
+
+    assert verdict([(36, 0.270)]) == MARGIN  # 270 ms for what plain steps emit in 180: 90 ms lost
+    assert verdict([(36, 0.270)] * 2) == 2 * MARGIN  # 180 ms lost, more than a plain step: at once
+    assert verdict([(36, 0.200)] * 4) == 2 * MARGIN  # 20 ms lost a step: the window's verdict
+    assert verdict([(8, 0.190), (96, 0.300)] * 20) == MARGIN  # 150 ms lost, 180 gained, ...: paid back
+    assert verdict([(192, 0.300)] + [(36, 0.270)] * 2) == MARGIN  # 660 ms of credit, then 2 x 90 lost
+    assert verdict([(192, 0.300)] + [(36, 0.270)] * 5) == 2 * MARGIN  # a new window after the first verdict
