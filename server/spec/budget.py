@@ -313,10 +313,13 @@ class DraftBudget:
         """Accepted drafts per tree over what the statistics predicted for it, over recent trees: the rule
         picks the requests and budgets whose statistics look best, so the looks are biased high (a key's
         mean is made mostly by the requests that draft most; a request's boost by its luckiest trees).
-        Scaling every prediction by the measured ratio keeps the rule from buying trees on that bias."""
+        Scaling every prediction by the measured ratio keeps the rule from buying trees on that bias. It is
+        at most 1: trees that beat their predictions raise their own statistics already, and a ratio above 1
+        (up to 2 before 2026-12-07) let the first lucky trees double every request's prediction: at 32
+        HumanEval streams on CPU the first trees chosen at realism 2.0 accepted 48 drafts of 68 predicted."""
         if not self._trees:
             return 1.0
-        return min(max(self._real_mean / max(self._pred_mean, 1e-6), 0.05), 2.0)
+        return min(max(self._real_mean / max(self._pred_mean, 1e-6), 0.05), 1.0)
 
     def realized(self, predicted: float, accepted: int) -> None:
         """One verified tree (or a shadow tree counted toward realism, see ``Speculator._score_shadow``): what

@@ -134,6 +134,14 @@ def test_acceptance_the_statistics_overpromise_is_scaled_down():
     assert budget.choose(8, keys, 8) == [0] * 8
 
 
+def test_trees_that_beat_their_predictions_do_not_inflate_the_rest():
+    """Realism only scales predictions down: trees accepting more than predicted raise their own statistics
+    (and boosts), and a lucky early tree must not double every other request's prediction."""
+    budget = DraftBudget(_half_cost)
+    budget.realized(2.0, 4)
+    assert budget.realism == 1.0
+
+
 def test_first_sample_replaces_prior_and_budgets_share_a_floor():
     """One measured tree replaces the prior (an EMA from the prior would need ten to get there), and a larger
     budget, whose best-first tree contains the smaller one, is expected to accept at least as much."""
