@@ -73,11 +73,11 @@ class ClosedLoop:
     thinning batch (at 32 streams a step of 20 costs nearly a step of 32 on CPU) is a cost of this finite
     benchmark, not of serving ``concurrency`` streams, so the full phase's rate is reported beside the run's."""
 
-    def __init__(self, llm, prompts, concurrency, params, spread=0.0):
+    def __init__(self, llm, prompts, concurrency, params, spread=0.0, lengths=None):
         self.eng, self.prompts, self.concurrency, self.params = llm.engine, prompts, concurrency, params
         # prompt i asks for max_tokens * (1 - spread * u_i), u_i spread evenly over [0, 1) in a fixed order
-        self.lengths = [max(1, round(params.max_tokens * (1 - spread * ((i * 0.6180339887) % 1))))
-                        for i in range(len(prompts))]
+        self.lengths = lengths or [max(1, round(params.max_tokens * (1 - spread * ((i * 0.6180339887) % 1))))
+                                   for i in range(len(prompts))]
         self.before = self.eng.stats()
         self.outs = [[] for _ in prompts]
         self.live, self.sent, self.full, self.seconds = {}, 0, None, 0.0
@@ -189,6 +189,32 @@ def bench_drafters(llms, workloads, methods, concurrencies, max_tokens, draft_to
     return rows
 
 
+def bench_desync(llms, workloads, concurrencies, max_tokens, rounds, per_stream=2):
+    """The plain path against itself: what desynchronised requests cost with no speculation at all. One
+    engine runs every request at ``max_tokens`` (each wave ends in one step and the next wave's prompts are
+    prefilled together); the other the same prompts at max_tokens -/+ max_tokens/8 alternately, the same
+    tokens in all, so requests end at different steps and each replacement's prefill joins running decodes,
+    as a tree that finishes a request early makes them do. Paired like :func:`bench_drafters`."""
+    rows = []
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    step = max(1, max_tokens // 8)
+    for wname, prompts in workloads.items():
+        for c in concurrencies:
+            ps = prompts[:max(4, per_stream * c)]
+            lengths = [max_tokens + step * (1 if (i + i // c) % 2 else -1) for i in range(len(ps))]
+            ratios = []
+            for r in range(rounds):
+                engines = llms if r % 2 == 0 else llms[::-1]
+                (s0, o0, _, _), (s1, o1, _, _) = lockstep(ClosedLoop(engines[0], ps, c, params),
+                                                          ClosedLoop(engines[1], ps, c, params, lengths=lengths))
+                ratios.append((sum(map(len, o1)) / s1) / (sum(map(len, o0)) / s0))
+            rows.append(dict(workload=wname, concurrency=c, desync_over_sync=statistics.median(ratios),
+                             pair_ratios=ratios))
+            print(f"{wname:9s} plain     c={c:<3d} desynchronised / synchronised waves {statistics.median(ratios):.3f}x "
+                  f"(pairs {min(ratios):.3f}-{max(ratios):.3f})", flush=True)
+    return rows
+
+
 def next_token_distributions(llm, prompt):
     """softmax of the model's logits at every prompt position (the target a draft of the next token meets)."""
     from server.engine.outputs import ScheduledRequest, SchedulerOutput
@@ -267,6 +293,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--requests-per-stream", type=int, default=2,
                     help="a run at concurrency c generates this many requests per stream (c in flight, closed loop)")
+    ap.add_argument("--desync", action="store_true",
+                    help="also time the plain path with desynchronised against synchronised waves (bench_desync)")
     ap.add_argument("--deltas", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.4])
     ap.add_argument("--lantern-k", type=int, default=16)
     ap.add_argument("--no-lantern", action="store_true", help="drafters only (skip the LANTERN delta sweep)")
@@ -289,13 +317,15 @@ def main():
     drafters = bench_drafters(llms, workloads, args.methods, args.concurrency, args.max_tokens,
                               args.num_draft_tokens, args.rounds, args.requests_per_stream,
                               args.length_spread) if args.methods else []
+    desync = bench_desync(llms, workloads, args.concurrency, args.max_tokens, args.rounds,
+                          args.requests_per_stream) if args.desync else []
     lantern = [] if args.no_lantern else bench_lantern(llm, humaneval_prompts(llm.tokenizer, 4 if args.quick else 8),
                                                        args.deltas, args.lantern_k, args.max_tokens,
                                                        args.num_draft_tokens)
     result = dict(device=str(llm.engine.device), machine=platform.machine(), dtype=str(llm.engine.dtype),
                   device_name=device_description(llm.engine.device),
                   args=vars(args),
-                  drafters=drafters, lantern=lantern)
+                  drafters=drafters, desync=desync, lantern=lantern)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
