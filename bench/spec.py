@@ -210,7 +210,8 @@ def bench_desync(llms, workloads, concurrencies, max_tokens, rounds, per_stream=
                 ratios.append((sum(map(len, o1)) / s1) / (sum(map(len, o0)) / s0))
             rows.append(dict(workload=wname, concurrency=c, desync_over_sync=statistics.median(ratios),
                              pair_ratios=ratios))
-            print(f"{wname:9s} plain     c={c:<3d} desynchronised / synchronised waves {statistics.median(ratios):.3f}x "
+            print(f"{wname:9s} plain     c={c:<3d} desynchronised / synchronised waves "
+                  f"{statistics.median(ratios):.3f}x "
                   f"(pairs {min(ratios):.3f}-{max(ratios):.3f})", flush=True)
     return rows
 

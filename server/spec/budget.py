@@ -41,7 +41,9 @@ The forward alone misses what a speculative step costs around it (drafting, tree
 Token Recycling's table updates, per-request attention of tree rows). So the engine reports the wall
 time of every decode-only step (:meth:`DraftBudget.observe`), and each (bucket, d) keeps an EMA of
 observed / modelled time that scales its modelled time (a step where m of B draft d counts under the
-smallest candidate >= d * m / B); a budget not yet observed borrows d = 0's factor. d = 0 itself is
+smallest candidate >= d * m / B); a budget not yet observed borrows the factor of the nearest budget
+d > 0 observed at that batch size (what a tree step costs around its forward, per-request tree attention
+and verification, is there at every budget), or d = 0's before any tree step was observed. d = 0 itself is
 observed first and then again every ``PLAIN_EVERY`` steps while speculation wins, so the comparison is
 always against the plain step's real cost.
 """
@@ -178,6 +180,20 @@ class DraftBudget:
         of about as many rows share an observed/modelled factor)."""
         return grid[bisect.bisect_left(grid, rows)]
 
+    def _factors(self, bucket: int, grid: list) -> dict:
+        """Each candidate budget's observed / modelled time factor at ``bucket`` (see the module doc): its own
+        EMA; for a budget not yet observed, the nearest observed budget d > 0's (the larger on a tie), or
+        d = 0's before any tree step at this batch size was observed."""
+        base = self.overhead.get((bucket, 0), 1.0)
+        trees = [(c, f) for (b, c), f in self.overhead.items() if b == bucket and c]
+        out = {}
+        for d in grid:
+            out[d] = self.overhead.get((bucket, d))
+            if out[d] is None:
+                out[d] = base if not (d and trees) else min(
+                    trees, key=lambda cf: (abs(math.log2((1 + cf[0]) / (1 + d))), -cf[0]))[1]
+        return out
+
     def choose(self, num_decodes: int, keys: list, cap: int, boosts: Optional[list] = None) -> list:
         """This step's draft budget for each speculating decode (0: a plain decode); ``keys`` = their
         evidence keys, ``boosts`` their requests' acceptance relative to their key's (default 1: see
@@ -196,15 +212,14 @@ class DraftBudget:
         self._measured = False
         bucket = _bucket(max(num_decodes, len(keys)))
         deadline = self._deadline(bucket)
-        base = self.overhead.get((bucket, 0), 1.0)
+        grid = self.candidates(cap)
+        factors = self._factors(bucket, grid)
         boosts = boosts or [1.0] * len(keys)
         realism = self.realism
-        grid = self.candidates(cap)
 
         def seconds(d: int, m: int) -> float:
             rows = d * m / num_decodes
-            factor = self.overhead.get((bucket, self._class(grid, rows)), base)
-            return self._forward(bucket, grid, rows, deadline) * factor
+            return self._forward(bucket, grid, rows, deadline) * factors[self._class(grid, rows)]
 
         rate0 = num_decodes / seconds(0, 0)
         best, best_rate, top_rate, order, raw = (0, 0), rate0, 0.0, {}, {}

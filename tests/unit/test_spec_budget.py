@@ -269,3 +269,16 @@ def test_payoff_window_sums_lost_time():
     assert verdict([(8, 0.190), (96, 0.300)] * 20) == MARGIN  # 150 ms lost, 180 gained, ...: paid back
     assert verdict([(192, 0.300)] + [(36, 0.270)] * 2) == MARGIN  # 660 ms of credit, then 2 x 90 lost
     assert verdict([(192, 0.300)] + [(36, 0.270)] * 5) == 2 * MARGIN  # a new window after the first verdict
+
+
+def test_an_unobserved_budget_borrows_the_nearest_tree_budgets_overhead():
+    """What a tree step costs around its forward (per-request tree attention, verification) is there at every
+    budget: a budget not yet observed borrows the factor of the nearest one observed, not the plain step's."""
+    budget = DraftBudget(_half_cost)
+    grid = DraftBudget.candidates(32)
+    assert budget._factors(32, grid) == {d: 1.0 for d in grid}
+    budget.overhead[32, 0], budget.overhead[32, 3] = 1.1, 1.4
+    budget.overhead[32, 15] = 1.8
+    factors = budget._factors(32, grid)
+    assert factors[0] == 1.1 and factors[3] == 1.4 and factors[15] == 1.8
+    assert factors[1] == 1.4 and factors[7] == 1.8 and factors[grid[-1]] == 1.8
