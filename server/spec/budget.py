@@ -11,7 +11,7 @@ prompt) those few draft, instead of every request's tree or none being bought. `
 measured the first time a batch-size bucket (a power of two) speculates: a forward of B sequences of 1 + d
 tokens each, for every candidate d (short, bounded by ``MEASURE_SECONDS``; sizes past the limit are
 extrapolated linearly); a step where only some draft, e draft rows per sequence, costs what the smallest
-candidate budget >= e does (a forward's cost grows in steps with its rows, :meth:`DraftBudget._forward`).
+candidate budget >= e does (a forward's cost grows in steps with its rows, :meth:`DraftBudget._class`).
 ``accepted_i(d)`` is the running mean of accepted draft tokens per verified tree at budget d, kept per
 *evidence key* (the method and what its drafter found this step, :meth:`Drafter.evidence`: ``goose/3`` = a
 3-gram prompt match to build the spine from, ``goose/0`` = a table-only tree) as the plain mean of its first
@@ -76,7 +76,6 @@ class _Payoff:
     """One batch size's payoff window (:meth:`DraftBudget._check_payoff`)."""
 
     plain_rate: Optional[float] = None  # plain steps' tokens per second (EMA)
-    plain_step: Optional[float] = None  # plain steps' seconds (EMA)
     tokens: int = 0  # drafting steps since the last verdict: their tokens, seconds and count
     seconds: float = 0.0
     steps: int = 0
@@ -166,18 +165,14 @@ class DraftBudget:
         self.measure(bucket, 1)  # warm-up
         return time.perf_counter() + MEASURE_SECONDS
 
-    def _forward(self, bucket: int, grid: list, rows: float, deadline: Optional[float]) -> float:
-        """Modelled forward time of a step at ``bucket`` whose sequences run ``1 + rows`` tokens on average: the
-        time of the smallest budget of ``grid`` (the step's candidates) with at least as many rows. A forward's
-        cost grows in steps with its rows, not linearly (BLAS panels on a CPU, tiles on a GPU): on this
-        project's CPU 31 decodes + one 16-node tree (47 rows) took 252 ms, as long as 32 two-token rows (64
-        rows, 249 ms), against 162 ms for 32 decodes, where interpolating between the two would promise 205."""
-        return self._time(bucket, self._class(grid, rows), deadline)
-
     @staticmethod
     def _class(grid: list, rows: float) -> int:
-        """The overhead class of a step with ``rows`` draft rows per sequence: the smallest budget >= rows (steps
-        of about as many rows share an observed/modelled factor)."""
+        """The class of a step with ``rows`` draft rows per sequence: the smallest budget of ``grid`` (the step's
+        candidates) >= rows. The step is modelled at that budget's forward time and shares its observed /
+        modelled factor: a forward's cost grows in steps with its rows, not linearly (BLAS panels on a CPU,
+        tiles on a GPU). On this project's CPU 31 decodes + one 16-node tree (47 rows) took 252 ms, as long as
+        32 two-token rows (64 rows, 249 ms), against 162 ms for 32 decodes, where interpolating between the
+        two would promise 205."""
         return grid[bisect.bisect_left(grid, rows)]
 
     def _factors(self, bucket: int, grid: list) -> dict:
@@ -188,10 +183,10 @@ class DraftBudget:
         trees = [(c, f) for (b, c), f in self.overhead.items() if b == bucket and c]
         out = {}
         for d in grid:
-            out[d] = self.overhead.get((bucket, d))
-            if out[d] is None:
-                out[d] = base if not (d and trees) else min(
-                    trees, key=lambda cf: (abs(math.log2((1 + cf[0]) / (1 + d))), -cf[0]))[1]
+            own = self.overhead.get((bucket, d))
+            if own is None and d and trees:
+                own = min(trees, key=lambda cf: (abs(math.log2((1 + cf[0]) / (1 + d))), -cf[0]))[1]
+            out[d] = base if own is None else own
         return out
 
     def choose(self, num_decodes: int, keys: list, cap: int, boosts: Optional[list] = None) -> list:
@@ -218,8 +213,8 @@ class DraftBudget:
         realism = self.realism
 
         def seconds(d: int, m: int) -> float:
-            rows = d * m / num_decodes
-            return self._forward(bucket, grid, rows, deadline) * factors[self._class(grid, rows)]
+            cls = self._class(grid, d * m / num_decodes)
+            return self._time(bucket, cls, deadline) * factors[cls]
 
         rate0 = num_decodes / seconds(0, 0)
         best, best_rate, top_rate, order, raw = (0, 0), rate0, 0.0, {}, {}
@@ -249,9 +244,8 @@ class DraftBudget:
         clearly_plain = d == 0 and top_rate <= rate0 * (1 + margin / 2)
         self._coast = (bucket, self._steps + COAST_STEPS) if clearly_plain else None
         if not self._measured:  # a step that also timed forwards for the model is no sample of its cost
-            rows = sum(budgets) / num_decodes
-            self.current = (bucket, self._class(grid, rows))
-            self._modelled = self._forward(bucket, grid, rows, None)
+            cls = self._class(grid, sum(budgets) / num_decodes)
+            self.current, self._modelled = (bucket, cls), self._time(bucket, cls, None)
         return budgets
 
     def coast(self, num_decodes: int, num_speculating: int) -> bool:
@@ -292,7 +286,7 @@ class DraftBudget:
 
         The cost model and the acceptance statistics each carry their own correction, but the rule's
         promise is about their product: that the steps it drafts in emit tokens at least as fast as plain
-        steps. So each batch size keeps the plain steps' running token rate and step time, and a window of
+        steps. So each batch size keeps the plain steps' running token rate, and a window of
         the drafting steps since the last verdict: their tokens and seconds, so the time they lost against
         the plain rate (seconds minus what their tokens would have taken plainly; a step that gained counts
         negative). The verdict comes after ``PAYOFF_STEPS`` drafting steps, or at once when the window has
@@ -308,13 +302,13 @@ class DraftBudget:
         if not rows_class:
             pay.plain_rate = tokens / seconds if pay.plain_rate is None else (
                 (1 - EMA) * pay.plain_rate + EMA * tokens / seconds)
-            pay.plain_step = seconds if pay.plain_step is None else (1 - EMA) * pay.plain_step + EMA * seconds
             return
         if pay.plain_rate is None:
             return
         pay.tokens, pay.seconds, pay.steps = pay.tokens + tokens, pay.seconds + seconds, pay.steps + 1
         lost = pay.seconds - pay.tokens / pay.plain_rate
-        if pay.steps < PAYOFF_STEPS and lost <= PAYOFF_LOSS * pay.plain_step:
+        plain_step = self.step_time[bucket, 0] * self.overhead[bucket, 0]  # its observed seconds (EMA)
+        if pay.steps < PAYOFF_STEPS and lost <= PAYOFF_LOSS * plain_step:
             return
         margin = self.margin.get(bucket, MARGIN)
         if lost > 0:

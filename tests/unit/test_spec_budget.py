@@ -257,6 +257,7 @@ def test_payoff_window_sums_lost_time():
 
     def verdict(steps):
         budget = DraftBudget(_half_cost)
+        budget.step_time[32, 0], budget.overhead[32, 0] = 0.160, 1.0  # the plain step, as observe() keeps it
         for _ in range(3):
             budget._check_payoff(32, 0, 32, 0.160)
         for tokens, seconds in steps:
