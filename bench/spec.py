@@ -139,7 +139,10 @@ def bench_drafters(llms, workloads, methods, concurrencies, max_tokens, draft_to
     from one round to the next (so a difference between the two engines cancels); the speedup is the
     median over pairs of the method's rate / its pair's plain rate. A run is ``per_stream`` requests per
     stream (at least 4), ``c`` in flight at a time (:class:`ClosedLoop`); ``spread`` > 0 varies the requests'
-    lengths (below ``max_tokens`` by up to that fraction), as real traffic's do."""
+    lengths (below ``max_tokens`` by up to that fraction), as real traffic's do. The method ``plain`` is the
+    control: the plain path paired with itself, paired and interleaved exactly like a drafter, so its spread
+    around 1.0x is the pairing's own noise, the resolution at which a drafter's speedup can be told from
+    1.0x."""
     rows = []
     for wname, prompts in workloads.items():
         for c in concurrencies:
@@ -149,8 +152,10 @@ def bench_drafters(llms, workloads, methods, concurrencies, max_tokens, draft_to
             full_ratios = {m: [] for m in methods}
 
             def params(m, n=max_tokens):
+                # "plain" opts out per request (SpecOptions("none")): the plain path paired with itself
                 return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, speculative=None
-                                      if m == "none" else SpecOptions(m, num_draft_tokens=draft_tokens))
+                                      if m == "none" else SpecOptions("none" if m == "plain" else m,
+                                                                      num_draft_tokens=draft_tokens))
 
             for llm in llms:  # warm-up: code paths, each engine's shared Token Recycling table
                 for m in methods:
@@ -284,7 +289,9 @@ def main():
     ap.add_argument("--num-draft-tokens", type=int, default=32)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--methods", nargs="*", default=["ngram", "recycling", "goose"],
-                    help="drafters to time against the plain path (none: only the LANTERN sweep)")
+                    choices=["plain", "ngram", "recycling", "goose"],
+                    help="drafters to time against the plain path (plain: the plain path against itself, the "
+                         "pairing's noise floor; none given: only the LANTERN sweep)")
     ap.add_argument("--length-spread", type=float, default=0.0,
                     help="requests ask for max_tokens * (1 - spread * u), u spread over [0, 1): with equal lengths "
                          "(0) every plain request of a wave ends in the same step and the next wave's prompts are "
