@@ -126,6 +126,20 @@ def lockstep(*loops):
     return [loop.result() for loop in loops]
 
 
+def paired(llms, r, prompts, concurrency, params_a, params_b, spread=0.0, lengths_b=None):
+    """Round ``r``'s pair: :class:`ClosedLoop` a (``params_a``) and b in :func:`lockstep`, on the two engines
+    of ``llms``, which swap roles every round so that a difference between them cancels -> their results."""
+    engines = llms if r % 2 == 0 else llms[::-1]
+    return lockstep(ClosedLoop(engines[0], prompts, concurrency, params_a, spread),
+                    ClosedLoop(engines[1], prompts, concurrency, params_b, spread, lengths_b))
+
+
+def rates(result):
+    """(tokens per second over the whole run, over its full phase) of a :meth:`ClosedLoop.result`."""
+    secs, outs, _, (full_secs, full_tok) = result
+    return sum(map(len, outs)) / secs, full_tok / full_secs
+
+
 def run(llm, prompts, concurrency, params):
     """One closed loop on its own (:class:`ClosedLoop`): its :meth:`ClosedLoop.result`."""
     return lockstep(ClosedLoop(llm, prompts, concurrency, params))[0]
@@ -155,26 +169,23 @@ def bench_drafters(llms, workloads, methods, concurrencies, max_tokens, draft_to
             ratios = {m: [] for m in methods}
             full_ratios = {m: [] for m in methods}
 
-            def params(m, n=max_tokens):
-                # "plain" opts out per request (SpecOptions("none")): the plain path paired with itself
+            def params(m, n=max_tokens):  # "plain" is the plain path under the control's name
                 return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, speculative=None
-                                      if m == "none" else SpecOptions("none" if m == "plain" else m,
-                                                                      num_draft_tokens=draft_tokens))
+                                      if m in ("none", "plain") else SpecOptions(m, num_draft_tokens=draft_tokens))
 
             for llm in llms:  # warm-up: code paths, each engine's shared Token Recycling table
                 for m in methods:
                     run(llm, ps[:c], c, params(m, 8))
             for r in range(rounds):
                 for m in methods:
-                    engines = llms if r % 2 == 0 else llms[::-1]
-                    results = lockstep(ClosedLoop(engines[0], ps, c, params("none"), spread),
-                                       ClosedLoop(engines[1], ps, c, params(m), spread))
+                    results = paired(llms, r, ps, c, params("none"), params(m), spread)
                     pair = {}
-                    for mm, (secs, outs, delta, (full_secs, full_tok)) in zip(("none", m), results):
+                    for mm, res in zip(("none", m), results):
+                        secs, outs, delta, _ = res
                         t = totals[mm]
-                        ntok = sum(map(len, outs))
-                        t[0], t[1] = t[0] + secs, t[1] + ntok
-                        pair[mm] = (ntok / secs, outs, full_tok / full_secs)
+                        t[0], t[1] = t[0] + secs, t[1] + sum(map(len, outs))
+                        rate, full_rate = rates(res)
+                        pair[mm] = (rate, outs, full_rate)
                         for k, v in delta.items():
                             t[3][k] = t[3].get(k, 0) + v
                     totals[m][2] += sum(a == b for a, b in zip(pair[m][1], pair["none"][1]))
@@ -215,11 +226,10 @@ def bench_desync(llms, workloads, concurrencies, max_tokens, rounds, per_stream=
             lengths = [max_tokens + step * (1 if (i + i // c) % 2 else -1) for i in range(len(ps))]
             ratios, full = [], []
             for r in range(rounds):
-                engines = llms if r % 2 == 0 else llms[::-1]
-                (s0, o0, _, f0), (s1, o1, _, f1) = lockstep(ClosedLoop(engines[0], ps, c, params),
-                                                            ClosedLoop(engines[1], ps, c, params, lengths=lengths))
-                ratios.append((sum(map(len, o1)) / s1) / (sum(map(len, o0)) / s0))
-                full.append((f1[1] / f1[0]) / (f0[1] / f0[0]))
+                (sync, sync_full), (desync, desync_full) = map(rates, paired(llms, r, ps, c, params, params,
+                                                                                lengths_b=lengths))
+                ratios.append(desync / sync)
+                full.append(desync_full / sync_full)
             rows.append(dict(workload=wname, concurrency=c, desync_over_sync=statistics.median(ratios),
                              pair_ratios=ratios, full_phase_desync_over_sync=statistics.median(full),
                              full_phase_pair_ratios=full))
