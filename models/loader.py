@@ -118,7 +118,7 @@ def _random_weights(model: nn.Module, dtype: torch.dtype, device: torch.device, 
             else:
                 t.fill_(1.0 if name == "weight" else 0.0)
             setattr(module, name, nn.Parameter(t, requires_grad=False))
-    model.rotary.to(device)
+    model.to(device)  # buffers too: every rotary cache (Gemma 3 has two)
 
 
 def _default_dtype(device: torch.device) -> torch.dtype:
