@@ -1,6 +1,7 @@
 """Qwen3-MoE: the Qwen3 block with a sparse mixture of experts in place of the MLP (in the layers the
 config names): a linear router, top-k experts per token renormalised as ``norm_topk_prob`` says, experts run
-grouped (:mod:`kernels.moe`)."""
+grouped: on CUDA through the fused Triton kernels (:mod:`kernels.fused_moe`), elsewhere through the torch
+grouped matmul (:mod:`kernels.moe`), which is also their test oracle."""
 from __future__ import annotations
 
 import torch
@@ -21,12 +22,17 @@ class SparseMoE(nn.Module):
         e, h, i = arch.num_experts, arch.hidden_size, arch.moe_intermediate_size
         self.top_k, self.renormalize = arch.num_experts_per_tok, arch.norm_topk_prob
         self.act = ACTIVATIONS[arch.hidden_act]
+        self.act_name = "silu" if self.act is ACTIVATIONS["silu"] else "gelu_tanh"  # the Triton kernel's names
         self.gate = empty_linear(h, e)  # the router
         self.w13 = nn.Parameter(torch.empty(e, 2 * i, h, device="meta"), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(e, h, i, device="meta"), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+        if x.is_cuda:
+            from kernels.fused_moe import fused_experts  # Triton: imported only where it runs
+
+            return fused_experts(x, self.w13, self.w2, weights, ids, self.act_name)
         return grouped_experts(x, self.w13, self.w2, weights, ids, self.act)
 
 
