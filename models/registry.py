@@ -26,7 +26,7 @@ _ARCHITECTURES = {
 }
 
 # llama.cpp's architecture name -> the HF one (SmolLM and Mistral files say "llama").
-_GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 _ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")  # models.layers.rope_cos_sin
 
@@ -139,6 +139,7 @@ class ArchConfig:
             max_position_embeddings=md.get(p + "context_length", 4096),
             tie_word_embeddings=tied,
             attention_bias=gguf_arch == "qwen2",
+            qk_norm=gguf_arch == "qwen3",
             rope_scaling=tuple(sorted(scaling.items())) or None,
             sliding_window=md.get(p + "attention.sliding_window"),
         )

@@ -68,3 +68,57 @@ def test_architecture_matches_transformers(name, tmp_path, tokenizer, one_sequen
     # blocks wholly outside every layer's window go back to the pool, only when every layer has a window
     freed = llm.engine.kv.stats["window_freed_blocks"]
     assert (freed > 0) == all(windows), (windows, freed)
+
+
+def _write_gguf(path, arch: str, state: dict, cfg: dict, tokenizer_md: dict) -> None:
+    """A float32 GGUF file of ``state`` (HF names), llama.cpp's names and metadata, tokenizer copied."""
+    import gguf
+
+    from models.loader import _BLOCK_NAMES, _TOP_NAMES
+
+    names = {hf: g for g, hf in _TOP_NAMES.items()}
+    for i in range(cfg["num_hidden_layers"]):
+        for g, hf in _BLOCK_NAMES.items():
+            for kind in ("weight", "bias"):
+                names[f"model.layers.{i}.{hf}.{kind}"] = f"blk.{i}.{g}.{kind}"
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(10000.0)
+    w.add_context_length(cfg["max_position_embeddings"])
+    for key, value in tokenizer_md.items():
+        if isinstance(value, list):
+            w.add_array(key, value)
+        elif isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, bool):
+            w.add_bool(key, value)
+        else:
+            w.add_uint32(key, value)
+    for hf, t in state.items():
+        w.add_tensor(names[hf], t.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_qwen3_gguf_matches_transformers(tmp_path, gguf_path, tokenizer, one_sequence):
+    """general.architecture 'qwen3' (q/k norms under llama.cpp's attn_q_norm / attn_k_norm names, no q/k
+    permutation): the same model as transformers' on a 320-token prompt and 32 greedy steps."""
+    _, _, cfg = CONFIGS["qwen3-yarn"]
+    cfg = {k: v for k, v in cfg.items() if k != "rope_parameters"}
+    ref_model = save_random_model("Qwen3Config", cfg, tmp_path / "hf", tokenizer)
+    md = read_gguf(gguf_path).metadata
+    _write_gguf(tmp_path / "qwen3.gguf", "qwen3", ref_model.state_dict(), cfg,
+                {k: v for k, v in md.items() if k.startswith("tokenizer.")})
+    loaded = load_model(str(tmp_path / "qwen3.gguf"), torch.float32, "cpu")
+    assert loaded.arch.architecture == "Qwen3ForCausalLM" and loaded.arch.qk_norm
+    prompt = prompts(loaded.tokenizer, n=1)[0]
+    assert_parity(sift_greedy(one_sequence(loaded.model, len(prompt) + 40), prompt), hf_greedy(ref_model, prompt))
