@@ -17,7 +17,8 @@ SMALL = dict(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_
 
 def save_random_model(kind: str, cfg: dict, path, tokenizer, init=None) -> torch.nn.Module:
     """A transformers model of config class ``kind``, every parameter random (norms near 1, so no term
-    hides), saved with ``tokenizer`` as safetensors in ``path``. Returns the float32 model in eval mode."""
+    hides), saved with ``tokenizer`` as safetensors in ``path``. Returns the float32 model in eval mode.
+    ``init(name, param)``: a family's own initialisation of a parameter; returns whether it did one."""
     import transformers
 
     torch.manual_seed(0)
