@@ -5,6 +5,12 @@ at 1, 8 and 32 concurrent requests. The systems are interleaved round by round a
 median of the rounds is reported, because this machine's speed drifts over minutes.
 
     python -m bench.offline_throughput [--rounds 3] [--batches 1,8,32] [--systems sift:float32,sift:bfloat16,hf:float32]
+
+Any other model: ``--model DIR`` (an HF directory; HF transformers then loads the same directory). With
+``--load-format dummy`` only DIR/config.json is read and the weights are random (bench/shapes/ has the configs
+of models whose weights are not here), the tokenizer comes from ``--tokenizer`` (default: the embedded model's)
+and only Sift systems run; ``--num-layers N`` keeps the first N layers of the shape, for hosts whose memory
+cannot hold them all (per-layer shapes stay real; report it with the figures).
 """
 from __future__ import annotations
 
@@ -60,6 +66,24 @@ def run_hf(model, prompts, out_len, pad_id):
     return (out.shape[1] - width) * len(prompts) / dt
 
 
+def _shape_dir(model: str, num_layers) -> str:
+    """``model`` itself, or with ``num_layers`` a temporary copy of its config.json cut to that many layers."""
+    if not num_layers:
+        return model
+    import tempfile
+
+    with open(os.path.join(model, "config.json")) as f:
+        cfg = json.load(f)
+    for key in ("layer_types",):
+        if cfg.get(key):
+            cfg[key] = cfg[key][:num_layers]
+    cfg["num_hidden_layers"] = num_layers
+    out = tempfile.mkdtemp(prefix="sift-shape-")
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -68,9 +92,21 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--systems", default="sift:float32,sift:bfloat16,hf:float32",
                     help="comma-separated system:dtype pairs; the first hf entry is the baseline")
+    ap.add_argument("--model", default=None, help="HF model directory (default: the embedded model)")
+    ap.add_argument("--load-format", default="auto", choices=("auto", "dummy"))
+    ap.add_argument("--tokenizer", default=None, help="GGUF file or HF directory (default: --model's, or the "
+                    "embedded model's under --load-format dummy)")
+    ap.add_argument("--num-layers", type=int, default=None, help="dummy only: keep the first N layers")
+    ap.add_argument("--num-blocks", type=int, default=None, help="KV pool size in blocks (default: by memory)")
+    ap.add_argument("--out", default="offline_throughput.json", help="file name under bench/results/")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     systems = [tuple(x.split(":")) for x in args.systems.split(",")]
+    model, tokenizer = args.model, args.tokenizer
+    if args.load_format == "dummy":
+        model = _shape_dir(args.model, args.num_layers)
+        tokenizer = tokenizer or embedded_model_path()
+        systems = [s for s in systems if s[0] == "sift"]
 
     from server.engine.llm import LLM
 
@@ -78,7 +114,9 @@ def main() -> None:
     for kind, dtype in systems:
         name = f"{kind}-{dtype}"
         if kind == "sift":
-            llm = LLM(dtype=dtype, max_num_seqs=max(batches), max_num_batched_tokens=4096)
+            llm = LLM(model=model, load_format=args.load_format, tokenizer=tokenizer, dtype=dtype,
+                      max_num_seqs=max(batches), max_num_batched_tokens=4096,
+                      max_model_len=args.prompt_len + args.output_len + 16, num_blocks=args.num_blocks)
             prompts = prompts or real_prompts(llm.tokenizer, max(batches), args.prompt_len)
             pad = llm.engine.eos_token_ids[0]
             run_sift(llm, prompts[:2], 4)  # warm-up
@@ -86,9 +124,12 @@ def main() -> None:
         elif kind == "hf":
             from transformers import AutoModelForCausalLM
 
-            path = embedded_model_path()
-            hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                      torch_dtype=getattr(torch, dtype)).eval()
+            if model is not None:
+                hf = AutoModelForCausalLM.from_pretrained(model, torch_dtype=getattr(torch, dtype)).eval()
+            else:
+                path = embedded_model_path()
+                hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                          torch_dtype=getattr(torch, dtype)).eval()
             runners[name] = lambda ps, hf=hf: run_hf(hf, ps, args.output_len, pad)
         else:
             raise SystemExit(f"unknown system {kind!r}")
@@ -125,10 +166,11 @@ def main() -> None:
         "bench": "offline_throughput",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "model": args.model or "embedded", "load_format": args.load_format, "num_layers": args.num_layers,
         "prompt_len": args.prompt_len, "output_len": args.output_len,
         "rounds": args.rounds, "baseline": base, "median_of_rounds": rows,
     }
-    with open(os.path.join(RESULTS, "offline_throughput.json"), "w") as f:
+    with open(os.path.join(RESULTS, args.out), "w") as f:
         json.dump(doc, f, indent=2)
 
 

@@ -7,6 +7,7 @@ runner. ``torch`` runs :mod:`kernels.reference` (the CPU path and test oracle);
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
@@ -45,7 +46,32 @@ class AttentionMetadata:
     # layer -> {b: (sum, max) [n, Hkv, kv_len]} (see kernels.reference.tree_scores)
     score_trees: Optional[list] = None
     tree_scores: dict = field(default_factory=dict)
+    softcap: float = 0.0  # > 0: attention logits soft-capped as cap * tanh(x / cap) (Gemma 2); set per layer
     _cache: dict = field(default_factory=dict)  # per-step derived tensors shared across layers
+
+    def for_layer(self, window: int, softcap: float) -> "AttentionMetadata":
+        """This step's metadata as a layer with the model's own sliding ``window`` (0 = none) and logit
+        ``softcap`` sees it; built once per step for each distinct (window, softcap) and shared by the layers
+        that have it (so are their per-step caches).
+
+        A model window is exact attention over the last ``window`` kv indices, no sinks. A request that also
+        asked for a (lossy) ``sparsity: window`` keeps its own sinks + window where that window is the narrower
+        one; otherwise the model's window applies alone."""
+        key = ("layer", window, softcap)
+        view = self._cache.get(key)
+        if view is None:
+            win, sinks = self.window, self.sinks
+            if window > 0:
+                model = torch.full_like(self.kv_lens, window)
+                if win is None:
+                    win, sinks = model, torch.zeros_like(model)
+                else:
+                    narrower = (win > 0) & (win < window)
+                    win = torch.where(narrower, win, model)
+                    sinks = torch.where(narrower, sinks, torch.zeros_like(sinks))
+            view = dataclasses.replace(self, window=win, sinks=sinks, softcap=softcap, _cache={})
+            self._cache[key] = view
+        return view
 
     @property
     def num_seqs(self) -> int:
@@ -84,8 +110,11 @@ class AttentionBackend:
         ref.gather_compact(k_cache, v_cache, src_slots, dst_slots)
 
     def forward(self, layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor,
-                meta: AttentionMetadata, scale: float) -> Tensor:
-        """q: [T, Hq, D] -> out [T, Hq, D]; K/V of the new tokens are already stored."""
+                meta: AttentionMetadata, scale: float, window: int = 0, softcap: float = 0.0) -> Tensor:
+        """q: [T, Hq, D] -> out [T, Hq, D]; K/V of the new tokens are already stored. ``window``: the layer's
+        own sliding window (0 = full attention); ``softcap``: its attention logit soft-cap (0 = none)."""
+        if window or softcap:
+            meta = meta.for_layer(window, softcap)
         if meta.sparse is not None:
             return meta.sparse.attend(self, layer, q, k_cache, v_cache, meta, scale)
         return self.dense_forward(layer, q, k_cache, v_cache, meta, scale)
@@ -148,7 +177,7 @@ class TorchBackend(AttentionBackend):
             slots = ref.padded_slots(meta.block_tables, meta.kv_lens, meta.max_kv_len, meta.block_size)
             meta._cache["slots"] = slots
         return ref.paged_decode(q, k_cache, v_cache, meta.block_tables, meta.kv_lens, meta.block_size, scale,
-                                meta.window, meta.sinks, return_scores=emit, slots=slots)
+                                meta.window, meta.sinks, return_scores=emit, slots=slots, softcap=meta.softcap)
 
     def _prefill(self, q, k_cache, v_cache, meta, scale):
         split = meta._cache.get("split")
@@ -159,13 +188,15 @@ class TorchBackend(AttentionBackend):
         if dec:
             rows, sub, tables, window, sinks, slots = meta._cache["dec"]
             out[rows] = ref.paged_decode(q[rows], k_cache, v_cache, tables, sub, meta.block_size, scale, window,
-                                         sinks, slots=slots)[0]
+                                         sinks, slots=slots, softcap=meta.softcap)[0]
         if short:
             ref.paged_attention_short(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.kv_lens,
-                                      meta.block_size, scale, short, out, meta.window, meta.sinks, meta.tree_mask)
+                                      meta.block_size, scale, short, out, meta.window, meta.sinks, meta.tree_mask,
+                                      meta.softcap)
         if rest:
             ref.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.kv_lens,
-                                meta.block_size, scale, meta.window, meta.sinks, meta.tree_mask, only=rest, out=out)
+                                meta.block_size, scale, meta.window, meta.sinks, meta.tree_mask, only=rest, out=out,
+                                softcap=meta.softcap)
         return out
 
     @staticmethod

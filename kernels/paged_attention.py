@@ -37,6 +37,20 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _logits(q, k, scale_log2, cap_in, cap_out, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr):
+    """q @ k^T in the log2 domain. SOFTCAP (Gemma 2): ``cap * tanh(x * scale / cap)`` with cap_in = scale / cap
+    and cap_out = cap * log2(e); tanh from exp of a non-positive argument (no overflow, no libdevice)."""
+    s = _dot(q, tl.trans(k), UPCAST)
+    if SOFTCAP:
+        x = s * cap_in
+        e = tl.exp(-2.0 * tl.abs(x))
+        t = (1.0 - e) / (1.0 + e)
+        return tl.where(x < 0, -t, t) * cap_out
+    else:
+        return s * scale_log2
+
+
+@triton.jit
 def _visible(q_first, window, sinks):
     """Visible kv indices of queries at kv index >= q_first: sinks [0, sink_end), then [win_lo, query]."""
     win_lo = tl.where(window > 0, tl.maximum(q_first - window + 1, 0), 0)
@@ -92,10 +106,10 @@ def num_splits(batch: int, kv_heads: int, max_kv_len: int, num_sms: int) -> int:
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_q_ptr, kv_len_ptr, win_ptr, sink_ptr, tree_ptr,
-                    scale_log2, head_dim, stride_qt, stride_qh, stride_ot, stride_oh, stride_ks, stride_kh,
+                    scale_log2, cap_in, cap_out, head_dim, stride_qt, stride_qh, stride_ot, stride_oh, stride_ks, stride_kh,
                     stride_vs, stride_vh, stride_bt, stride_tree,
                     GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                    HAS_TREE: tl.constexpr, UPCAST: tl.constexpr,
+                    HAS_TREE: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     mblk, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(cu_q_ptr + b)
@@ -126,7 +140,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_q_ptr, kv_len_ptr, wi
         vi = start + tl.arange(0, BLOCK_N)
         ok = vi < n_vis
         k, idx = _load_kv(k_ptr, bt_row, vi, ok, sink_end, win_lo, stride_ks, kv_off, d, d_ok, BLOCK_SIZE)
-        s = _dot(q, tl.trans(k), UPCAST) * scale_log2
+        s = _logits(q, k, scale_log2, cap_in, cap_out, UPCAST, SOFTCAP)
         see = ok[None, :] & (idx[None, :] <= q_pos[:, None])
         if HAS_WINDOW:
             see &= (window <= 0) | (q_pos[:, None] - idx[None, :] < window) | (idx[None, :] < sinks)
@@ -148,10 +162,10 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_q_ptr, kv_len_ptr, wi
 @triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, kv_len_ptr, win_ptr, sink_ptr,
                    o_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, lse_ptr, logit_ptr,
-                   scale_log2, head_dim, n_splits, max_kv_len, stride_qb, stride_qh, stride_ob, stride_oh,
+                   scale_log2, cap_in, cap_out, head_dim, n_splits, max_kv_len, stride_qb, stride_qh, stride_ob, stride_oh,
                    stride_ks, stride_kh, stride_vs, stride_vh, stride_bt,
                    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
-                   EMIT: tl.constexpr, UPCAST: tl.constexpr,
+                   EMIT: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
                    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kv_len = tl.load(kv_len_ptr + b)
@@ -179,7 +193,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, kv_len_ptr, win_ptr, sink_ptr,
         vi = start + tl.arange(0, BLOCK_N)
         ok = vi < hi
         k, idx = _load_kv(k_ptr, bt_row, vi, ok, sink_end, win_lo, stride_ks, kvh * stride_kh, d, d_ok, BLOCK_SIZE)
-        s = tl.where(ok[None, :], _dot(q, tl.trans(k), UPCAST) * scale_log2, float("-inf"))
+        s = tl.where(ok[None, :], _logits(q, k, scale_log2, cap_in, cap_out, UPCAST, SOFTCAP), float("-inf"))
         if EMIT:
             tl.store(logit_ptr + (b * GROUP * tl.num_programs(1) + heads[:, None]) * max_kv_len + idx[None, :], s,
                      mask=g_ok[:, None] & ok[None, :])
@@ -260,8 +274,12 @@ def _window_args(window: Optional[Tensor], sinks: Optional[Tensor], like: Tensor
     return window, sinks if sinks is not None else torch.zeros_like(window), True
 
 
+def _cap_args(scale: float, softcap: float) -> tuple:
+    return (scale / softcap, softcap * LOG2E) if softcap > 0 else (0.0, 0.0)
+
+
 def _launch_prefill(q, k_cache, v_cache, out, block_tables, cu_seqlens_q, kv_lens, block_size, scale,
-                    window, sinks, tree_mask, max_q_len):
+                    window, sinks, tree_mask, max_q_len, softcap=0.0):
     _check(q, k_cache, v_cache)
     t = _tiles(q.shape[-1], q.is_cuda)
     win, snk, has_window = _window_args(window, sinks, kv_lens)
@@ -269,17 +287,18 @@ def _launch_prefill(q, k_cache, v_cache, out, block_tables, cu_seqlens_q, kv_len
     grid = (triton.cdiv(max_q_len, t.block_m), q.shape[1], kv_lens.shape[0])
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, cu_seqlens_q, kv_lens, win, snk, tree,
-        scale * LOG2E, q.shape[-1], q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        scale * LOG2E, *_cap_args(scale, softcap), q.shape[-1], q.stride(0), q.stride(1), out.stride(0),
+        out.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), block_tables.stride(0),
         tree.stride(0) if tree_mask is not None else 0,
         GROUP=q.shape[1] // k_cache.shape[1], BLOCK_SIZE=block_size, HAS_WINDOW=has_window,
-        HAS_TREE=tree_mask is not None, UPCAST=_upcast(q, k_cache),
+        HAS_TREE=tree_mask is not None, UPCAST=_upcast(q, k_cache), SOFTCAP=softcap > 0,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=triton.next_power_of_2(q.shape[-1]),
         num_warps=t.num_warps, num_stages=t.num_stages)
 
 
 def _launch_decode(q, k_cache, v_cache, out, block_tables, kv_lens, block_size, scale, window, sinks,
-                   splits, logits, lse):
+                   splits, logits, lse, softcap=0.0):
     _check(q, k_cache, v_cache)
     bsz, hq, dim = q.shape
     hkv = k_cache.shape[1]
@@ -296,11 +315,11 @@ def _launch_decode(q, k_cache, v_cache, out, block_tables, kv_lens, block_size, 
     _decode_kernel[(bsz, hkv, splits)](
         q, k_cache, v_cache, block_tables, kv_lens, win, snk, out, part_m, part_l, part_acc,
         lse if emit else kv_lens, logits if emit else kv_lens,
-        scale * LOG2E, dim, splits, logits.shape[-1] if emit else 0, q.stride(0), q.stride(1),
+        scale * LOG2E, *_cap_args(scale, softcap), dim, splits, logits.shape[-1] if emit else 0, q.stride(0), q.stride(1),
         out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         block_tables.stride(0),
         GROUP=hq // hkv, BLOCK_SIZE=block_size, HAS_WINDOW=has_window, SPLIT=splits > 1, EMIT=emit,
-        UPCAST=_upcast(q, k_cache), BLOCK_G=max(16, triton.next_power_of_2(hq // hkv)), BLOCK_N=t.block_n,
+        UPCAST=_upcast(q, k_cache), SOFTCAP=softcap > 0, BLOCK_G=max(16, triton.next_power_of_2(hq // hkv)), BLOCK_N=t.block_n,
         BLOCK_D=block_d, num_warps=t.num_warps, num_stages=t.num_stages)
     if splits > 1:
         _reduce_kernel[(bsz * hq,)](
@@ -324,7 +343,7 @@ def _launch_scores(logits, lse, kv_lens, window, sinks, hkv):
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, cu_seqlens_q: Tensor,
                     kv_lens: Tensor, block_size: int, scale: float, window: Optional[Tensor] = None,
                     sinks: Optional[Tensor] = None, tree_mask: Optional[Tensor] = None, *,
-                    max_q_len: Optional[int] = None) -> Tensor:
+                    max_q_len: Optional[int] = None, softcap: float = 0.0) -> Tensor:
     """Varlen prefill/extend attention; same contract as :func:`kernels.reference.paged_attention`.
 
     ``max_q_len`` (host int) sizes the grid; without it, it is read from ``cu_seqlens_q`` (a device sync).
@@ -335,13 +354,14 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
     if max_q_len is None:
         max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     _launch_prefill(q, k_cache, v_cache, out, block_tables, cu_seqlens_q, kv_lens, block_size, scale,
-                    window, sinks, tree_mask, max_q_len)
+                    window, sinks, tree_mask, max_q_len, softcap)
     return out
 
 
 def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, kv_lens: Tensor,
                  block_size: int, scale: float, window: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
-                 return_scores: bool = False, *, max_kv_len: Optional[int] = None, splits: Optional[int] = None):
+                 return_scores: bool = False, *, max_kv_len: Optional[int] = None, splits: Optional[int] = None,
+                 softcap: float = 0.0):
     """Decode attention, one query per request; same contract as :func:`kernels.reference.paged_decode`.
 
     Returns (out [B, Hq, D], scores or None), scores = (sum, max) each [B, Hkv, max_kv_len] float32.
@@ -364,7 +384,7 @@ def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tens
         logits = torch.empty(bsz, hq, max_kv_len, device=q.device, dtype=torch.float32)
         lse = torch.empty(bsz * hq, device=q.device, dtype=torch.float32)
     _launch_decode(q, k_cache, v_cache, out, block_tables, kv_lens, block_size, scale, window, sinks,
-                   splits, logits, lse)
+                   splits, logits, lse, softcap)
     if not return_scores:
         return out, None
     return out, _launch_scores(logits, lse, kv_lens, window, sinks, hkv)

@@ -51,6 +51,11 @@ def padded_slots(block_tables: Tensor, kv_lens: Tensor, max_kv_len: int, block_s
     return torch.where(idx[None, :] < kv_lens[:, None].long(), slots, torch.zeros_like(slots))
 
 
+def soft_cap(logits: Tensor, cap: float) -> Tensor:
+    """Gemma 2's logit soft-capping, ``cap * tanh(logits / cap)``, in place."""
+    return logits.div_(cap).tanh_().mul_(cap)
+
+
 def attention_mask(q_pos: Tensor, kv_len: int, window: int = 0, sinks: int = 0) -> Tensor:
     """Bool mask [len(q_pos), kv_len]: which kv indices each query (at kv index q_pos) may see."""
     i = torch.arange(kv_len, device=q_pos.device)[None, :]
@@ -75,6 +80,7 @@ def paged_attention(
     tree_mask: Optional[Tensor] = None,
     only: Optional[list] = None,
     out: Optional[Tensor] = None,
+    softcap: float = 0.0,
 ) -> Tensor:
     """Varlen prefill/extend attention over the paged pool (one request at a time).
 
@@ -82,6 +88,7 @@ def paged_attention(
     kv_lens: [B] resident entries *including* the new tokens, already stored.
     Returns out [T, Hq, D] in q's dtype; accumulation in float32.
     ``only`` restricts the work to those request indices (rows of the others are left as in ``out``).
+    ``softcap`` > 0: Gemma 2's attention logit soft-capping (see :func:`soft_cap`).
     """
     if out is None:
         out = torch.empty_like(q)
@@ -96,12 +103,26 @@ def paged_attention(
         w = int(window[b]) if window is not None else 0
         sk = int(sinks[b]) if sinks is not None else 0
         mask = None
-        if n < kv_len or w > 0 or tree_mask is not None:  # else plain causal: SDPA's is_causal fast path
+        if n < kv_len or w > 0 or tree_mask is not None or softcap > 0:  # else SDPA's is_causal fast path
             mask = attention_mask(torch.arange(kv_len - n, kv_len, device=q.device), kv_len, w, sk)
             if tree_mask is not None:
                 mask[:, kv_len - n:] &= tree_mask[s:e, :n]
-        out[s:e] = causal_sdpa(q[s:e], k_cache[slots], v_cache[slots], scale, mask)
+        if softcap > 0:
+            out[s:e] = capped_attention(q[s:e], k_cache[slots], v_cache[slots], scale, mask, softcap)
+        else:
+            out[s:e] = causal_sdpa(q[s:e], k_cache[slots], v_cache[slots], scale, mask)
     return out
+
+
+def capped_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor, softcap: float) -> Tensor:
+    """Attention of q [n, Hq, D] over k/v [L, Hkv, D] under the bool ``mask`` [n, L] with soft-capped logits
+    (SDPA has no soft-capping), in float32, one kv head's query group at a time."""
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    qh = q.float().view(n, hkv, hq // hkv, d).permute(1, 0, 2, 3).reshape(1, hkv, n * (hq // hkv), d)
+    masked = ~mask[:, None, :].expand(n, hq // hkv, mask.shape[1]).reshape(1, -1, mask.shape[1])
+    res, _ = _kv_head_attention(qh, k.float()[None], v.float()[None], masked, scale, softcap)  # [Hkv, 1, n*G, D]
+    return res.view(hkv, n, hq // hkv, d).permute(1, 0, 2, 3).reshape(n, hq, d).to(q.dtype)
 
 
 def _gather_kv(k_cache: Tensor, v_cache: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
@@ -114,18 +135,22 @@ def _gather_kv(k_cache: Tensor, v_cache: Tensor, slots: Tensor) -> tuple[Tensor,
     return k, v
 
 
-def _kv_head_attention(qh: Tensor, k: Tensor, v: Tensor, masked: Tensor, scale: float) -> tuple[Tensor, list]:
+def _kv_head_attention(qh: Tensor, k: Tensor, v: Tensor, masked: Tensor, scale: float,
+                       softcap: float = 0.0) -> tuple[Tensor, list]:
     """softmax(q k^T * scale) v one kv head at a time: ``qh`` [B, Hkv, R, D] (each kv head's R query rows),
     ``k``/``v`` [B, L, Hkv, D] from :func:`_gather_kv`, read in place (each head's [B, L, D] slice is a
     strided batch of matrices that bmm takes as is, where a [B, Hkv, L, D] layout would be copied twice
     per layer), ``masked`` bool [B, R or 1, L] = positions not attended. Returns (out [Hkv, B, R, D], the
-    probabilities [B, R, L] of each head)."""
+    probabilities [B, R, L] of each head). ``softcap`` > 0: logits pass through ``softcap * tanh(x / softcap)``
+    (Gemma 2) before the mask."""
     hkv = k.shape[2]
     bsz, _, rows, d = qh.shape
     out = torch.empty(hkv, bsz, rows, d, dtype=torch.float32, device=qh.device)
     probs = []
     for h in range(hkv):
         logits = torch.bmm(qh[:, h], k[:, :, h].transpose(1, 2)).mul_(scale)  # [B, R, L]
+        if softcap > 0:
+            logits = soft_cap(logits, softcap)
         p = torch.softmax(logits.masked_fill_(masked, float("-inf")), dim=-1)
         torch.bmm(p, v[:, :, h], out=out[h])
         probs.append(p)
@@ -146,6 +171,7 @@ def paged_attention_short(
     window: Optional[Tensor] = None,
     sinks: Optional[Tensor] = None,
     tree_mask: Optional[Tensor] = None,
+    softcap: float = 0.0,
 ) -> None:
     """:func:`paged_attention` of the ``requests`` (batch indices) in one batched pass, written into ``out``:
     every request's queries padded to the longest's, its KV to the longest's, one bmm per kv head (as
@@ -179,7 +205,7 @@ def paged_attention_short(
     # per kv head, its query rows in (query, group head) order, against the mask repeated per group head
     qh = q[rows.reshape(-1)].float().view(nb, width, hkv, g, d).transpose(1, 2).reshape(nb, hkv, width * g, d)
     masked = ~mask[:, :, None, :].expand(nb, width, g, max_kv).reshape(nb, width * g, max_kv)
-    res, _ = _kv_head_attention(qh, k, v, masked, scale)  # [Hkv, nb, width * g, D]
+    res, _ = _kv_head_attention(qh, k, v, masked, scale, softcap)  # [Hkv, nb, width * g, D]
     res = res.view(hkv, nb, width, g, d).permute(1, 2, 0, 3, 4)  # [nb, width, Hkv, G, D]
     out[rows[real]] = res[real].reshape(-1, hq, d).to(out.dtype)
 
@@ -214,6 +240,7 @@ def paged_decode(
     sinks: Optional[Tensor] = None,
     return_scores: bool = False,
     slots: Optional[Tensor] = None,
+    softcap: float = 0.0,
 ):
     """Decode attention: one query per request (the last kv index), batched by padding.
 
@@ -237,7 +264,7 @@ def paged_decode(
         sk = (sinks.long() if sinks is not None else torch.zeros_like(window).long())[:, None]
         valid &= (w <= 0) | (qi - i < w) | (i < sk)
     k, v = _gather_kv(k_cache, v_cache, slots)
-    out, probs = _kv_head_attention(q.float().view(bsz, hkv, g, d), k, v, ~valid[:, None, :], scale)
+    out, probs = _kv_head_attention(q.float().view(bsz, hkv, g, d), k, v, ~valid[:, None, :], scale, softcap)
     out = out.transpose(0, 1).reshape(bsz, hq, d).to(q.dtype)
     if not return_scores:
         return out, None

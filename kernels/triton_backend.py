@@ -37,7 +37,8 @@ class TritonBackend(AttentionBackend):
 
     def _decode(self, q, k_cache, v_cache, meta, scale, emit):
         return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.kv_lens, meta.block_size, scale,
-                            meta.window, meta.sinks, return_scores=emit, max_kv_len=meta.max_kv_len)
+                            meta.window, meta.sinks, return_scores=emit, max_kv_len=meta.max_kv_len,
+                            softcap=meta.softcap)
 
     def sparse_decode(self, q, k_cache, v_cache, slots, scale):
         return sparse_attention.sparse_decode(q, k_cache, v_cache, slots, scale)
@@ -47,10 +48,10 @@ class TritonBackend(AttentionBackend):
             return self._flash_prefill(q, k_cache, v_cache, meta, scale)
         return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.kv_lens,
                                meta.block_size, scale, meta.window, meta.sinks, meta.tree_mask,
-                               max_q_len=max(meta.q_lens))
+                               max_q_len=max(meta.q_lens), softcap=meta.softcap)
 
     def _flash_fits(self, q: Tensor, meta: AttentionMetadata) -> bool:
-        return (self._flash is not None and meta.tree_mask is None and meta.window is None
+        return (self._flash is not None and meta.tree_mask is None and meta.window is None and not meta.softcap
                 and q.dtype in (torch.float16, torch.bfloat16) and meta.block_size % FLASH_PAGE_MULTIPLE == 0)
 
     def _flash_prefill(self, q, k_cache, v_cache, meta, scale):

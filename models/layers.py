@@ -136,9 +136,14 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict, freq_factors: Optional[tuple]) -> Tensor:
-    """Inverse frequencies [head_dim/2], in float32 as HF computes them (so the caches agree bit for bit)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim)
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict, freq_factors: Optional[tuple],
+                  max_positions: Optional[int] = None) -> Tensor:
+    """Inverse frequencies [head_dim/2] (``head_dim``: the rotated width), in float32 as HF computes them
+    (so the caches agree bit for bit). ``dynamic`` scaling depends on the position and is applied in
+    :func:`rope_cos_sin`; here it is the unscaled base. ``max_positions``: the context the model is built
+    for, which picks LongRoPE's long or short factors."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    inv_freq = 1.0 / theta ** exponents
     rope_type = scaling.get("rope_type", "default")
     if rope_type == "linear":
         inv_freq = inv_freq / scaling["factor"]
@@ -149,33 +154,101 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict, freq_factors: Opti
         wavelen = 2 * math.pi / inv_freq
         smooth = ((old_len / wavelen - low) / (high - low)).clamp(0.0, 1.0)
         inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    elif rope_type == "yarn":
+        inv_freq = _yarn_inv_freq(head_dim, theta, scaling)
+    elif rope_type == "longrope":
+        # HF switches to the long factors inside a forward whose positions pass the original context; with a
+        # KV cache that would leave earlier keys rotated by the short ones. The choice here is made once, by
+        # the context the model is built for (as llama.cpp does): long factors when it exceeds the original.
+        long = max_positions is not None and max_positions > scaling["original_max_position_embeddings"]
+        ext = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32, device="cpu")
+        inv_freq = 1.0 / (ext * theta ** exponents)
     if freq_factors is not None:
         inv_freq = inv_freq / torch.tensor(freq_factors, dtype=torch.float32, device="cpu")
     return inv_freq
 
 
-class RotaryEmbedding(nn.Module):
-    """Rotary position embedding in the neox / HF "rotate half" layout.
+def _yarn_inv_freq(dim: int, base: float, scaling: dict) -> Tensor:
+    """YaRN (NTK-by-parts): frequencies that turn fewer than ``beta_slow`` times over the original context
+    are interpolated by ``factor``, those turning more than ``beta_fast`` times are kept, a linear ramp between."""
+    factor = scaling["factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
 
-    cos and sin of every position are precomputed once into ``cos_sin_cache`` [max_positions, 2, head_dim],
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(old_len / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, device="cpu").float() / dim)
+    keep = 1 - ramp
+    return (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+
+
+def rope_attention_factor(scaling: dict, max_positions: int) -> float:
+    """The factor YaRN and LongRoPE multiply cos and sin by (1 for the other types), as HF derives it."""
+    rope_type = scaling.get("rope_type", "default")
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    if rope_type == "yarn":
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        factor, m, m_all = scaling["factor"], scaling.get("mscale"), scaling.get("mscale_all_dim")
+        return float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
+    if rope_type == "longrope":
+        old_len = scaling["original_max_position_embeddings"]
+        factor = scaling.get("factor") or max_positions / old_len
+        return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old_len))
+    return 1.0
+
+
+def rope_cos_sin(rotary_dim: int, max_positions: int, theta: float, scaling: dict,
+                 freq_factors: Optional[tuple] = None) -> tuple[Tensor, Tensor]:
+    """cos and sin [max_positions, rotary_dim/2] of every position's angles, float32, on the CPU.
+
+    ``dynamic`` (dynamic NTK): HF recomputes the base from the longest position of each forward; a token
+    decoded alone at position p is rotated with the base of length p + 1, and so is every token here (a
+    key keeps the rotation it was written with, so prefill chunking cannot change it)."""
+    t = torch.arange(max_positions, dtype=torch.int64, device="cpu").float()
+    inv_freq = rope_inv_freq(rotary_dim, theta, scaling, freq_factors, max_positions)
+    freqs = torch.outer(t, inv_freq)
+    if scaling.get("rope_type") == "dynamic":
+        factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+        seq_len = torch.arange(old_len, max_positions, dtype=torch.int64, device="cpu") + 1
+        base = theta * ((factor * seq_len / old_len) - (factor - 1)) ** (rotary_dim / (rotary_dim - 2))
+        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float() / rotary_dim
+        freqs[old_len:] = t[old_len:, None] * (1.0 / base[:, None] ** exponents[None, :])
+    factor = rope_attention_factor(scaling, max_positions)
+    return freqs.cos() * factor, freqs.sin() * factor
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding in the neox / HF "rotate half" layout, over the first ``rotary_dim`` of
+    each head's ``head_dim`` dimensions (all of them unless a partial rotary factor says otherwise).
+
+    cos and sin of every position are precomputed once into ``cos_sin_cache`` [max_positions, 2, rotary_dim],
     full width with the sign of "rotate half" folded into sin (see :func:`apply_rotary`); a forward indexes
     it by the batch's positions once and every layer reuses the result.
     """
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict,
-                 freq_factors: Optional[tuple] = None):
+                 freq_factors: Optional[tuple] = None, rotary_dim: Optional[int] = None):
         super().__init__()
-        inv_freq = rope_inv_freq(head_dim, theta, scaling, freq_factors)
-        # explicit device: built for real even when the model is constructed under a meta device
-        t = torch.arange(max_positions, dtype=torch.int64, device="cpu").float()
-        freqs = torch.outer(t, inv_freq)
-        cos, sin = freqs.cos(), freqs.sin()
+        self.rotary_dim = rotary_dim or head_dim
+        # explicit device inside: built for real even when the model is constructed under a meta device
+        cos, sin = rope_cos_sin(self.rotary_dim, max_positions, theta, scaling, freq_factors)
         self.register_buffer("cos_sin_cache", torch.stack([torch.cat([cos, cos], dim=-1),
                                                            torch.cat([-sin, sin], dim=-1)], dim=1),
                              persistent=False)
 
     def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos, signed sin [T, 1, head_dim] for ``positions`` [T], ready to broadcast over heads."""
+        """cos, signed sin [T, 1, rotary_dim] for ``positions`` [T], ready to broadcast over heads."""
         cos, sin = self.cos_sin_cache[positions].to(dtype).unsqueeze(2).unbind(1)
         return cos, sin
 
@@ -183,18 +256,39 @@ class RotaryEmbedding(nn.Module):
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate ``x`` [T, H, D] by the position angles, halves paired (HF's ``x * cos + rotate_half(x) * sin``):
     rotating the halves is a roll by D/2 once sin's first half carries rotate_half's minus sign. Four ops
-    where splitting into halves took nine; the same float operations, so the same bits."""
+    where splitting into halves took nine; the same float operations, so the same bits. When cos is
+    narrower than D (partial rotary), only the first cos.shape[-1] dimensions turn."""
+    rd = cos.shape[-1]
+    if rd < x.shape[-1]:
+        return torch.cat([apply_rotary(x[..., :rd], cos, sin), x[..., rd:]], dim=-1)
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
-class GatedMLP(nn.Module):
-    """SiLU-gated MLP, gate and up projections fused into one matmul."""
+def gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
 
-    def __init__(self, hidden_size: int, intermediate_size: int):
+
+# HF hidden_act names -> the gate activation of a gated MLP
+ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu_pytorch_tanh": gelu_tanh, "gelu_tanh": gelu_tanh}
+
+
+class GatedMLP(nn.Module):
+    """Gated MLP (SiLU by default; GeGLU with ``act="gelu_pytorch_tanh"``), gate and up projections fused
+    into one matmul."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu"):
         super().__init__()
         self.gate_up_proj = empty_linear(hidden_size, 2 * intermediate_size)
         self.down_proj = empty_linear(intermediate_size, hidden_size)
+        self.act = ACTIVATIONS[act]
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: scales by ``1 + weight`` and multiplies in float32 before casting back (HF's order)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps) * (1.0 + self.weight.float())).to(x.dtype)

@@ -118,7 +118,7 @@ def _random_weights(model: nn.Module, dtype: torch.dtype, device: torch.device, 
             else:
                 t.fill_(1.0 if name == "weight" else 0.0)
             setattr(module, name, nn.Parameter(t, requires_grad=False))
-    model.rotary.to(device)
+    model.to(device)  # buffers too: every rotary cache (Gemma 3 has two)
 
 
 def _default_dtype(device: torch.device) -> torch.dtype:
@@ -165,7 +165,7 @@ _BLOCK_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+    "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
 }
 _TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
               "output.weight": "lm_head.weight"}

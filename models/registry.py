@@ -18,12 +18,17 @@ _ARCHITECTURES = {
     "LlamaForCausalLM": ("models.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("models.llama", "LlamaForCausalLM"),
+    "Qwen3ForCausalLM": ("models.qwen3", "Qwen3ForCausalLM"),
+    "Qwen3MoeForCausalLM": ("models.moe", "Qwen3MoeForCausalLM"),
+    "Gemma2ForCausalLM": ("models.gemma", "GemmaForCausalLM"),
+    "Gemma3ForCausalLM": ("models.gemma", "GemmaForCausalLM"),
+    "Phi3ForCausalLM": ("models.phi3", "Phi3ForCausalLM"),
 }
 
 # llama.cpp's architecture name -> the HF one (SmolLM and Mistral files say "llama").
-_GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
-_ROPE_TYPES = ("default", "linear", "llama3")
+_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")  # models.layers.rope_cos_sin
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,20 @@ class ArchConfig:
     attention_bias: bool = False  # bias on the q/k/v projections (Qwen2)
     rope_scaling: Optional[tuple] = None  # sorted (key, value) pairs of the HF rope_scaling dict
     rope_freq_factors: Optional[tuple] = None  # llama.cpp's rope_freqs: per-frequency divisors of inv_freq
-    sliding_window: Optional[int] = None  # the model's own attention window, applied by the runner
+    sliding_window: Optional[int] = None  # the model's own attention window (every layer, unless layer_windows)
+    layer_windows: Optional[tuple] = None  # per layer: its own sliding window, 0 = full attention
+    hidden_act: str = "silu"  # the gated MLP's activation (Gemma: gelu_pytorch_tanh)
+    qk_norm: bool = False  # RMSNorm of each head's q and k before rotary (Qwen3, Gemma 3)
+    attn_softcap: float = 0.0  # attention logit soft-cap (Gemma 2); 0 = none
+    final_softcap: float = 0.0  # final logit soft-cap (Gemma 2); 0 = none
+    attn_scale: Optional[float] = None  # query scale when not head_dim ** -0.5 (Gemma's query_pre_attn_scalar)
+    local_rope_theta: Optional[float] = None  # rope base of the sliding-window layers (Gemma 3)
+    partial_rotary_factor: float = 1.0  # the fraction of head_dim that rotary turns (Phi-4-mini: 0.75)
+    num_experts: int = 0  # mixture of experts: routed experts per MoE layer
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalise the top-k routing weights to sum to 1
+    moe_layers: Optional[tuple] = None  # layers whose MLP is the MoE block
 
     def __post_init__(self) -> None:
         if self.architecture not in _ARCHITECTURES:
@@ -59,6 +77,13 @@ class ArchConfig:
     def rope_scaling_dict(self) -> dict:
         return dict(self.rope_scaling or ())
 
+    def window_of(self, layer: int) -> int:
+        """The layer's own sliding window, 0 = full attention."""
+        if self.layer_windows is not None:
+            return self.layer_windows[layer]
+        window = self.sliding_window or 0
+        return window if window < self.max_position_embeddings else 0
+
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ArchConfig":
         archs = cfg.get("architectures") or []
@@ -67,15 +92,10 @@ class ArchConfig:
         arch = archs[0]
         if arch not in _ARCHITECTURES:  # before reading keys an unknown model may not have
             raise ModelLoadError(f"unknown architecture {arch!r}; supported: {', '.join(sorted(_ARCHITECTURES))}")
-        # transformers >= 5 folds rope_theta and rope_scaling into rope_parameters
-        rope = dict(cfg.get("rope_parameters") or {})
-        scaling = cfg.get("rope_scaling") or rope
-        scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
-        if "type" in scaling and "rope_type" not in scaling:
-            scaling["rope_type"] = scaling.pop("type")
-        if scaling.get("rope_type", "default") == "default":
-            scaling = {}
+        from models import hf_config
+
         heads = cfg["num_attention_heads"]
+        rope = hf_config.rope_fields(cfg)
         return cls(
             architecture=arch,
             vocab_size=cfg["vocab_size"],
@@ -86,12 +106,11 @@ class ArchConfig:
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", arch.startswith("Gemma")),
             attention_bias=cfg.get("attention_bias", arch == "Qwen2ForCausalLM"),
-            rope_scaling=tuple(sorted(scaling.items())) or None,
             sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
+            **rope,
+            **hf_config.family_fields(cfg, arch, cfg["num_hidden_layers"]),
         )
 
     @classmethod
@@ -120,6 +139,7 @@ class ArchConfig:
             max_position_embeddings=md.get(p + "context_length", 4096),
             tie_word_embeddings=tied,
             attention_bias=gguf_arch == "qwen2",
+            qk_norm=gguf_arch == "qwen3",
             rope_scaling=tuple(sorted(scaling.items())) or None,
             sliding_window=md.get(p + "attention.sliding_window"),
         )

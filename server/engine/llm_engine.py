@@ -60,6 +60,12 @@ def available_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def _model_window(arch) -> int:
+    """The widest per-layer sliding window when every layer has one, else 0 (see Scheduler.model_window)."""
+    windows = [arch.window_of(layer) for layer in range(arch.num_layers)]
+    return max(windows) if all(windows) else 0
+
+
 class LLMEngine:
     def __init__(self, config: Optional[EngineConfig] = None):
         from models.loader import load_model
@@ -102,7 +108,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, window_of=sparsity.window_of,
                                    exact_kv_of=self._exact_kv_tokens, speculator=self.speculator,
                                    draft_depth_of=self.eviction.draft_depth, peak_tokens_of=self._peak_tokens,
-                                   rewind_of=sparsity.rewind_of)
+                                   rewind_of=sparsity.rewind_of, model_window=_model_window(arch))
         self.runner = ModelRunner(self.model, arch.num_layers, self.backend,
                                   self.device, self.dtype, num_blocks, cc.block_size, speculator=self.speculator)
         if config.spec.method != "none":  # every request speculates by default: time the cost model now

@@ -36,7 +36,7 @@ class Scheduler:
                  exact_kv_of: Optional[Callable[[Request], int]] = None, speculator=None,
                  draft_depth_of: Optional[Callable[[Request], Optional[int]]] = None,
                  peak_tokens_of: Optional[Callable[[Request], int]] = None,
-                 rewind_of: Optional[Callable[[Request], int]] = None):
+                 rewind_of: Optional[Callable[[Request], int]] = None, model_window: int = 0):
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
@@ -53,6 +53,9 @@ class Scheduler:
         self.peak_tokens_of = peak_tokens_of or (lambda req: req.num_prompt_tokens + req.params.max_tokens)
         # after a step: latest computed tokens to recompute (TidalDecode's KV correction); 0 = none
         self.rewind_of = rewind_of or (lambda req: 0)
+        # the widest of the model's own per-layer sliding windows when EVERY layer has one (else 0): KV wholly
+        # outside it is never read again by any layer, so its blocks go back to the pool
+        self.model_window = model_window
         self._block_copies: list = []  # copy-on-write decided between steps; sent with the next SchedulerOutput
         self._waiting: list = []  # heap of (priority, seq, request)
         self._seq = itertools.count()
@@ -308,6 +311,8 @@ class Scheduler:
                 window, sinks = self.window_of(req)
                 if window:
                     self.kv.release_outside_window(req.request_id, sinks, window)
+                elif self.model_window and self.kv.is_pristine(req.request_id):  # kv index = position
+                    self.kv.release_outside_window(req.request_id, 0, self.model_window)
                 self._rewind(req)
         return touched
 

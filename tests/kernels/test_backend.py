@@ -106,3 +106,37 @@ def test_torch_backend_batches_short_query_runs_exactly(device, poison, q_lens, 
     expected = ref.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.kv_lens, BLOCK,
                                    DIM ** -0.5, meta.window, meta.sinks, meta.tree_mask)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("q_lens,kv_lens", [([1, 1, 7], [20, 33, 7]), ([1, 1], [16, 45])])
+@pytest.mark.parametrize("windowed", [False, True])
+def test_layer_window_and_softcap_triton_equals_torch(device, poison, q_lens, kv_lens, windowed):
+    """A layer's own window (5) and logit soft-cap (1.5) through backend.forward: Triton equals torch, and both
+    equal the reference run with the per-request (window, sinks) that for_layer promises: the model's window
+    without sinks, except where a request's own (sparsity) window is narrower, which keeps its sinks."""
+    q, k, v, k_cache, v_cache, meta = _step(device, q_lens, kv_lens, windowed, seed=1)
+    q = q * 4  # logits large enough for the cap to bend them
+    outs = {}
+    for name in ("triton", "torch"):
+        backend = select_backend(name, device)
+        kc, vc = k_cache.clone(), v_cache.clone()
+        backend.store_kv(k, v, kc, vc, meta)
+        outs[name] = backend.forward(2, q, kc, vc, meta, DIM ** -0.5, window=5, softcap=1.5)
+        plain = backend.forward(2, q, kc, vc, meta, DIM ** -0.5)
+    torch.testing.assert_close(outs["triton"], outs["torch"], atol=1e-4, rtol=2e-5)
+    assert (outs["torch"] - plain).abs().max() > 1e-2
+    window = torch.full((len(q_lens),), 5, dtype=torch.int32, device=device)
+    sinks = torch.zeros_like(window)
+    if windowed:  # requests' own windows 6 (wider: the model's applies, no sinks), 0 (none), 9 (wider)
+        assert meta.window.tolist()[:2] == [6, 0]
+    view = meta.for_layer(5, 1.5)
+    assert view.window.tolist() == window.tolist() and view.sinks.tolist() == sinks.tolist()
+    assert meta.for_layer(5, 1.5) is view and view.scores is meta.scores  # built once per step, scores shared
+    if windowed:
+        narrower = meta.for_layer(7, 0.0)  # request 0's own window 6 < 7 keeps its 2 sinks; the rest get 7
+        assert narrower.window.tolist() == [6, 7, 7][:len(q_lens)] and narrower.sinks.tolist()[:2] == [2, 0]
+    kc, vc = k_cache.clone(), v_cache.clone()
+    ref.store_kv(k, v, kc, vc, meta.slot_mapping)
+    expect = ref.paged_attention(q, kc, vc, meta.block_tables, meta.cu_seqlens_q, meta.kv_lens, BLOCK, DIM ** -0.5,
+                                 window, sinks, softcap=1.5)
+    torch.testing.assert_close(outs["torch"], expect, atol=1e-5, rtol=1e-5)

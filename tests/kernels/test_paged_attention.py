@@ -102,3 +102,30 @@ def test_num_splits_fills_the_gpu_without_tiny_splits():
     assert num_splits(batch=64, kv_heads=8, max_kv_len=32768, num_sms=132) == 1  # the batch fills the GPU
     assert num_splits(batch=1, kv_heads=8, max_kv_len=300, num_sms=132) == 2  # no split under 256 entries
     assert num_splits(batch=1, kv_heads=1, max_kv_len=1 << 20, num_sms=132) == 64  # capped
+
+
+@pytest.mark.parametrize("windowed", [False, True])
+def test_softcap_prefill_and_decode_match_reference(paged_pool, device, poison, windowed):
+    """Gemma 2's attention logit soft-capping (cap 2, small enough to bend these logits) in both kernels, with
+    and without a per-request window; the reference itself against the formula written out densely."""
+    kv_lens, q_lens = [5, 40], [5, 24]
+    k_cache, v_cache, block_tables, kv = paged_pool(kv_lens, 2, 32, 16, torch.float32, seed=6)
+    q = (3 * torch.randn(sum(q_lens), 4, 32)).to(device)
+    window = torch.tensor([0, 9], dtype=torch.int32, device=device) if windowed else None
+    sinks = torch.zeros(2, dtype=torch.int32, device=device) if windowed else None
+    args = (q, k_cache, v_cache, block_tables, _cu(q_lens, device), kv, 16, 0.3, window, sinks)
+    expect = ref.paged_attention(*args, softcap=2.0)
+    torch.testing.assert_close(paged_attention(*args, softcap=2.0), expect, **TOL[torch.float32])
+    assert (expect - ref.paged_attention(*args)).abs().max() > 1e-2  # the cap changes the result
+    # written out: request 1's rows over its keys, in kv-head groups of 2 query heads
+    slots = ref.slots_for(block_tables[1], 40, 16)
+    k, v = k_cache[slots].repeat_interleave(2, 1), v_cache[slots].repeat_interleave(2, 1)
+    logits = 2.0 * torch.tanh(torch.einsum("thd,lhd->htl", q[5:].float(), k.float()) * 0.3 / 2.0)
+    mask = ref.attention_mask(torch.arange(16, 40, device=device), 40, 9 if windowed else 0)
+    dense = torch.einsum("htl,lhd->thd", torch.softmax(logits.masked_fill(~mask, float("-inf")), -1), v.float())
+    torch.testing.assert_close(expect[5:], dense, atol=1e-5, rtol=1e-5)
+    dq = q[[4, 28]]
+    dargs = (dq, k_cache, v_cache, block_tables, kv, 16, 0.3, window, sinks)
+    torch.testing.assert_close(paged_decode(*dargs, softcap=2.0, splits=2)[0], ref.paged_decode(*dargs, softcap=2.0)[0],
+                               **TOL[torch.float32])
+    torch.testing.assert_close(ref.paged_decode(*dargs, softcap=2.0)[0][1], dense[-1], atol=1e-5, rtol=1e-5)
