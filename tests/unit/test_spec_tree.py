@@ -4,8 +4,8 @@ import random
 import numpy as np
 import pytest
 
-from spec_trees import random_parents
-from server.spec.tree import (RANK_PRIOR, ancestor_mask, best_first, check_bfs, children, depths, expand,
+from spec_trees import check_bfs, random_parents
+from server.spec.tree import (RANK_PRIOR, ancestor_mask, best_first, children, depths, expand,
                               template)
 
 
