@@ -9,7 +9,6 @@ median of the rounds is reported, because this machine's speed drifts over minut
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -18,6 +17,7 @@ from datetime import datetime, timezone
 
 import torch
 
+from bench.provenance import write_result
 from models.embedded import embedded_model_path
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -128,8 +128,7 @@ def main() -> None:
         "prompt_len": args.prompt_len, "output_len": args.output_len,
         "rounds": args.rounds, "baseline": base, "median_of_rounds": rows,
     }
-    with open(os.path.join(RESULTS, "offline_throughput.json"), "w") as f:
-        json.dump(doc, f, indent=2)
+    write_result(os.path.join(RESULTS, "offline_throughput.json"), doc)
 
 
 if __name__ == "__main__":
