@@ -201,3 +201,35 @@ def test_loki_reads_the_sketch_top_k(llm, doc, monkeypatch, budget, sinks, recen
             tol = 2.0 ** -19  # the sketch scores are ranked rounded to 2^-20 (batch-invariant ties)
             for head, read in enumerate(rec["read"]):
                 check_token_topk(read, scores[head], budget, sinks, recent, tol)
+
+
+def test_tidal_rerank_reads_each_layers_top_of_the_selection(llm, doc, monkeypatch):
+    """With ``candidates`` C > budget the selection layer keeps C tokens (kept ones included) and every
+    sparse layer reads the budget of them its own query attends to most (softmax over the candidates,
+    summed over the group), the current and kept tokens always among them."""
+    sel, resel, budget, cands, sinks, recent = 2, 15, 32, 96, 4, 8
+    opts = SparsityOptions(method="tidal", budget=budget, candidates=cands, sinks=sinks, recent=recent,
+                           selection_layer=sel, reselection_layer=resel)
+    for step in _generate(llm, doc, opts, monkeypatch):
+        for layer, rec in step.items():
+            if layer <= sel or layer == resel:
+                assert rec["read"] is None, f"layer {layer} attends densely"
+                continue
+            source = _probs(step[sel if layer < resel else resel])  # [Hkv, L]
+            length = source.shape[1]
+            cur = length - 1
+            kept = {i for i in range(cur) if i < sinks or i >= cur - recent} | {cur}
+            q, k = rec["q"], rec["k"]
+            hkv, d = k.shape[1], k.shape[2]
+            for head, read in enumerate(rec["read"]):
+                rest = sorted(set(range(cur)) - kept, key=lambda i: (-source[head, i].item(), i))
+                candidates = sorted(kept | set(rest[:cands - len(kept)]))
+                logits = torch.einsum("gd,cd->gc", q.view(hkv, -1, d)[head], k[candidates, head]) * rec["scale"]
+                own = torch.zeros(length, dtype=torch.float64)
+                own[candidates] = torch.softmax(logits, dim=-1).sum(0)
+                assert read <= set(candidates), f"layer {layer} read tokens outside the selection's candidates"
+                assert len(read) == budget and kept <= read
+                ranked, left_out = sorted(read - kept), sorted(set(candidates) - read)
+                lowest_in, highest_out = own[ranked].min().item(), own[left_out].max().item()
+                assert lowest_in >= highest_out - 2.0 ** -19, (
+                    f"layer {layer}: not its own top-{budget} of the candidates ({lowest_in:.6g} < {highest_out:.6g})")
