@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
-import json
 import os
 import shlex
 import statistics
@@ -30,6 +29,7 @@ from typing import Iterator, Optional
 import httpx
 
 from bench import serve
+from bench.provenance import write_result
 from clients import loadgen
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -251,10 +251,10 @@ def main(argv: Optional[list] = None) -> int:
     out = os.path.join(args.result_dir, "compare")
     with open(out + ".md", "w") as f:
         f.write("\n".join(md) + "\n")
-    with open(out + ".json", "w") as f:
-        json.dump({"bench": "compare", "date": date, "machine": machine, "versions": versions, "command": command,
-                   "model": os.path.basename(args.model), "workloads": runs, "skipped": skipped, "medians": table,
-                   "rounds": summaries}, f, indent=1, default=str)
+    write_result(out + ".json", {"bench": "compare", "date": date, "machine": machine, "versions": versions,
+                                 "command": command, "model": os.path.basename(args.model), "workloads": runs,
+                                 "skipped": skipped, "medians": table, "rounds": summaries},
+                 argv=None if argv is None else [sys.argv[0], *argv], indent=1, default=str)
     if served:
         points = {n: [(runs[w]["concurrency"], table[n][w]["out tok/s"]) for w in runs
                       if "concurrency" in runs[w] and table[n][w]["out tok/s"] is not None] for n in served}

@@ -10,11 +10,11 @@ to each form, and with the calibrated choice, interleaved over rounds in one run
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 
 from bench.long_context import decode_time
+from bench.provenance import write_result
 from bench.serve import device_description, utc_now
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -52,10 +52,10 @@ def main() -> None:
         rows.append({"batch": b, **{f"{name}_ms": round(v, 2) for name, v in med.items()}})
         print(f"{b:>5} " + " ".join(f"{v:>14.1f}" for v in med.values()))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"bench": "cpu_linear", "date": utc_now(), "device": device_description(llm.engine.device),
-                   "rounds": args.rounds, "steps": args.steps, "calibrated_weight_first": calibrated,
-                   "rows": rows}, f, indent=1)
+    device = device_description(llm.engine.device)
+    write_result(args.out, {"bench": "cpu_linear", "date": utc_now(), "device": device, "rounds": args.rounds,
+                            "steps": args.steps, "calibrated_weight_first": calibrated, "rows": rows},
+                 device=device, indent=1)
     print(f"wrote {args.out}")
 
 

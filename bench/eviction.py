@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 import torch
 from pydoc_data.topics import topics
 
+from bench.provenance import write_result
 from server.engine.request import EvictionOptions, SamplingParams
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -257,8 +258,7 @@ def main() -> None:
         "device": str(llm.engine.device), "args": vars(args), "seconds": round(time.perf_counter() - t0, 1),
         "documents": doc_rows, "generations": gen_rows, "needle": needle_rows, "capacity": cap,
     }
-    with open(out, "w") as f:
-        json.dump(doc, f, indent=2)
+    write_result(out, doc, device=str(llm.engine.device))
     print(f"wrote {out}")
 
 

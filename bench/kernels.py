@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from bench.provenance import write_result
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernels.json"
 HQ, HKV, DIM, BLOCK = 32, 8, 128, 16  # a Llama-3-8B-like attention layer
@@ -121,10 +122,9 @@ def main(argv=None) -> int:
         rows.append(r)
         print(f"{'':>8} {length:>5} {r['triton_ms']:>10.3f} {r['sdpa_ms']:>9.3f} {r['triton_tflops']:>12.1f} "
               f"{r['sdpa_tflops']:>10.1f}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(dict(device=torch.cuda.get_device_name(device), torch=torch.__version__,
-                                       peak_copy_gbs=peak / 1e9, heads=[HQ, HKV], head_dim=DIM,
-                                       dtype=str(DTYPE), block_size=BLOCK, results=rows), indent=1))
+    name = torch.cuda.get_device_name(device)
+    write_result(RESULTS, dict(device=name, torch=torch.__version__, peak_copy_gbs=peak / 1e9, heads=[HQ, HKV],
+                               head_dim=DIM, dtype=str(DTYPE), block_size=BLOCK, results=rows), device=name, indent=1)
     print(f"wrote {RESULTS}")
     return 0
 

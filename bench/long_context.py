@@ -17,7 +17,6 @@ each against the exact (dense) path in the same run, on the embedded SmolLM2-135
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -30,6 +29,7 @@ from typing import Optional
 import torch
 
 from bench.long_text import forced_perplexity, haystack, needle_hits, oracle_topk
+from bench.provenance import write_result
 from bench.serve import device_description
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -385,9 +385,7 @@ def main() -> None:
         f"{a['context']}/{a['budget']}: dense {a['dense_ms']:.3f} sparse {a['sparse_ms']:.3f} ({a['speedup']:.1f}x) "
         f"loki-k{a['loki_rank']} {a['loki_ms']:.3f} ({a['loki_speedup']:.1f}x)"
         for a in results["attention"]))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+    write_result(args.out, results, device=results["device_name"], indent=1)
     print(f"wrote {args.out}")
 
 

@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 
 import torch
 
+from bench.provenance import write_result
 from models.embedded import embedded_model_path
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -170,8 +171,7 @@ def main() -> None:
         "prompt_len": args.prompt_len, "output_len": args.output_len,
         "rounds": args.rounds, "baseline": base, "median_of_rounds": rows,
     }
-    with open(os.path.join(RESULTS, args.out), "w") as f:
-        json.dump(doc, f, indent=2)
+    write_result(os.path.join(RESULTS, args.out), doc)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import sys
 from datetime import datetime, timezone
 from typing import Optional
 
+from bench.provenance import write_result
 from clients import loadgen
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -233,9 +234,8 @@ def main(argv: Optional[list] = None) -> int:
     label = args.label or f"{args.dataset}-{datetime.now():%Y%m%d-%H%M%S}"
     os.makedirs(args.result_dir, exist_ok=True)
     base = os.path.join(args.result_dir, f"serve-{label}")
-    with open(base + ".json", "w") as f:
-        json.dump({"bench": "serve", "date": utc_now(), "machine": machine_description(),
-                   "argv": sys.argv, "runs": runs}, f, indent=1)
+    write_result(base + ".json", {"bench": "serve", "date": utc_now(), "machine": machine_description(),
+                                  "argv": sys.argv, "runs": runs}, device=args.base_url, indent=1)
     if not args.no_plots:
         points = [(cfg.concurrency, runs[n]["summary"]["output_throughput"]) for n, cfg in configs.items()
                   if math.isinf(cfg.rate)]

@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from bench.provenance import write_result
 from bench.serve import device_description
 from server.engine.llm import LLM
 from server.engine.request import SamplingParams, SpecOptions
@@ -352,8 +351,7 @@ def main():
                   device_name=device_description(llm.engine.device),
                   args=vars(args),
                   drafters=drafters, desync=desync, lantern=lantern)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_result(args.out, result, device=result["device_name"])
     print(f"wrote {args.out}")
 
 

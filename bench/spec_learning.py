@@ -13,10 +13,10 @@ plain rate.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 
+from bench.provenance import write_result
 from bench.serve import device_description, utc_now
 from bench.spec import chat_prompts, humaneval_prompts, mean_accepted_length, run
 
@@ -87,9 +87,9 @@ def main() -> None:
               f"({row['accepted_per_step_off']:.2f}/step)  on {row['speedup_on']:.2f}x "
               f"({row['accepted_per_step_on']:.2f}/step)", flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"bench": "spec_learning", "date": utc_now(), "device": device_description(llm.engine.device),
-                   "rounds": args.rounds, "max_tokens": args.max_tokens, "rows": rows}, f, indent=1)
+    device = device_description(llm.engine.device)
+    write_result(args.out, {"bench": "spec_learning", "date": utc_now(), "device": device, "rounds": args.rounds,
+                            "max_tokens": args.max_tokens, "rows": rows}, device=device, indent=1)
     print(f"wrote {args.out}")
 
 

@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 import torch
 
 from bench.long_text import attention_override, haystack
+from bench.provenance import write_result
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -176,13 +177,11 @@ def main() -> None:
         points = best_schedule(mass, dense)
         best[dense] = {"selection_layers": points, "kept_mass": schedule_mass(mass, points)}
         print(f"{dense:>12} {best[dense]['kept_mass']:>10.4f}  {','.join(map(str, points))}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"model": model, "platform": platform.platform(),
-                   "time": datetime.now(timezone.utc).isoformat(), "args": vars(args), "steps": count,
-                   "kept_mass": mass.tolist(),
-                   "default": {"selection_layers": default, "kept_mass": schedule_mass(mass, default)},
-                   "best_by_dense_layers": best}, f, indent=1)
+    write_result(args.out, {"model": model, "platform": platform.platform(),
+                            "time": datetime.now(timezone.utc).isoformat(), "args": vars(args), "steps": count,
+                            "kept_mass": mass.tolist(),
+                            "default": {"selection_layers": default, "kept_mass": schedule_mass(mass, default)},
+                            "best_by_dense_layers": best}, indent=1)
     print(f"wrote {args.out}")
 
 

@@ -27,7 +27,7 @@ LOG2E = 1.4426950408889634
 
 # ----------------------------------------------------------------------------- helpers
 @triton.jit
-def _dot(a, b, UPCAST: tl.constexpr):
+def tile_dot(a, b, UPCAST: tl.constexpr):
     """a @ b accumulated in float32. UPCAST does it on float32 operands in IEEE precision: float32 inputs
     must not be rounded to tf32, and the CPU interpreter computes bfloat16 dots wrongly (numpy has no bf16)."""
     if UPCAST:
@@ -40,7 +40,7 @@ def _dot(a, b, UPCAST: tl.constexpr):
 def _logits(q, k, scale_log2, cap_in, cap_out, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr):
     """q @ k^T in the log2 domain. SOFTCAP (Gemma 2): ``cap * tanh(x * scale / cap)`` with cap_in = scale / cap
     and cap_out = cap * log2(e); tanh from exp of a non-positive argument (no overflow, no libdevice)."""
-    s = _dot(q, tl.trans(k), UPCAST)
+    s = tile_dot(q, tl.trans(k), UPCAST)
     if SOFTCAP:
         x = s * cap_in
         e = tl.exp(-2.0 * tl.abs(x))
@@ -69,7 +69,7 @@ def _load_kv(ptr, bt_row, vi, ok, sink_end, win_lo, stride_s, head_off, d, d_ok,
 
 
 @triton.jit
-def _softmax_step(s, m_i, l_i, acc):
+def online_softmax_step(s, m_i, l_i, acc):
     """Online-softmax update for logits s (-inf where hidden); returns (p, m, l, acc rescaled)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully hidden rows stay at p = 0, not NaN
@@ -150,10 +150,10 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_q_ptr, kv_len_ptr, wi
                            mask=row_ok[:, None] & (ok & (m >= 0))[None, :], other=1)
             see &= tree != 0
         s = tl.where(see, s, float("-inf"))
-        p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc)
+        p, m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc)
         v, _ = _load_kv(v_ptr, bt_row, vi, ok, sink_end, win_lo, stride_vs, (h // GROUP) * stride_vh, d, d_ok,
                         BLOCK_SIZE)
-        acc += _dot(p.to(v.dtype), v, UPCAST)
+        acc += tile_dot(p.to(v.dtype), v, UPCAST)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(o_ptr + (q_start + rows)[:, None] * stride_ot + h * stride_oh + d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -197,9 +197,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, kv_len_ptr, win_ptr, sink_ptr,
         if EMIT:
             tl.store(logit_ptr + (b * GROUP * tl.num_programs(1) + heads[:, None]) * max_kv_len + idx[None, :], s,
                      mask=g_ok[:, None] & ok[None, :])
-        p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc)
+        p, m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc)
         v, _ = _load_kv(v_ptr, bt_row, vi, ok, sink_end, win_lo, stride_vs, kvh * stride_vh, d, d_ok, BLOCK_SIZE)
-        acc += _dot(p.to(v.dtype), v, UPCAST)
+        acc += tile_dot(p.to(v.dtype), v, UPCAST)
     row = b * GROUP * tl.num_programs(1) + heads  # flat (request, query head)
     if SPLIT:
         tl.store(part_m_ptr + row * n_splits + split, m_i, mask=g_ok)
@@ -264,7 +264,7 @@ def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> None:
     assert q.shape[-2] % k_cache.shape[1] == 0, "query heads must be a multiple of kv heads"
 
 
-def _upcast(q: Tensor, k_cache: Tensor) -> bool:
+def needs_upcast(q: Tensor, k_cache: Tensor) -> bool:
     return q.dtype == torch.float32 or k_cache.dtype != q.dtype or not q.is_cuda
 
 
@@ -292,7 +292,7 @@ def _launch_prefill(q, k_cache, v_cache, out, block_tables, cu_seqlens_q, kv_len
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), block_tables.stride(0),
         tree.stride(0) if tree_mask is not None else 0,
         GROUP=q.shape[1] // k_cache.shape[1], BLOCK_SIZE=block_size, HAS_WINDOW=has_window,
-        HAS_TREE=tree_mask is not None, UPCAST=_upcast(q, k_cache), SOFTCAP=softcap > 0,
+        HAS_TREE=tree_mask is not None, UPCAST=needs_upcast(q, k_cache), SOFTCAP=softcap > 0,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=triton.next_power_of_2(q.shape[-1]),
         num_warps=t.num_warps, num_stages=t.num_stages)
 
@@ -319,7 +319,7 @@ def _launch_decode(q, k_cache, v_cache, out, block_tables, kv_lens, block_size, 
         out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         block_tables.stride(0),
         GROUP=hq // hkv, BLOCK_SIZE=block_size, HAS_WINDOW=has_window, SPLIT=splits > 1, EMIT=emit,
-        UPCAST=_upcast(q, k_cache), SOFTCAP=softcap > 0, BLOCK_G=max(16, triton.next_power_of_2(hq // hkv)), BLOCK_N=t.block_n,
+        UPCAST=needs_upcast(q, k_cache), SOFTCAP=softcap > 0, BLOCK_G=max(16, triton.next_power_of_2(hq // hkv)), BLOCK_N=t.block_n,
         BLOCK_D=block_d, num_warps=t.num_warps, num_stages=t.num_stages)
     if splits > 1:
         _reduce_kernel[(bsz * hq,)](

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_attention import LOG2E, _dot, _softmax_step, _upcast
+from kernels.paged_attention import LOG2E, tile_dot, online_softmax_step, needs_upcast
 
 Tensor = torch.Tensor
 
@@ -45,10 +45,10 @@ def _sparse_decode_kernel(q_ptr, k_ptr, v_ptr, slot_ptr, o_ptr, n_slots, qk_scal
         kv_mask = ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), UPCAST) * qk_scale
+        s = tile_dot(q, tl.trans(k), UPCAST) * qk_scale
         s = tl.where(ok[None, :], s, float("-inf"))
-        p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc)
-        acc += _dot(p.to(v.dtype), v, UPCAST)
+        p, m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc)
+        acc += tile_dot(p.to(v.dtype), v, UPCAST)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_rows = o_ptr + b * stride_ob + (h * GROUP + g)[:, None] * stride_oh + d[None, :]
     tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
@@ -73,6 +73,6 @@ def sparse_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, sc
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), slots.stride(0), slots.stride(1),
         out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=d, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=block_n, UPCAST=_upcast(q, k_cache),
+        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=block_n, UPCAST=needs_upcast(q, k_cache),
         num_warps=4 if q.is_cuda else 1)
     return out

@@ -95,9 +95,6 @@ class KVManager:
         return [table[i // bs] * bs + i % bs for i in range(start, start + n)]
 
     # ---- admission ---------------------------------------------------------------------------
-    def can_allocate(self, num_blocks_needed: int) -> bool:
-        return num_blocks_needed <= self.pool.num_free_blocks
-
     def blocks_needed(self, req_id: Hashable, num_new_tokens: int, num_computed_tokens: int = 0) -> int:
         """New blocks ``allocate_slots`` would take (for a new request, beyond its computed blocks)."""
         req = self._requests.get(req_id)

@@ -33,7 +33,6 @@ class SchedulerOutput:
     requests: list = field(default_factory=list)  # [ScheduledRequest], decodes first then prefills
     block_copies: list = field(default_factory=list)  # [(src_block, dst_block)] to apply before the forward
     compactions: list = field(default_factory=list)  # [CompactPlan] (eviction), applied in order before block_copies
-    preempted: list = field(default_factory=list)  # request ids preempted this step
     score_layers: frozenset = frozenset()
 
     @property
@@ -50,7 +49,6 @@ class StepOutput:
     logprobs: dict = field(default_factory=dict)  # request_id -> [(logprob, [(id, logprob), ...])]
     prompt_logprobs: dict = field(default_factory=dict)  # request_id -> (chunk start, [(logprob, top)] for targets start+1..)
     scores: dict = field(default_factory=dict)  # layer -> (sum, max) tensors, rows in scheduled order
-    spec_stats: dict = field(default_factory=dict)  # request_id -> (num_draft, num_accepted)
     accepted_nodes: dict = field(default_factory=dict)  # request_id -> flat tree indices of the accepted drafts
     tree_scores: dict = field(default_factory=dict)  # layer -> {batch row: (sum, max) [n, Hkv, kv_len]} of trees
 

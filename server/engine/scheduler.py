@@ -261,7 +261,6 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
-        out.preempted.append(req.request_id)
         self._push_waiting(req)
 
     def _make_scheduled(self, req: Request, n: int, slots: list, tree=None) -> ScheduledRequest:

@@ -191,7 +191,6 @@ class ModelRunner:
             out.sampled[s.request_id] = v.tokens
             if v.logprobs:
                 out.logprobs[s.request_id] = v.logprobs
-            out.spec_stats[s.request_id] = (len(s.token_ids) - 1, len(v.nodes))
             out.accepted_nodes[s.request_id] = v.nodes
             for j, node in enumerate(v.nodes, start=1):
                 if node != j:

@@ -48,7 +48,7 @@ def apply_penalties(logits: Tensor, reqs: list[Request]) -> Tensor:
     return logits
 
 
-def _filter(logits: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> Tensor:
+def filter_logits(logits: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> Tensor:
     """Mask logits outside top-k / nucleus top-p / min-p, per row (vectorised, one sort)."""
     sorted_logits, idx = logits.sort(dim=-1, descending=True)
     v = logits.shape[-1]
@@ -77,7 +77,7 @@ def sample(logits: Tensor, reqs: list[Request], penalties: bool = True) -> Sampl
         sub = [reqs[i] for i in rows.tolist()]
         x = logits[rows] / torch.tensor([r.params.temperature for r in sub], device=logits.device)[:, None]
         if any(r.params.top_k > 0 or r.params.top_p < 1 or r.params.min_p > 0 for r in sub):
-            x = _filter(
+            x = filter_logits(
                 x,
                 torch.tensor([r.params.top_k for r in sub], device=x.device),
                 torch.tensor([r.params.top_p for r in sub], device=x.device, dtype=x.dtype),

@@ -34,9 +34,6 @@ class RecyclingTable:
         """Overwrite the rows of ``tokens`` (every tree input, accepted or not) with their top-k."""
         self.m[np.asarray(tokens, dtype=np.int64)] = topk[:, : self.k]
 
-    def empty(self) -> bool:
-        return bool((self.m[:, 0] < 0).all())
-
 
 class NgramIndex:
     """Prompt lookup: where did the last n-gram (n = 3, then 2, then 1) occur before, most recently?

@@ -24,7 +24,6 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional
 
 import numpy as np
 
@@ -81,13 +80,6 @@ class PathWalk:
                 self.node = nxt
                 self.done = not self.count[nxt]
         return self.done
-
-
-def realized_path(tree: DraftTree, tokens: list) -> Optional[list]:
-    """:class:`PathWalk`'s path for ``tokens``, or None while they end before it is decided (the path's end
-    has children and no next token yet)."""
-    walk = PathWalk(tree)
-    return walk.path if walk.feed(tokens) else None
 
 
 @lru_cache(maxsize=64)
@@ -212,11 +204,3 @@ def best_first(root: int, budget: int, grow) -> DraftTree:
                 nxt.append((child_path, len(tokens) - 1))
         level = nxt
     return DraftTree(tuple(tokens), tuple(parents), tuple(ranks))
-
-
-def check_bfs(parents) -> None:
-    """Raise ValueError unless the tree is in breadth-first order with contiguous siblings,
-    i.e. every parent precedes its child and the parent indices never decrease."""
-    for i, p in enumerate(parents):
-        if not -1 <= p < i or (i and p < parents[i - 1]):
-            raise ValueError("draft tree must be breadth-first with contiguous siblings")

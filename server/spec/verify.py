@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from kernels import reference_spec
-from server.runner.sampler import _filter, draw, token_logprobs
+from server.runner.sampler import draw, filter_logits, token_logprobs
 from server.spec.tree import children, depths
 
 Tensor = torch.Tensor
@@ -79,7 +79,7 @@ def target_probs(logits: Tensor, params) -> Tensor:
     x = logits / params.temperature
     if params.top_k > 0 or params.top_p < 1 or params.min_p > 0:
         n = x.shape[0]
-        x = _filter(x, torch.full((n,), params.top_k, device=x.device),
+        x = filter_logits(x, torch.full((n,), params.top_k, device=x.device),
                     torch.full((n,), params.top_p, device=x.device, dtype=x.dtype),
                     torch.full((n,), params.min_p, device=x.device, dtype=x.dtype))
     return torch.softmax(x, dim=-1)

@@ -133,9 +133,21 @@ def test_full_queue_is_429_with_retry_after(restricted_server):
             assert next(line for line in lines if line.startswith("data: {"))  # still streaming
 
 
-def test_sigterm_drains_in_flight_then_exits_zero(restricted_server):
-    srv, headers = restricted_server, restricted_server.headers()
+def _seconds_per_token(srv, headers: dict) -> float:
+    """The server's decode time per token, from the chunk arrivals of one short stream."""
     body = {"prompt": "Once upon a time", "max_tokens": 8, "ignore_eos": True, "temperature": 0, "stream": True}
+    with httpx.stream("POST", srv.v1 + "/completions", json=body, headers=headers, timeout=120) as r:
+        stamps = [time.monotonic() for line in r.iter_lines() if line.startswith("data: {")]
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+
+def test_sigterm_drains_in_flight_then_exits_zero(restricted_server, read_metric):
+    srv, headers = restricted_server, restricted_server.headers()
+    # long enough (about 2 s, at most 400 tokens of the 512 context) to be still generating when the drain
+    # begins on a server of any speed, short enough to drain well within --shutdown-timeout
+    max_tokens = int(min(400, max(8, 2.0 / _seconds_per_token(srv, headers))))
+    body = {"prompt": "Once upon a time", "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0,
+            "stream": True}
     with httpx.stream("POST", srv.v1 + "/completions", json=body, headers=headers, timeout=120) as r:
         lines = r.iter_lines()
         chunks = []
@@ -148,10 +160,12 @@ def test_sigterm_drains_in_flight_then_exits_zero(restricted_server):
         while httpx.get(srv.url + "/ready").status_code != 503:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        # the drain has begun: the stream must still be generating, else the test proved nothing
+        assert read_metric(srv, "sift:num_requests_running") == 1, "the stream had finished before the drain"
         refused = httpx.post(srv.v1 + "/completions", json={"prompt": "hi", "max_tokens": 2}, headers=headers)
         assert assert_openai_error(refused, 503)["code"] == "draining"
         rest = list(lines)
     chunks += [json.loads(line[6:]) for line in rest if line.startswith("data: {")]
     assert "data: [DONE]" in rest
-    assert len(chunks) == 8 and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert len(chunks) == max_tokens and chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert srv.proc.wait(60) == 0

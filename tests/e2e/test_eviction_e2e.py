@@ -29,12 +29,18 @@ def prompts(llm):
 
 
 def test_budget_at_least_length_is_token_identical(llm, prompts):
-    base = [o.token_ids for o in llm.generate(prompts, _greedy())]
+    base = llm.generate(prompts, _greedy(logprobs=3))
     # budget 1.0 = the whole prompt + max_tokens; window 4 makes every policy reach its decision points
-    params = [_greedy(EvictionOptions(method=m, budget=1.0, window=4)) for m in METHODS for _ in prompts]
+    params = [_greedy(EvictionOptions(method=m, budget=1.0, window=4), logprobs=3) for m in METHODS for _ in prompts]
     outs = llm.generate([p for _ in METHODS for p in prompts], params)
-    assert [o.token_ids for o in outs] == base * len(METHODS)
     assert llm.engine.stats()["kv_compactions"] == 0
+    # the outputs themselves: tokens, text, finish, and every step's distribution (chosen and top-3 logprobs)
+    for out, ref in zip(outs, base * len(METHODS)):
+        assert (out.token_ids, out.text, out.finish_reason) == (ref.token_ids, ref.text, ref.finish_reason)
+        for (lp, top), (ref_lp, ref_top) in zip(out.logprobs, ref.logprobs, strict=True):
+            assert lp == pytest.approx(ref_lp, abs=1e-4)
+            assert [t for t, _ in top] == [t for t, _ in ref_top]
+            assert [x for _, x in top] == pytest.approx([x for _, x in ref_top], abs=1e-4)
 
 
 def test_small_budget_bounds_resident_kv_and_returns_blocks(llm, prompts):

@@ -1,4 +1,4 @@
-"""Random draft trees shared by the speculation tests."""
+"""Random draft trees and the breadth-first check shared by the speculation tests."""
 import random
 
 
@@ -10,3 +10,11 @@ def random_parents(rng: random.Random, n: int) -> list:
         parents.append(p)
         lo = p
     return parents
+
+
+def check_bfs(parents) -> None:
+    """Raise ValueError unless the tree is in breadth-first order with contiguous siblings,
+    i.e. every parent precedes its child and the parent indices never decrease."""
+    for i, p in enumerate(parents):
+        if not -1 <= p < i or (i and p < parents[i - 1]):
+            raise ValueError("draft tree must be breadth-first with contiguous siblings")

@@ -55,9 +55,9 @@ def test_preemption_by_recompute_frees_blocks():
     _fake_step(s, out)  # 8 resident entries each = 2 full blocks each: the pool is full
     out = s.schedule()
     # a needs a 3rd block: b (latest) is preempted and its blocks freed
-    assert out.preempted == ["b"]
+    b = s.requests["b"]
+    assert s.num_preemptions == 1 and b.num_preemptions == 1 and s.requests["a"].num_preemptions == 0
     assert [r.request_id for r in out.requests] == ["a"]
-    b = next(r for r in [s._waiting[0][3]])
     assert b.status == RequestStatus.PREEMPTED and b.num_computed_tokens == 0
     s.finish(s.requests["a"], RequestStatus.FINISHED_ABORTED)
     out = s.schedule()

@@ -238,10 +238,14 @@ def test_plain_learning_rows_take_turns():
 
 @pytest.mark.parametrize("seed", range(20))
 def test_shadow_scoring_equals_greedy_verification(seed):
-    """A shadow tree scored against the tokens the target emits (realized_path) accepts exactly the path
+    """A shadow tree scored against the tokens the target emits (its PathWalk) accepts exactly the path
     greedy verification of the same tree accepts: random trees over a 6-token vocabulary, peaked logits so
     that paths go deep."""
-    from server.spec.tree import DraftTree, realized_path
+    from server.spec.tree import DraftTree, PathWalk
+
+    def realized_path(tree, tokens):  # the walk's path once the tokens decide it, else None
+        walk = PathWalk(tree)
+        return walk.path if walk.feed(tokens) else None
 
     rng = random.Random(seed)
     n = rng.randint(0, 12)

@@ -4,8 +4,8 @@ import random
 import numpy as np
 import pytest
 
-from spec_trees import random_parents
-from server.spec.tree import (RANK_PRIOR, ancestor_mask, best_first, check_bfs, children, depths, expand,
+from spec_trees import check_bfs, random_parents
+from server.spec.tree import (RANK_PRIOR, ancestor_mask, best_first, children, depths, expand,
                               template)
 
 
@@ -66,21 +66,56 @@ def test_expand_fills_from_candidates_and_drops_missing_subtrees():
     assert tree.tokens[:2] == (7, 8)
 
 
-def test_best_first_keeps_the_heaviest_nodes_breadth_first():
-    rng = random.Random(3)
-    factors = {}
+def _heaviest_by_brute_force(factors, budget: int, width: int) -> tuple:
+    """The ``budget`` heaviest nodes (label paths) of the infinite ``width``-ary tree whose edge factors
+    (in (0, 1]) are ``factors(path)``: every node of weight >= a threshold, enumerated exhaustively (a
+    node lighter than the threshold has no heavier descendant), the threshold halved until there are at
+    least ``budget`` of them. Returns (paths heaviest first, weight of each enumerated path)."""
+    threshold = 1.0
+    while True:
+        weight, stack = {}, [((), 1.0)]
+        while stack:
+            path, w = stack.pop()
+            for r in range(width):
+                child = path + (r,)
+                cw = w * factors(child)
+                if cw >= threshold:
+                    weight[child] = cw
+                    stack.append((child, cw))
+        if len(weight) >= budget:
+            return sorted(weight, key=weight.get, reverse=True)[:budget], weight
+        threshold /= 2
+
+
+@pytest.mark.parametrize("seed,budget", [(3, 10), (4, 1), (5, 25), (6, 40)])
+def test_best_first_keeps_the_heaviest_nodes_breadth_first(seed, budget):
+    rng = random.Random(seed)
+    factors, width = {}, 3
+
+    def factor(path):
+        return factors.setdefault(path, rng.uniform(0.05, 0.9))
 
     def grow(path, token):
-        for r in range(3):
-            f = factors.setdefault(path + (r,), rng.uniform(0.05, 0.9))
-            yield r, token * 3 + r, f
+        for r in range(width):
+            yield r, token * width + r, factor(path + (r,))
 
-    tree = best_first(1, 10, grow)
+    tree = best_first(1, budget, grow)
     check_bfs(tree.parents)
-    assert len(tree) == 10
-    # siblings are heaviest first
+    assert len(tree) == budget
+    # each node's label path, from its token (token = parent token * width + label, the root is 1)
+    paths = []
+    for tok, parent in zip(tree.tokens, tree.parents):
+        paths.append((paths[parent] if parent >= 0 else ()) + (tok % width,))
+        assert tok // width == (tree.tokens[parent] if parent >= 0 else 1)
+    heaviest, weight = _heaviest_by_brute_force(factor, budget, width)
+    assert set(paths) == set(heaviest)  # the budget heaviest nodes, no other
+    assert [len(p) for p in paths] == sorted(len(p) for p in paths)  # breadth-first
     first, count = children(list(tree.parents))
-    assert all(count[i] <= 3 for i in range(len(count)))
+    for node in range(len(tree) + 1):  # siblings heaviest first
+        kids = [weight[paths[i - 1]] for i in range(first[node], first[node] + count[node])]
+        assert kids == sorted(kids, reverse=True)
+    # each node's rank is its place in the heaviest-first order
+    assert [heaviest.index(p) for p in paths] == list(tree.ranks())
 
 
 def test_limit_depth_keeps_the_shallow_subtree():
