@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import time
 import uuid
 from typing import AsyncIterator
@@ -147,7 +148,7 @@ async def list_models(request: Request) -> ModelList:
 # ---- tokenizer utilities ------------------------------------------------------------------
 
 @protected.post("/tokenize", response_model=TokenizeResponse)
-async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+async def tokenize(body: TokenizeRequest, request: Request) -> Response:
     engine = serving_engine(request, body.model, body)
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of prompt or messages", param="prompt")
@@ -159,13 +160,42 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
                                 [{"role": m.role, "content": m.text()} for m in body.messages])
     else:
         tokens = await off_loop(engine.tokenizer.encode, body.prompt, add_special_tokens=body.add_special_tokens)
-    return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)
+    # rendered off the loop too: a long text's token list is megabytes of JSON
+    content = await off_loop(json.dumps, {"count": len(tokens), "max_model_len": engine.max_model_len,
+                                          "tokens": tokens}, separators=(",", ":"))
+    return Response(content, media_type="application/json")
 
 
 @protected.post("/detokenize", response_model=DetokenizeResponse)
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     engine = serving_engine(request, body.model, body)  # ids outside the vocabulary: 400 naming them
     return DetokenizeResponse(prompt=await off_loop(engine.tokenizer.decode, body.tokens, skip_special_tokens=False))
+
+
+def max_piece_chars(tokenizer) -> int:
+    """Most characters one token can cover (its vocabulary string; special tokens included), or 0 if unknown.
+    A text of c characters then has at least c / this many tokens."""
+    cached = getattr(tokenizer, "_sift_max_piece_chars", None)
+    if cached is None:
+        try:
+            cached = max(map(len, getattr(tokenizer, "hf", tokenizer).get_vocab()))
+        except (AttributeError, TypeError, ValueError):
+            cached = 0
+        try:
+            tokenizer._sift_max_piece_chars = cached
+        except AttributeError:
+            pass
+    return cached
+
+
+def reject_if_surely_too_long(engine: AsyncEngine, num_chars: int, param: str) -> None:
+    """A text that cannot fit the context whatever its tokenization is rejected without tokenizing it (a
+    multi-megabyte prompt would otherwise cost seconds of tokenizer time before the same 400)."""
+    piece = max_piece_chars(engine.tokenizer)
+    if piece and num_chars > engine.max_model_len * piece:
+        raise APIError(400, f"{param}: {num_chars} characters exceed the model's context length "
+                       f"({engine.max_model_len} tokens) whatever their tokenization", param=param,
+                       code="invalid_value")
 
 
 def _encode_chat(tokenizer, messages: list) -> list:
@@ -193,6 +223,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         raise APIError(400, "best_of: only best_of == n is supported (no server-side ranking)", param="best_of",
                        code="invalid_value")
     params = _params(body, default_max_tokens=16)
+    for p in raw:
+        if isinstance(p, str):
+            reject_if_surely_too_long(engine, len(p), "prompt")
     prompts = await off_loop(_encode_prompts, tok, raw)
     check_admissible(engine, prompts, params)
     rid = f"cmpl-{uuid.uuid4().hex}"
@@ -268,7 +301,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     engine = serving_engine(request, body.model, body)
     tok = engine.tokenizer
-    prompt = await off_loop(_encode_chat, tok, body.chat_messages())
+    messages = body.chat_messages()
+    reject_if_surely_too_long(engine, sum(len(m["content"]) for m in messages), "messages")
+    prompt = await off_loop(_encode_chat, tok, messages)
     # without max_tokens: what the context leaves, capped by --default-max-tokens
     default = min(engine.max_model_len - len(prompt), request.app.state.default_max_tokens)
     params = _params(body, default_max_tokens=max(1, default))
