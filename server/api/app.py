@@ -39,7 +39,8 @@ class RequestIdMiddleware:
     Also the last line of defence: an exception no handler took becomes a 500 in the OpenAI shape, carrying
     the request id, logged once with its traceback (not re-raised, so neither Starlette nor uvicorn logs it
     again); every 5xx is logged at error level with its real status and counted in
-    ``sift:http_server_errors_total{status, endpoint}``.
+    ``sift:http_server_errors_total{status, endpoint}`` (but the 503s of /health and /ready, which report a
+    state to an orchestrator polling them, stay at info level and uncounted).
 
     Plain ASGI rather than ``BaseHTTPMiddleware``, which would buffer streamed responses
     and hide client disconnects from the routes.
@@ -78,16 +79,19 @@ class RequestIdMiddleware:
                 status = 500  # the response had started: the client sees a cut stream; the log says why
         finally:
             client = scope.get("client") or ("-", 0)
-            level = logging.ERROR if status >= 500 else logging.INFO
+            # a probe's 503 (loading, draining, stalled) reports a state, it is not a failed request
+            failed = status >= 500 and scope["path"] not in PROBES
+            level = logging.ERROR if failed else logging.INFO
             access_logger.log(level, '%s "%s %s" %d %.1fms request_id=%s', client[0], scope["method"],
                               scope["path"], status, (time.perf_counter() - start) * 1e3, request_id)
-            if status >= 500 and self.server_errors is not None:
+            if failed and self.server_errors is not None:
                 route = scope.get("route")
                 endpoint = getattr(route, "path", None) or "unmatched"
                 self.server_errors.labels(self.model_name() or "", str(status), endpoint).inc()
 
 
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+PROBES = ("/health", "/ready")
 
 
 class GuardMiddleware:

@@ -46,11 +46,14 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]
     errors = exc.errors()
     if not errors:
         return "invalid request", None
-    first = errors[0]
-    if first.get("type") == "json_invalid":
+    if errors[0].get("type") == "json_invalid":
         return "request body is not valid JSON", None
-    # loc is ("body", field, ...); the field path is what a client can act on
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # a union reports one error per member: the deepest one went furthest into the body (for
+    # ``speculative: "none" | {...}``, the object's field, not "input should be 'none'")
+    first = max(errors, key=lambda e: len(e.get("loc", ())))
+    # loc is ("body", field, ...) with the union member's model name as a step: the field path is what a
+    # client can act on
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not str(p)[:1].isupper()]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
     return (f"{param}: {msg}" if param else msg), param
