@@ -192,7 +192,8 @@ def reject_if_surely_too_long(engine: AsyncEngine, num_chars: int, param: str) -
     """A text that cannot fit the context whatever its tokenization is rejected without tokenizing it (a
     multi-megabyte prompt would otherwise cost seconds of tokenizer time before the same 400)."""
     piece = max_piece_chars(engine.tokenizer)
-    if piece and num_chars > engine.max_model_len * piece:
+    # x4: slack for normalizers that compose characters (NFC/NFKC) before the vocabulary sees them
+    if piece and num_chars > 4 * engine.max_model_len * piece:
         raise APIError(400, f"{param}: {num_chars} characters exceed the model's context length "
                        f"({engine.max_model_len} tokens) whatever their tokenization", param=param,
                        code="invalid_value")

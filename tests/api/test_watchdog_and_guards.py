@@ -3,6 +3,7 @@ one log record, the access log, /metrics), and the checks made before the body i
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -27,6 +28,9 @@ class FakeTokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return "".join(chr(97 + i % 26) for i in ids)
+
+    def apply_chat_template(self, messages: list, add_generation_prompt: bool = True) -> str:
+        return "".join(m["content"] for m in messages)
 
 
 class FakeEngine:
@@ -174,3 +178,29 @@ def test_the_api_key_is_checked_before_the_body_then_its_size(case):
                 "authorized-oversized-chunked": 413, "authorized-malformed": 400}[case]
     assert response.status_code == expected, response.text
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_drain_timeout_ends_streams_with_an_openai_finish_reason_and_an_error_event(monkeypatch):
+    fake = FakeEngine()
+    real_step = fake.step
+    monkeypatch.setattr(fake, "step", lambda: (time.sleep(0.05), real_step())[1])  # 60 tokens take 3 s
+
+    async def scenario(client, engine):
+        body = {"prompt": [1, 2], "max_tokens": 60, "stream": True}
+        streaming = asyncio.create_task(client.post("/v1/completions", json=body))
+        chat = asyncio.create_task(client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30, "stream": False}))
+        while engine.num_in_flight < 2:
+            assert not streaming.done() and not chat.done(), (streaming.done() and streaming.result().text)
+            await asyncio.sleep(0.01)
+        assert await engine.drain(timeout=0.1) is False  # neither can finish in time: aborted
+        return await streaming, await chat
+
+    streamed, whole = serve(scenario, fake)
+    events = [json.loads(line[6:]) for line in streamed.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    reasons = [c["finish_reason"] for e in events for c in e.get("choices", ()) if c["finish_reason"]]
+    assert reasons == ["length"]  # not "abort", which OpenAI clients do not know
+    assert events[-1]["error"]["code"] == "aborted"
+    assert streamed.text.rstrip().endswith("data: [DONE]")
+    assert whole.status_code == 200 and whole.json()["choices"][0]["finish_reason"] == "length"
