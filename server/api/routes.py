@@ -14,6 +14,7 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.api.bounds import Limits, check_request
@@ -53,8 +54,30 @@ async def off_loop(fn, *args, **kwargs):
     return await asyncio.to_thread(fn, *args, **kwargs)
 
 
+class OffLoopJSONRoute(APIRoute):
+    """An APIRoute that decodes a large JSON body in a worker thread (FastAPI would on the event loop, where a
+    multi-megabyte body stalls probes and streams); FastAPI then finds it decoded. A body that does not decode
+    is left to FastAPI, which answers its usual 400."""
+
+    OFF_LOOP_BYTES = 64 * 1024
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def decode_then_handle(request: Request) -> Response:
+            body = await request.body()
+            if len(body) > self.OFF_LOOP_BYTES:
+                try:
+                    request._json = await off_loop(json.loads, body)  # Request.json() returns it as is
+                except ValueError:
+                    pass
+            return await handler(request)
+
+        return decode_then_handle
+
+
 public = APIRouter()
-protected = APIRouter(dependencies=[Depends(require_api_key)],
+protected = APIRouter(dependencies=[Depends(require_api_key)], route_class=OffLoopJSONRoute,
                       responses={status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 503)})
 
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 BODY_LIMIT = 8 * 2**20
-VICTIMS, VICTIM_TOKENS = 6, 300
+VICTIMS, VICTIM_TOKENS = 6, 256
 COMPLETIONS, CHAT, TOKENIZE, DETOKENIZE = "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"
 MESSAGES = [{"role": "user", "content": "Hi"}]
 

@@ -204,3 +204,17 @@ def test_a_drain_timeout_ends_streams_with_an_openai_finish_reason_and_an_error_
     assert events[-1]["error"]["code"] == "aborted"
     assert streamed.text.rstrip().endswith("data: [DONE]")
     assert whole.status_code == 200 and whole.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_large_bodies_are_decoded_off_the_loop_and_malformed_ones_still_get_400():
+    text = "a" * 200_000  # above OffLoopJSONRoute.OFF_LOOP_BYTES
+
+    async def scenario(client, engine):
+        ok = await client.post("/tokenize", json={"prompt": text})
+        bad = await client.post("/tokenize", content=b'{"prompt": "' + text.encode() + b'"',
+                                headers={"content-type": "application/json"})
+        return ok, bad
+
+    ok, bad = serve(scenario, FakeEngine())
+    assert ok.status_code == 200 and ok.json()["count"] == len(text)
+    assert bad.status_code == 400 and bad.json()["error"]["message"] == "request body is not valid JSON"
