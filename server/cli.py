@@ -55,14 +55,15 @@ ENGINE_FLAGS = (
     _Flag("seed", "model.seed", int, "global random seed (requests without a seed draw their own)"),
     _Flag("block-size", "cache.block_size", int, "tokens per KV cache block", (8, 16, 32, 64, 128)),
     _Flag("kv-cache-memory", "cache.kv_cache_memory", float,
-          "KV cache size: bytes (> 1) or fraction of free device memory (<= 1)"),
+          "KV cache size: bytes (> 1) or fraction of free device memory (<= 1); default: 25%% of free GPU "
+          "memory, on CPU 4 GiB or what --max-num-seqs full contexts need if less"),
     _Flag("num-kv-blocks", "cache.num_blocks", int, "exact number of KV blocks (overrides --kv-cache-memory)"),
     _Flag("no-prefix-caching", "cache.enable_prefix_caching", _bool, "disable automatic prefix caching",
           invert=True),
     _Flag("max-num-batched-tokens", "scheduler.max_num_batched_tokens", int, "token budget of one engine step"),
     _Flag("max-num-seqs", "scheduler.max_num_seqs", int, "most requests running at once"),
     _Flag("max-queued-requests", "scheduler.max_queued_requests", int,
-          "most requests waiting for admission; beyond it requests get 429"),
+          "most requests waiting for admission (>= 1); beyond it requests get 429"),
     _Flag("long-prefill-token-threshold", "scheduler.long_prefill_token_threshold", int,
           "cap on one request's prefill chunk per step (0: no cap beyond the step budget)"),
     _Flag("admission", "scheduler.admission", str, "admit requests while this step's KV fits (optimistic, "
@@ -99,6 +100,13 @@ SERVER_FLAGS = (
     _Flag("api-key", "server.api_key", str, "require 'Authorization: Bearer <key>' on /v1, /tokenize, /detokenize"),
     _Flag("shutdown-timeout", "server.shutdown_timeout", float,
           "seconds in-flight requests may run after SIGTERM before they are aborted"),
+    _Flag("max-request-body-bytes", "server.max_request_body_bytes", int,
+          "largest request body accepted; larger ones get 413 before they are read (default 4 MiB)"),
+    _Flag("default-max-tokens", "server.default_max_tokens", int,
+          "max_tokens of chat requests that give none, further capped by the context left (default 4096)"),
+    _Flag("engine-stall-timeout", "server.engine_stall_timeout", float,
+          "seconds without engine progress while requests are pending before /ready and /health report the "
+          "engine stalled (default 120)"),
 )
 LOG_FLAGS = (
     _Flag("log-level", "server.log_level", str, "log verbosity", ("critical", "error", "warning", "info", "debug")),

@@ -42,16 +42,21 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Paged KV cache. ``kv_cache_memory`` is bytes (> 1) or a fraction of free memory (<= 1)."""
+    """Paged KV cache. ``kv_cache_memory`` is bytes (> 1) or a fraction of free memory (<= 1); None (the
+    default): on a GPU a quarter of its free memory, on the CPU a fixed pool of ``CPU_KV_CACHE_BYTES`` or
+    what ``max_num_seqs`` full contexts need, whichever is smaller (never a share of host RAM)."""
+
+    CPU_KV_CACHE_BYTES = 4 * 2**30
+    GPU_KV_CACHE_FRACTION = 0.25
 
     block_size: int = 16
-    kv_cache_memory: float = 0.25
+    kv_cache_memory: Optional[float] = None
     num_blocks: Optional[int] = None  # overrides kv_cache_memory (tests, benchmarks)
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         _check(self.block_size in (8, 16, 32, 64, 128), "block_size must be one of 8, 16, 32, 64, 128")
-        _check(self.kv_cache_memory > 0, "kv_cache_memory must be > 0")
+        _check(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory must be > 0")
         _check(self.num_blocks is None or self.num_blocks >= 2, "num_blocks must be >= 2")
 
 
@@ -70,7 +75,7 @@ class SchedulerConfig:
         _check(self.admission in ("optimistic", "reserve"), f"admission: unknown value {self.admission!r}")
         _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")
         _check(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
-        _check(self.max_queued_requests >= 0, "max_queued_requests must be >= 0")
+        _check(self.max_queued_requests >= 1, "max_queued_requests must be >= 1 (0 would reject every request)")
 
 
 @dataclass(frozen=True)
@@ -141,10 +146,17 @@ class ServerConfig:
     api_key: Optional[str] = None
     shutdown_timeout: float = 30.0
     log_level: str = "info"
+    max_request_body_bytes: int = 4 * 2**20  # larger bodies get 413 before they are read
+    default_max_tokens: int = 4096  # chat requests without max_tokens: at most this (and what the context leaves)
+    # the engine made no progress for this long while requests were pending: /ready and /health turn 503
+    engine_stall_timeout: float = 120.0
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port must be in [0, 65535]")
         _check(self.shutdown_timeout >= 0, "shutdown_timeout must be >= 0")
+        _check(self.max_request_body_bytes >= 1024, "max_request_body_bytes must be >= 1024")
+        _check(self.default_max_tokens >= 1, "default_max_tokens must be >= 1")
+        _check(self.engine_stall_timeout > 0, "engine_stall_timeout must be > 0")
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,15 @@ import signal
 import time
 import uuid
 from contextlib import asynccontextmanager
+from typing import Optional
 
 import uvicorn
 from fastapi import FastAPI
+from prometheus_client import Counter
+from starlette.datastructures import Headers
 
-from server.api.errors import install_error_handlers
-from server.api.routes import protected, public
+from server.api.errors import error_response, install_error_handlers
+from server.api.routes import api_key_error, protected, public
 from server.config import EngineConfig
 from server.engine.async_engine import AsyncEngine, EngineNotReadyError
 
@@ -33,12 +36,20 @@ _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 class RequestIdMiddleware:
     """Echo ``X-Request-Id`` (or generate one) and write one access-log line per request.
 
+    Also the last line of defence: an exception no handler took becomes a 500 in the OpenAI shape, carrying
+    the request id, logged once with its traceback (not re-raised, so neither Starlette nor uvicorn logs it
+    again); every 5xx is logged at error level with its real status and counted in
+    ``sift:http_server_errors_total{status, endpoint}`` (but the 503s of /health and /ready, which report a
+    state to an orchestrator polling them, stay at info level and uncounted).
+
     Plain ASGI rather than ``BaseHTTPMiddleware``, which would buffer streamed responses
     and hide client disconnects from the routes.
     """
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, server_errors: Optional[Counter] = None, model_name=lambda: "") -> None:
         self.app = app
+        self.server_errors = server_errors
+        self.model_name = model_name
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -60,10 +71,81 @@ class RequestIdMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:  # noqa: BLE001 - rendered here, logged once
+            logger.exception("unhandled error on %s %s request_id=%s", scope["method"], scope["path"], request_id)
+            if status == 0:
+                await error_response(500, "internal server error")(scope, receive, send_with_id)
+            else:
+                status = 500  # the response had started: the client sees a cut stream; the log says why
         finally:
             client = scope.get("client") or ("-", 0)
-            access_logger.info('%s "%s %s" %d %.1fms request_id=%s', client[0], scope["method"], scope["path"],
-                               status, (time.perf_counter() - start) * 1e3, request_id)
+            # a probe's 503 (loading, draining, stalled) reports a state, it is not a failed request
+            failed = status >= 500 and scope["path"] not in PROBES
+            level = logging.ERROR if failed else logging.INFO
+            access_logger.log(level, '%s "%s %s" %d %.1fms request_id=%s', client[0], scope["method"],
+                              scope["path"], status, (time.perf_counter() - start) * 1e3, request_id)
+            if failed and self.server_errors is not None:
+                route = scope.get("route")
+                endpoint = getattr(route, "path", None) or "unmatched"
+                self.server_errors.labels(self.model_name() or "", str(status), endpoint).inc()
+
+
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+PROBES = ("/health", "/ready")
+
+
+class GuardMiddleware:
+    """Checks that cost nothing run before any byte of the body is read, in this order: the API key (401),
+    then the body size (413: from ``Content-Length`` at once, else by counting while reading). The body is
+    read here, up to the limit, and replayed to the app."""
+
+    def __init__(self, app, api_key: Optional[str], max_body_bytes: int) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIXES):
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        denied = api_key_error(headers, self.api_key)
+        if denied is not None:
+            await error_response(denied.status, denied.message, code=denied.code,
+                                 headers=denied.headers)(scope, receive, send)
+            return
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            await self._too_large(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending its body
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                await self._too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send) -> None:
+        response = error_response(413, f"request body larger than the server's limit of {self.max_body_bytes} "
+                                       "bytes (--max-request-body-bytes)", code="body_too_large",
+                                  headers={"Connection": "close"})
+        await response(scope, receive, send)
 
 
 def build_app(engine: AsyncEngine, config: EngineConfig) -> FastAPI:
@@ -78,10 +160,15 @@ def build_app(engine: AsyncEngine, config: EngineConfig) -> FastAPI:
                   lifespan=lifespan)
     app.state.engine = engine
     app.state.api_key = config.server.api_key
+    app.state.default_max_tokens = config.server.default_max_tokens
     install_error_handlers(app)
     app.include_router(public)
     app.include_router(protected)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(GuardMiddleware, api_key=config.server.api_key,
+                       max_body_bytes=config.server.max_request_body_bytes)
+    server_errors = Counter("sift:http_server_errors", "HTTP responses with a 5xx status, by status and endpoint.",
+                            ["model_name", "status", "endpoint"], registry=engine.registry)
+    app.add_middleware(RequestIdMiddleware, server_errors=server_errors, model_name=lambda: engine.model_name)
     return app
 
 

@@ -2,11 +2,11 @@
 
 Every failure leaves the server in this shape, with the status OpenAI clients expect;
 validation failures (including malformed JSON) are 400, never FastAPI's 422, and an
-unexpected exception is a bare 500 with the traceback kept in the log only.
+unexpected exception is a bare 500 with the traceback kept in the log only (rendered by
+``app.RequestIdMiddleware``, which logs it once, with the request id).
 """
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 from fastapi import FastAPI, Request
@@ -14,10 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-logger = logging.getLogger("sift.api")
-
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 429: "rate_limit_error", 500: "internal_error",
+          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 500: "internal_error",
           503: "service_unavailable"}
 
 
@@ -48,11 +46,14 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]
     errors = exc.errors()
     if not errors:
         return "invalid request", None
-    first = errors[0]
-    if first.get("type") == "json_invalid":
+    if errors[0].get("type") == "json_invalid":
         return "request body is not valid JSON", None
-    # loc is ("body", field, ...); the field path is what a client can act on
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # a union reports one error per member: the deepest one went furthest into the body (for
+    # ``speculative: "none" | {...}``, the object's field, not "input should be 'none'")
+    first = max(errors, key=lambda e: len(e.get("loc", ())))
+    # loc is ("body", field, ...) with the union member's model name as a step: the field path is what a
+    # client can act on
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not str(p)[:1].isupper()]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
     return (f"{param}: {msg}" if param else msg), param
@@ -72,7 +73,3 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal server error")

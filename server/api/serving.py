@@ -22,6 +22,20 @@ from server.engine.request import SamplingParams
 
 RETRY_AFTER_S = "1"
 
+# The engine's "abort" (drain timeout, shutdown) is not an OpenAI finish reason: clients see the output
+# cut off as "length" (as if the server's limit had been reached), and streams get an error event too.
+_API_FINISH_REASONS = {"abort": "length"}
+
+
+def api_finish_reason(reason: Optional[str]) -> Optional[str]:
+    return _API_FINISH_REASONS.get(reason, reason)
+
+
+def abort_error_event() -> dict:
+    """The SSE error event that follows the final chunks of a stream the server aborted."""
+    return {"error": {"message": "the server aborted this generation (shutting down); the output is incomplete",
+                      "type": "service_unavailable", "param": None, "code": "aborted"}}
+
 
 def sse(payload) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))

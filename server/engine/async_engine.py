@@ -93,6 +93,7 @@ class AsyncEngine:
         self.model_name: Optional[str] = None
         self.max_model_len = 0
         self.vocab_size = 0
+        self.num_layers = 0
         self.load_error: Optional[str] = None
         self.dead = False
         self.draining = False
@@ -102,6 +103,14 @@ class AsyncEngine:
         self._idle: Optional[asyncio.Event] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
+        # watchdog: the core reports after every iteration; no report for stall_timeout s while requests are in
+        # flight means the engine is stuck (a hung kernel, a runaway step): /ready and /health say so
+        self.stall_timeout = config.server.engine_stall_timeout
+        self._last_report = time.monotonic()
+        self._busy_since = time.monotonic()
+        self._core_engine = None  # the synchronous engine, only to read the ids of the step it is in
+        self._stall_logged = False
+        self._watchdog: Optional[asyncio.Task] = None
 
     def _default_factory(self):
         from server.engine.llm_engine import LLMEngine
@@ -115,7 +124,37 @@ class AsyncEngine:
 
     @property
     def ready(self) -> bool:
-        return self.loaded and not self.draining and not self.dead
+        return self.loaded and not self.draining and not self.dead and not self.stalled
+
+    @property
+    def stalled_for(self) -> float:
+        """Seconds the core has made no progress while requests are in flight (0 when idle)."""
+        if not self._requests or self._thread is None:
+            return 0.0
+        return time.monotonic() - max(self._last_report, self._busy_since)
+
+    @property
+    def stalled(self) -> bool:
+        return self.stalled_for > self.stall_timeout
+
+    def step_request_ids(self) -> list:
+        """Ids of the requests in the step the core is running now (all in flight if it cannot tell)."""
+        ids = getattr(self._core_engine, "current_step_ids", None)
+        return list(ids) if ids else sorted(self._requests)
+
+    async def _watch(self) -> None:
+        """Log once when the engine stalls (naming the step's requests) and once when it recovers."""
+        period = min(1.0, self.stall_timeout / 4)
+        while True:
+            await asyncio.sleep(period)
+            if self.stalled and not self._stall_logged:
+                self._stall_logged = True
+                logger.error("engine stalled: no progress for %.1fs with %d request(s) in flight; the step's "
+                             "request(s): %s; /ready and /health report 503", self.stalled_for,
+                             len(self._requests), ", ".join(self.step_request_ids()))
+            elif self._stall_logged and not self.stalled:
+                self._stall_logged = False
+                logger.warning("engine progressing again after a stall")
 
     @property
     def num_in_flight(self) -> int:
@@ -129,6 +168,7 @@ class AsyncEngine:
         self._idle.set()
         self._thread = threading.Thread(target=self._core_main, name="sift-core", daemon=True)
         self._thread.start()
+        self._watchdog = self._loop.create_task(self._watch())
 
     async def wait_loaded(self) -> None:
         """Raise :class:`EngineNotReadyError` if loading fails."""
@@ -149,6 +189,8 @@ class AsyncEngine:
 
     async def shutdown(self) -> None:
         self.draining = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._thread is not None and self._thread.is_alive():
             self._inputs.put(STOP)
             await asyncio.to_thread(self._thread.join, 10.0)
@@ -169,6 +211,8 @@ class AsyncEngine:
         if request_id in self._requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         tracked = _Tracked(asyncio.Queue(), time.monotonic())
+        if not self._requests:
+            self._busy_since = tracked.arrival  # the core was idle (blocked on its queue), not stalled
         self._requests[request_id] = tracked
         self._idle.clear()
         self._inputs.put(Add(request_id, list(prompt_token_ids), params, priority))
@@ -213,8 +257,9 @@ class AsyncEngine:
 
     # ---- event-loop side of the channel ------------------------------------------------------
 
-    def _on_loaded(self, tokenizer, model_name: str, max_model_len: int, vocab_size: int) -> None:
+    def _on_loaded(self, tokenizer, model_name: str, max_model_len: int, vocab_size: int, num_layers: int) -> None:
         self.tokenizer = tokenizer
+        self.num_layers = num_layers
         self.model_name = self.config.model.served_model_name or model_name
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
@@ -231,6 +276,7 @@ class AsyncEngine:
             self._finish_locally(request_id, "error")
 
     def _on_batch(self, batch: Batch) -> None:
+        self._last_report = batch.step_end
         metrics = self.metrics
         for request_id, payload in batch.messages:
             tracked = self._requests.get(request_id)
@@ -275,7 +321,10 @@ class AsyncEngine:
             logger.exception("model load failed")
             self._send(self._on_fatal, f"model load failed: {e}")
             return
-        self._send(self._on_loaded, engine.tokenizer, engine.model_name, engine.max_model_len, engine.vocab_size)
+        self._core_engine = engine
+        arch = getattr(engine, "arch", None)
+        self._send(self._on_loaded, engine.tokenizer, engine.model_name, engine.max_model_len, engine.vocab_size,
+                   getattr(arch, "num_layers", 0))
         try:
             CoreLoop(engine, self._inputs, lambda batch: self._send(self._on_batch, batch)).run()
         except Exception as e:  # noqa: BLE001 - a bug outside step(): fail everything, stay up as dead

@@ -22,6 +22,7 @@ from server.engine.scheduler import QueueFullError, Scheduler
 from server.policies import skipping, sparsity
 from server.policies.eviction import EvictionDriver
 from server.runner.model_runner import ModelRunner
+from server.runner.sampler import check_sampling_row
 from server.spec import Speculator
 from server.spec.budget import measure_forward
 
@@ -66,6 +67,17 @@ def _model_window(arch) -> int:
     return max(windows) if all(windows) else 0
 
 
+def kv_cache_bytes(cc, device: torch.device, max_num_seqs: int, max_model_len: int, per_block: int) -> float:
+    """The KV pool's size in bytes (see ``CacheConfig``): given bytes, a given fraction of free memory, or the
+    default: a fixed-size pool on the CPU (host RAM is shared with everything else), a fraction on a GPU."""
+    if cc.kv_cache_memory is not None:
+        return cc.kv_cache_memory if cc.kv_cache_memory > 1 else cc.kv_cache_memory * available_memory(device)
+    if device.type == "cuda":
+        return cc.GPU_KV_CACHE_FRACTION * available_memory(device)
+    full_contexts = max_num_seqs * (-(-max_model_len // cc.block_size) + 1) * per_block
+    return min(cc.CPU_KV_CACHE_BYTES, full_contexts)
+
+
 class LLMEngine:
     def __init__(self, config: Optional[EngineConfig] = None):
         from models.loader import load_model
@@ -92,8 +104,8 @@ class LLMEngine:
         if cc.num_blocks is not None:
             num_blocks = cc.num_blocks
         else:
-            budget = cc.kv_cache_memory if cc.kv_cache_memory > 1 else cc.kv_cache_memory * available_memory(self.device)
-            num_blocks = int(budget // per_block)
+            num_blocks = int(kv_cache_bytes(cc, self.device, config.scheduler.max_num_seqs, self.max_model_len,
+                                            per_block) // per_block)
         min_blocks = -(-self.max_model_len // cc.block_size) + 1
         if num_blocks < min_blocks:
             raise ValueError(f"KV cache too small: {num_blocks} blocks of {cc.block_size} tokens cannot hold one "
@@ -116,6 +128,7 @@ class LLMEngine:
         self.default_skipping = config.skipping.options()
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._pending: list[RequestOutput] = []
+        self.current_step_ids: tuple = ()  # request ids of the step being run (the watchdog names them)
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0}
         logger.info("engine ready in %.1fs: %s on %s/%s, backend=%s, KV pool %d blocks x %d tokens (%.1f MiB)",
                     time.perf_counter() - t0, self.model_name, self.device, str(self.dtype).replace("torch.", ""),
@@ -132,8 +145,10 @@ class LLMEngine:
         if any((not isinstance(t, int)) or t < 0 or t >= self.vocab_size for t in prompt_token_ids):
             raise ValueError(f"prompt: token ids must be integers in [0, {self.vocab_size})")
         params.validate_for_model(self.vocab_size, len(prompt_token_ids), self.max_model_len)
+        check_sampling_row(params, self.vocab_size)
         gen = torch.Generator(device="cpu")
-        gen.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        # any integer seed (n > 1 adds the choice index) maps onto the generator's 63-bit range
+        gen.manual_seed(params.seed % 2**63 if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         req = Request(request_id, list(prompt_token_ids), params, priority=priority,
                       eos_token_ids=self.eos_token_ids, generator=gen)
         req.state["sparsity"] = sparsity.make_policy(sparsity.resolve_options(params.sparsity, self.config.sparsity),
@@ -167,11 +182,47 @@ class LLMEngine:
 
     # -- the step -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One engine step. An exception inside it fails only the request it came from when that is known: the
+        step's only request, or the one suspect a suspect-only step ran (see ``_recover``); the engine serves on."""
         outputs, self._pending = self._pending, []
+        self.current_step_ids = ()
+        try:
+            self._step(outputs)
+        except Exception as e:  # noqa: BLE001 - a step's failure is contained here, not raised to the core loop
+            outputs.extend(self._recover(e))
+        self.current_step_ids = ()
+        return outputs
+
+    def _recover(self, exc: Exception) -> list[RequestOutput]:
+        """After a failed step: blame its request if it ran alone, else make every request it ran a suspect (each
+        then runs alone until a step of its own succeeds); recompute everything running, whose KV is now unknown."""
+        involved = list(self.current_step_ids)
+        if not involved:
+            raise exc  # outside any request's step (scheduling itself): the core loop fails what is live
+        failed = []
+        if len(involved) == 1:
+            req = self.scheduler.requests.get(involved[0])
+            if req is not None and not req.status.finished:
+                logger.error("engine step failed for request %s alone: %s; failing it", involved[0], exc,
+                             exc_info=exc)
+                self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
+                out = self._output(req, [], "", [])
+                out.error = f"engine error: {exc}"
+                failed.append(out)
+                self.scheduler.suspects.discard(involved[0])
+        else:
+            logger.error("engine step over %d request(s) failed: %s; retrying each alone to find the culprit (%s)",
+                         len(involved), exc, ", ".join(involved), exc_info=exc)
+            self.scheduler.suspects.update(involved)
+        self.scheduler.preempt_all()
+        return failed
+
+    def _step(self, outputs: list) -> None:
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
+        self.current_step_ids = tuple(s.request_id for s in sched.requests)
         if not sched.requests:
-            return outputs
+            return
         sample = self.speculator.samples_step(sched, self.scheduler.requests)
         self.eviction.prepare(sched, self.scheduler.requests)
         step_out = self.runner.execute(sched, self.scheduler.requests)
@@ -189,7 +240,7 @@ class LLMEngine:
         for plan in self.eviction.after_step(sched, step_out, self.scheduler.requests, self.kv):
             self.scheduler.queue_compaction(plan)
         self.speculator.observe_step(time.perf_counter() - t0, sample, sum(map(len, step_out.sampled.values())))
-        return outputs
+        self.scheduler.suspects.difference_update(self.current_step_ids)  # a step of their own succeeded
 
     def _process_tokens(self, req: Request, new_tokens: list, new_logprobs: list) -> RequestOutput:
         """Check stop conditions token by token; truncate anything sampled past a stop."""

@@ -2,9 +2,20 @@
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
+
+# Below this temperature sampling is greedy: dividing logits by a tinier one overflows float32 (vLLM's rule).
+SAMPLING_EPS = 1e-5
+
+
+def _finite(owner: str, **values) -> None:
+    """ValueError naming the first value that is not a finite number (NaN and infinities compare false)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{owner}{name} must be a finite number")
 
 
 @dataclass(frozen=True)
@@ -19,6 +30,7 @@ class SpecOptions:
     private_table: bool = False  # Token Recycling: per-request adjacency matrix instead of the shared one
 
     def __post_init__(self) -> None:
+        _finite("speculative.relaxed.", delta=self.relaxed_delta, **{"lambda": self.relaxed_lambda})
         if self.method not in ("none", "ngram", "recycling", "goose"):
             raise ValueError(f"speculative.method: unknown value {self.method!r}")
         if not 1 <= self.num_draft_tokens <= 128:
@@ -40,6 +52,7 @@ class EvictionOptions:
     sinks: int = 4
 
     def __post_init__(self) -> None:
+        _finite("kv_eviction.", budget=self.budget, alpha=self.alpha)
         if self.method not in ("none", "streaming", "h2o", "snapkv", "lazy"):
             raise ValueError(f"kv_eviction.method: unknown value {self.method!r}")
         if self.budget <= 0:
@@ -105,6 +118,7 @@ class SkipOptions:
     schedule: str = "linear"
 
     def __post_init__(self) -> None:
+        _finite("token_skipping.", ratio=self.ratio)
         if self.method not in ("none", "spts"):
             raise ValueError(f"token_skipping.method: unknown value {self.method!r}")
         if not 0 <= self.ratio < 1:
@@ -148,14 +162,19 @@ class SamplingParams:
     skipping: Optional[SkipOptions] = None
 
     def __post_init__(self) -> None:
+        _finite("", temperature=self.temperature, top_p=self.top_p, min_p=self.min_p,
+                presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                repetition_penalty=self.repetition_penalty)
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError("max_tokens must be an integer >= 1")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < -1 or self.top_k == 0:
-            raise ValueError("top_k must be -1 (disabled) or >= 1")
+        if not isinstance(self.top_k, int) or self.top_k < -1 or self.top_k == 0 or self.top_k >= 2**31:
+            raise ValueError("top_k must be -1 (disabled) or in [1, 2**31)")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError("seed must be an integer")
         if not 0 <= self.min_p <= 1:
             raise ValueError("min_p must be in [0, 1]")
         if not -2 <= self.presence_penalty <= 2:
@@ -191,13 +210,13 @@ class SamplingParams:
                 bias = {int(k): float(v) for k, v in self.logit_bias.items()}
             except (TypeError, ValueError, AttributeError):
                 raise ValueError("logit_bias must map token ids to numbers") from None
-            if any(not -100 <= v <= 100 for v in bias.values()):
+            if any(not -100 <= v <= 100 for v in bias.values()):  # NaN fails the comparison too
                 raise ValueError("logit_bias values must be in [-100, 100]")
             object.__setattr__(self, "logit_bias", bias)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < SAMPLING_EPS or self.top_k == 1
 
     def validate_for_model(self, vocab_size: int, prompt_len: int, max_model_len: int) -> None:
         """Checks that need the model: context length and vocabulary."""

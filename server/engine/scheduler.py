@@ -65,6 +65,9 @@ class Scheduler:
         self.num_forks = 0
         self._prompt_owner: dict[int, str] = {}  # prompt hash -> first in-flight request with that prompt
         self._compactions: list = []  # CompactPlans decided between steps; sent with the next SchedulerOutput
+        # requests of a step that failed without a known culprit: each runs alone until one of its steps succeeds
+        # (then it is cleared), so a second failure names its culprit (see LLMEngine.step)
+        self.suspects: set[str] = set()
 
     # -- queue ---------------------------------------------------------------------
     @property
@@ -111,6 +114,41 @@ class Scheduler:
 
     # -- scheduling -----------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        """The next step. While there are suspects, the first one (in queue order) is scheduled alone; when it
+        cannot be (no KV room), the others run without any suspect, so that they free room."""
+        self.suspects &= self.requests.keys()
+        if not self.suspects:
+            return self._schedule()
+        suspect = min((self.requests[rid] for rid in self.suspects), key=lambda r: (r.priority, r.arrival_time))
+        out = self._schedule_subset(lambda r: r is suspect)
+        if out.requests:
+            return out
+        # nothing scheduled: keep what was decided between steps for the next SchedulerOutput
+        self._compactions, self._block_copies = out.compactions + self._compactions, out.block_copies + self._block_copies
+        return self._schedule_subset(lambda r: r.request_id not in self.suspects)
+
+    def _schedule_subset(self, keep: Callable[[Request], bool]) -> SchedulerOutput:
+        """``_schedule`` as if only the requests ``keep`` accepts existed (the others neither run, nor are
+        admitted, nor are preempted)."""
+        running, waiting = self.running, self._waiting
+        self.running = [r for r in running if keep(r)]
+        self._waiting = [e for e in waiting if keep(e[3])]
+        heapq.heapify(self._waiting)
+        try:
+            return self._schedule()
+        finally:
+            self.running = [r for r in running if not keep(r)] + self.running
+            self._waiting = [e for e in waiting if not keep(e[3])] + self._waiting
+            heapq.heapify(self._waiting)
+
+    def preempt_all(self) -> None:
+        """Recompute every running request from scratch (after a failed step left their KV unknown)."""
+        out = SchedulerOutput()
+        for req in list(self.running):
+            self._preempt(req, out)
+        self._compactions, self._block_copies = [], []  # their KV is gone: nothing left to move
+
+    def _schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(compactions=self._compactions, block_copies=self._block_copies)
         self._compactions, self._block_copies = [], []
         budget = self.config.max_num_batched_tokens

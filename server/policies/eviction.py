@@ -263,6 +263,14 @@ def make_policy(options: EvictionOptions, capacity: int, num_layers: int, num_kv
     return POLICIES[options.method](options, capacity, num_layers, num_kv_heads)
 
 
+def evicting_depth(depth: int, num_entries: int, capacity: int, window: int) -> int:
+    """The first decision point at ``depth + k * window`` (k >= 0) that evicts, i.e. where the entries then held,
+    ``num_entries + depth + k * window + 1``, exceed ``capacity``. Closed form, O(1) whatever the budget: a
+    loop over the decision points would take capacity / window iterations, which a request controls."""
+    spare = capacity - num_entries - depth - 1  # entries that still fit at the nearest point
+    return depth if spare < 0 else depth + (spare // window + 1) * window
+
+
 class EvictionDriver:
     """Engine glue. Per request: resolve its options once (``attach``); before a step, ask the backends
     for every layer's scores when a scheduled request's policy needs them (``prepare``); after the step,
@@ -317,10 +325,7 @@ class EvictionDriver:
         if policy is None or not policy.periodic:
             return None
         p = req.num_computed_tokens  # the root's position: decoding it alone would be step t = p + 1
-        depth = -(p + 1) % policy.window  # drafts before the next decision point
-        while policy.num_entries + depth + 1 <= policy.capacity:  # that point keeps everything: look further
-            depth += policy.window
-        return depth
+        return evicting_depth(-(p + 1) % policy.window, policy.num_entries, policy.capacity, policy.window)
 
     def prepare(self, sched, requests: dict) -> None:
         needs = False

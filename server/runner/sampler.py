@@ -25,6 +25,28 @@ class SampleResult:
     logprobs: Optional[list]  # per row: (logprob of the chosen token, [(id, logprob), ...]) or None
 
 
+def check_sampling_row(params, vocab_size: int) -> None:
+    """Turn one request's sampling parameters into the tensors the batched sampler builds from them, alone and
+    before the request joins a batch: a value that cannot be represented fails this request at admission
+    (ValueError naming the field) instead of every request of a later step."""
+    try:
+        torch.tensor([params.top_k], dtype=torch.long)
+        floats = torch.tensor([params.temperature, params.top_p, params.min_p, params.presence_penalty,
+                               params.frequency_penalty, params.repetition_penalty], dtype=torch.float32)
+    except (OverflowError, RuntimeError, TypeError) as e:
+        raise ValueError(f"sampling parameters cannot be represented: {e}") from None
+    if not bool(torch.isfinite(floats).all()):
+        raise ValueError("temperature, top_p, min_p and the penalties must be finite numbers")
+    if params.logit_bias:
+        try:
+            ids = torch.tensor(list(params.logit_bias.keys()), dtype=torch.long)
+            vals = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32)
+        except (OverflowError, RuntimeError, TypeError) as e:
+            raise ValueError(f"logit_bias cannot be represented: {e}") from None
+        if bool((ids < 0).any() | (ids >= vocab_size).any()) or not bool(torch.isfinite(vals).all()):
+            raise ValueError(f"logit_bias: token ids must be in [0, {vocab_size}) and biases finite")
+
+
 def apply_penalties(logits: Tensor, reqs: list[Request]) -> Tensor:
     """In place on float32 logits [N, V], one row per request. Only rows that ask pay for it."""
     for i, req in enumerate(reqs):

@@ -117,3 +117,9 @@ def restricted_server():
                        api_key=API_KEY)
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def launch_server():
+    """``start_server`` for a module that needs a server with its own flags (in a module-scoped fixture)."""
+    return start_server
