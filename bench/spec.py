@@ -223,6 +223,8 @@ def bench_drafters(llms, workloads, methods, concurrencies, max_tokens, draft_to
                             t[3][k] = t[3].get(k, 0) + v
                     totals[arm][2] += sum(a == b for a, b in zip(pair[arm][1], pair["none"][1]))
                     ratios[arm].append(pair[arm][0] / pair["none"][0])
+                    print(f"  pair {r}: {wname} {arm} c={c} {ratios[arm][-1]:.3f}x "
+                          f"({pair[arm][0]:.1f} vs {pair['none'][0]:.1f} tok/s)", flush=True)
                     full_ratios[arm].append(pair[arm][2] / pair["none"][2])
             base_rate = totals["none"][1] / totals["none"][0]
             for arm, m, ctl in runs:
