@@ -60,7 +60,7 @@ class SimpleController:
         """Time the forwards (every bucket up to ``max_batch``, or up to N where it was set) and find N."""
         if self.measure is None or self.times:
             return
-        grid = [d for d in CANDIDATES if d < cap] + [next((d for d in CANDIDATES if d >= cap), cap)]
+        grid = [d for d in CANDIDATES if d < cap] + [cap]
         top = _bucket(min(self.max_batch, self.limit if self.limit is not None else self.max_batch))
         b, n = 1, 0
         while b <= top and (self.limit is None or self.limit > 0):
