@@ -79,7 +79,8 @@ class SpecConfig:
 
     method: str = "none"  # none | ngram | recycling | goose
     num_draft_tokens: int = 8
-    controller: str = "simple"  # simple | adaptive (server/spec/controller.py, server/spec/adaptive.py)
+    # simple | adaptive (server/spec/controller.py, adaptive.py); adaptive until the ablation in docs/speculation.md runs
+    controller: str = "adaptive"
     disable_by_batch_size: Optional[int] = None  # draft only while at most this many decodes run (None: measured)
 
     def __post_init__(self) -> None:

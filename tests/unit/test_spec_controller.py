@@ -12,7 +12,7 @@ def _forward(b, q):
 
 
 def _speculator(**spec):
-    return Speculator(SpecConfig(method="goose", **spec), 128, measure=_forward, max_batch=64)
+    return Speculator(SpecConfig(method="goose", controller="simple", **spec), 128, measure=_forward, max_batch=64)
 
 
 def _decodes(spec, n, method="goose", num_draft_tokens=15):
@@ -51,7 +51,7 @@ def test_drafts_at_small_batches_and_stops_above_n():
 
 def test_the_flag_sets_n_and_times_only_the_batches_below_it():
     calls = []
-    spec = Speculator(SpecConfig(method="goose", disable_by_batch_size=2), 128,
+    spec = Speculator(SpecConfig(method="goose", controller="simple", disable_by_batch_size=2), 128,
                       measure=lambda b, q: calls.append(b) or _forward(b, q), max_batch=64)
     assert all(d > 0 for d in _budgets(spec, _decodes(spec, 2)))  # timed at the first speculating step
     assert set(calls) == {1, 2}
