@@ -5,13 +5,17 @@ For HumanEval prompts and chat prompts, each drafter (ngram, recycling, goose) a
 runs on one of two engines in the same process while the plain baseline runs on the other, the two
 taking turns step by step (:func:`lockstep`), so the machine's drift hits both alike; each engine counts
 only its own steps' time, the engines swap roles every round, and the speedup is the median of the
-rounds' paired ratios. Then a
+rounds' paired ratios. ``--controllers simple adaptive`` runs each drafter under each speculation
+controller (:mod:`server.spec.controller`, :mod:`server.spec.adaptive`) as its own arm, paired with the
+plain path like any other, beside the ``plain`` control (the plain path paired with itself). Then a
 LANTERN delta sweep (greedy, goose drafts): acceptance, relaxed accepts, agreement with the plain
 greedy output, and the measured total-variation distance of the relaxed distribution to the target
 on the model's real next-token distributions.
 
     python -m bench.spec                 # full run, writes bench/results/spec.json
     python -m bench.spec --quick         # tiny smoke run
+    python -m bench.spec --workloads humaneval --methods plain goose ngram --controllers simple adaptive \
+        --no-lantern                     # the controller ablation (docs/speculation.md)
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import itertools
 import platform
 import statistics
 import time
+from functools import partial
 
 import torch
 
@@ -28,6 +33,9 @@ from bench.provenance import write_result
 from bench.serve import device_description
 from server.engine.llm import LLM
 from server.engine.request import SamplingParams, SpecOptions
+from server.runner.timing import measure_forward
+from server.spec import CONTROLLERS, make_controller
+from server.spec.controller import SimpleController
 from server.spec.verify import relaxed_distribution
 
 _ids = itertools.count()
@@ -149,63 +157,99 @@ def mean_accepted_length(d):
     return (d["spec_num_accepted_tokens"] + d["spec_num_drafts"]) / d["spec_num_drafts"] if d["spec_num_drafts"] else 1.0
 
 
+def arms(methods, controllers):
+    """(name, method, controller) of each arm: every drafter under every controller, and the ``plain`` control."""
+    out = []
+    for m in methods:
+        if m == "plain":
+            out.append(("plain", "plain", controllers[0]))
+        else:
+            out.extend((m if len(controllers) == 1 else f"{m}/{c}", m, c) for c in controllers)
+    return out
+
+
+def use_controller(llms, name):
+    """Both engines choose draft budgets with their own ``name`` controller (each keeps its statistics)."""
+    for llm in llms:
+        llm.engine.speculator.controller = llm.controllers[name]
+
+
 def bench_drafters(llms, workloads, methods, concurrencies, max_tokens, draft_tokens, rounds, per_stream=2,
-                   spread=0.0):
-    """Each method against the plain path, ``rounds`` pairs per (workload, concurrency). A pair runs the
-    method on one engine and the plain path on the other in :func:`lockstep`, and the engines swap roles
-    from one round to the next (so a difference between the two engines cancels); the speedup is the
-    median over pairs of the method's rate / its pair's plain rate. A run is ``per_stream`` requests per
-    stream (at least 4), ``c`` in flight at a time (:class:`ClosedLoop`); ``spread`` > 0 varies the requests'
+                   spread=0.0, controllers=("simple",)):
+    """Each arm (:func:`arms`) against the plain path, ``rounds`` pairs per (workload, concurrency). A pair
+    runs the arm on one engine and the plain path on the other in :func:`lockstep`, and the engines swap
+    roles from one round to the next (so a difference between the two engines cancels); the speedup is the
+    median over pairs of the arm's rate / its pair's plain rate. A run is ``per_stream`` requests per stream
+    (at least 4), ``c`` in flight at a time (:class:`ClosedLoop`); ``spread`` > 0 varies the requests'
     lengths (below ``max_tokens`` by up to that fraction), as real traffic's do. The method ``plain`` is the
     control: the plain path paired with itself, paired and interleaved exactly like a drafter, so its spread
     around 1.0x is the pairing's own noise, the resolution at which a drafter's speedup can be told from
     1.0x."""
     rows = []
+    runs = arms(methods, controllers)
     for wname, prompts in workloads.items():
         for c in concurrencies:
             ps = prompts[:max(4, per_stream * c)]
-            totals = {m: [0.0, 0, 0, {}] for m in ("none", *methods)}
-            ratios = {m: [] for m in methods}
-            full_ratios = {m: [] for m in methods}
+            totals = {a: [0.0, 0, 0, {}] for a, _, _ in runs}
+            totals["none"] = [0.0, 0, 0, {}]
+            ratios = {a: [] for a, _, _ in runs}
+            full_ratios = {a: [] for a, _, _ in runs}
 
             def params(m, n=max_tokens):  # "plain" is the plain path under the control's name
                 return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, speculative=None
                                       if m in ("none", "plain") else SpecOptions(m, num_draft_tokens=draft_tokens))
 
-            for llm in llms:  # warm-up: code paths, each engine's shared Token Recycling table
-                for m in methods:
+            for arm, m, ctl in runs:  # warm-up: code paths, each engine's shared Token Recycling table
+                use_controller(llms, ctl)
+                for llm in llms:
                     run(llm, ps[:c], c, params(m, 8))
             for r in range(rounds):
-                for m in methods:
+                for arm, m, ctl in runs:
+                    use_controller(llms, ctl)
                     results = paired(llms, r, ps, c, params("none"), params(m), spread)
                     pair = {}
-                    for mm, res in zip(("none", m), results):
+                    for key, res in zip(("none", arm), results):
                         secs, outs, delta, _ = res
-                        t = totals[mm]
+                        t = totals[key]
                         t[0], t[1] = t[0] + secs, t[1] + sum(map(len, outs))
                         rate, full_rate = rates(res)
-                        pair[mm] = (rate, outs, full_rate)
+                        pair[key] = (rate, outs, full_rate)
                         for k, v in delta.items():
                             t[3][k] = t[3].get(k, 0) + v
-                    totals[m][2] += sum(a == b for a, b in zip(pair[m][1], pair["none"][1]))
-                    ratios[m].append(pair[m][0] / pair["none"][0])
-                    full_ratios[m].append(pair[m][2] / pair["none"][2])
+                    totals[arm][2] += sum(a == b for a, b in zip(pair[arm][1], pair["none"][1]))
+                    ratios[arm].append(pair[arm][0] / pair["none"][0])
+                    print(f"  pair {r}: {wname} {arm} c={c} {ratios[arm][-1]:.3f}x "
+                          f"({pair[arm][0]:.1f} vs {pair['none'][0]:.1f} tok/s)", flush=True)
+                    full_ratios[arm].append(pair[arm][2] / pair["none"][2])
             base_rate = totals["none"][1] / totals["none"][0]
-            for m in methods:
-                secs, ntok, same, d = totals[m]
-                rows.append(dict(workload=wname, method=m, concurrency=c, tokens_per_s=ntok / secs,
-                                 baseline_tokens_per_s=base_rate, speedup=statistics.median(ratios[m]),
-                                 pair_speedups=ratios[m], pooled_speedup=(ntok / secs) / base_rate,
-                                 full_phase_speedup=statistics.median(full_ratios[m]),
-                                 full_phase_pair_speedups=full_ratios[m],
+            for arm, m, ctl in runs:
+                secs, ntok, same, d = totals[arm]
+                rows.append(dict(workload=wname, arm=arm, method=m, controller=None if m == "plain" else ctl,
+                                 concurrency=c, tokens_per_s=ntok / secs,
+                                 baseline_tokens_per_s=base_rate, speedup=statistics.median(ratios[arm]),
+                                 pair_speedups=ratios[arm], pooled_speedup=(ntok / secs) / base_rate,
+                                 full_phase_speedup=statistics.median(full_ratios[arm]),
+                                 full_phase_pair_speedups=full_ratios[arm],
                                  mean_accepted_length=mean_accepted_length(d), drafts=d["spec_num_drafts"],
                                  identical_to_greedy=same / (rounds * len(ps))))
-                print(f"{wname:9s} {m:9s} c={c:<3d} accepted/step {rows[-1]['mean_accepted_length']:.2f} "
-                      f"speedup {rows[-1]['speedup']:.2f}x (pairs {min(ratios[m]):.2f}-{max(ratios[m]):.2f}; "
+                print(f"{wname:9s} {arm:16s} c={c:<3d} accepted/step {rows[-1]['mean_accepted_length']:.2f} "
+                      f"speedup {rows[-1]['speedup']:.2f}x (pairs {min(ratios[arm]):.2f}-{max(ratios[arm]):.2f}; "
                       f"{ntok / secs:.1f} vs {base_rate:.1f} tok/s; full phase {rows[-1]['full_phase_speedup']:.2f}x) "
                       f"identical {rows[-1]['identical_to_greedy']:.2f}",
                       flush=True)
     return rows
+
+
+def table(rows):
+    """The drafter rows as a markdown table: speedup median [pairs' range], tokens per verified tree, trees."""
+    out = ["| workload | streams | arm | speedup [pairs] | tokens / verify step | trees | identical |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        p = r["pair_speedups"]
+        out.append(f"| {r['workload']} | {r['concurrency']} | {r['arm']} | {r['speedup']:.2f}x "
+                   f"[{min(p):.2f}-{max(p):.2f}] | {r['mean_accepted_length']:.2f} | {r['drafts']} | "
+                   f"{r['identical_to_greedy']:.2f} |")
+    return "\n".join(out)
 
 
 def bench_desync(llms, workloads, concurrencies, max_tokens, rounds, per_stream=2):
@@ -257,16 +301,14 @@ def next_token_distributions(llm, prompt):
 
 
 def bench_lantern(llm, prompts, deltas, k, max_tokens, draft_tokens):
-    """Acceptance vs delta with the cost model off (every step drafts), so the sweep measures acceptance
-    itself rather than how often this CPU's cost model lets speculation run."""
-    from server.spec.budget import DraftBudget
-
+    """Acceptance vs delta with no controller timing (every step drafts), so the sweep measures acceptance
+    itself rather than how often this machine's timings let speculation run."""
     speculator = llm.engine.speculator
-    budget, speculator.budget = speculator.budget, DraftBudget(None)
+    controller, speculator.controller = speculator.controller, SimpleController(None, 1)
     try:
         return _lantern_sweep(llm, prompts, deltas, k, max_tokens, draft_tokens)
     finally:
-        speculator.budget = budget
+        speculator.controller = controller
 
 
 def _lantern_sweep(llm, prompts, deltas, k, max_tokens, draft_tokens):
@@ -309,6 +351,8 @@ def main():
                     choices=["plain", "ngram", "recycling", "goose"],
                     help="drafters to time against the plain path (plain: the plain path against itself, the "
                          "pairing's noise floor; none given: only the LANTERN sweep)")
+    ap.add_argument("--controllers", nargs="+", default=["simple"], choices=CONTROLLERS,
+                    help="speculation controllers to run each drafter under, each its own arm (the ablation: both)")
     ap.add_argument("--length-spread", type=float, default=0.0,
                     help="requests ask for max_tokens * (1 - spread * u), u spread over [0, 1): with equal lengths "
                          "(0) every plain request of a wave ends in the same step and the next wave's prompts are "
@@ -332,22 +376,30 @@ def main():
     # two engines, as two servers would be: the plain path runs on one while a drafter runs on the other
     llms = [LLM(num_blocks=args.num_blocks, max_num_seqs=max(args.concurrency), dtype=args.dtype) for _ in range(2)]
     for llm in llms:
-        # the cost model's forward timings, as a server speculating by default takes them at start-up (else
-        # each batch size's first speculating step would pause inside a timed run to measure)
-        llm.engine.speculator.budget.calibrate(max(args.concurrency), args.num_draft_tokens)
+        # each controller's forward timings, as a server speculating by default takes them at start-up (else
+        # the first speculating step would pause inside a timed run to measure)
+        measure = partial(measure_forward, llm.engine.runner)
+        llm.controllers = {c: make_controller(c, measure, max(args.concurrency)) for c in args.controllers}
+        for c in llm.controllers.values():
+            c.calibrate(args.num_draft_tokens)
+        llm.engine.speculator.controller = llm.controllers[args.controllers[0]]
     llm = llms[0]
     n = max(4, args.requests_per_stream * max(args.concurrency))  # the same prompts whichever concurrency runs
     workloads = {"humaneval": humaneval_prompts(llm.tokenizer, n), "chat": chat_prompts(llm.tokenizer, n)}
     workloads = {w: workloads[w] for w in args.workloads}
     drafters = bench_drafters(llms, workloads, args.methods, args.concurrency, args.max_tokens,
                               args.num_draft_tokens, args.rounds, args.requests_per_stream,
-                              args.length_spread) if args.methods else []
+                              args.length_spread, args.controllers) if args.methods else []
     desync = bench_desync(llms, workloads, args.concurrency, args.max_tokens, args.rounds,
                           args.requests_per_stream) if args.desync else []
     lantern = [] if args.no_lantern else bench_lantern(llm, humaneval_prompts(llm.tokenizer, 4 if args.quick else 8),
                                                        args.deltas, args.lantern_k, args.max_tokens,
                                                        args.num_draft_tokens)
-    result = dict(device=str(llm.engine.device), machine=platform.machine(), dtype=str(llm.engine.dtype),
+    if drafters:
+        print(table(drafters))
+    limits = {c: getattr(ctl, "limit", None) for c, ctl in llm.controllers.items()}  # the simple rule's N
+    result = dict(device=str(llm.engine.device), draft_batch_limit=limits,
+                  machine=platform.machine(), dtype=str(llm.engine.dtype),
                   device_name=device_description(llm.engine.device),
                   args=vars(args),
                   drafters=drafters, desync=desync, lantern=lantern)

@@ -1,10 +1,10 @@
 """Token Recycling's table learning on plain steps, on vs off: an ablation of
 :meth:`server.spec.Speculator.learn_plain`.
 
-When the draft budget turns speculation off for a step, the speculating requests' input tokens can still
+When the speculation controller turns speculation off for a step, the speculating requests' input tokens can still
 write their rows of the adjacency table from the step's logits (on), or the table learns only from
 verified trees (off, as before 2026-11-25). Each setting runs as its own server would (its own table and
-draft-budget statistics, kept across runs), interleaved round by round with the plain path (ABBA), on
+controller statistics, kept across runs), interleaved round by round with the plain path (ABBA), on
 the same prompts as ``bench.spec``. Speedups are medians over rounds of each run's rate / its round's
 plain rate.
 
@@ -34,25 +34,25 @@ def main() -> None:
 
     from server.engine.llm import LLM
     from server.engine.request import SamplingParams, SpecOptions
-    from server.spec import Speculator
-    from server.spec.budget import DraftBudget
+    from server.runner.timing import measure_forward
+    from server.spec import Speculator, make_controller
 
     max_c = max(c for _, c, _ in CELLS)
     llm = LLM(num_blocks=4096, max_num_seqs=max_c)
     spec = llm.engine.speculator
     learn = Speculator.learn_plain
-    servers = {}  # setting -> [its DraftBudget, its shared Token Recycling table]
+    servers = {}  # setting -> [its speculation controller, its shared Token Recycling table]
     for name in ("on", "off"):
-        budget = DraftBudget(spec.budget.measure)
-        budget.calibrate(max_c, 32)
-        servers[name] = [budget, None]
+        controller = make_controller("simple", lambda b, q: measure_forward(llm.engine.runner, b, q), max_c)
+        controller.calibrate(32)
+        servers[name] = [controller, None]
     n = 2 * max_c
     workloads = {"chat": chat_prompts(llm.tokenizer, n), "humaneval": humaneval_prompts(llm.tokenizer, n)}
     plain = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
 
     def run_as(name, prompts, c, params):
         Speculator.learn_plain = learn if name == "on" else lambda self, *a: None
-        spec.budget, spec._shared = servers[name]
+        spec.controller, spec._shared = servers[name]
         try:
             return run(llm, prompts, c, params)
         finally:

@@ -84,10 +84,16 @@ class SpecConfig:
 
     method: str = "none"  # none | ngram | recycling | goose
     num_draft_tokens: int = 8
+    # simple | adaptive (server/spec/controller.py, adaptive.py); adaptive until the ablation in docs/speculation.md runs
+    controller: str = "adaptive"
+    disable_by_batch_size: Optional[int] = None  # draft only while at most this many decodes run (None: measured)
 
     def __post_init__(self) -> None:
         _check(self.method in ("none", "ngram", "recycling", "goose"), f"speculative: unknown method {self.method!r}")
         _check(1 <= self.num_draft_tokens <= 128, "num_draft_tokens must be in [1, 128]")
+        _check(self.controller in ("simple", "adaptive"), f"speculative: unknown controller {self.controller!r}")
+        _check(self.disable_by_batch_size is None or self.disable_by_batch_size >= 0,
+               "speculative_disable_by_batch_size must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from server.policies import skipping, sparsity
 from server.policies.eviction import EvictionDriver
 from server.runner.model_runner import ModelRunner
 from server.runner.sampler import check_sampling_row
+from server.runner.timing import measure_forward
 from server.spec import Speculator
-from server.spec.budget import measure_forward
 
 logger = logging.getLogger("sift.engine")
 
@@ -113,7 +113,8 @@ class LLMEngine:
         self.backend = select_backend(config.attention_backend, self.device)
         self.kv = KVManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
         self.speculator = Speculator(config.spec, self.vocab_size, self.model.embed_tokens.weight, self.model_name,
-                                     measure=lambda num_seqs, q_len: measure_forward(self.runner, num_seqs, q_len))
+                                     measure=lambda num_seqs, q_len: measure_forward(self.runner, num_seqs, q_len),
+                                     max_batch=config.scheduler.max_num_seqs)
         ev = config.eviction
         self.eviction = EvictionDriver(EvictionOptions(method=ev.method, budget=ev.budget, window=ev.window,
                                                        alpha=ev.alpha), arch.num_layers, arch.num_kv_heads)
@@ -123,8 +124,8 @@ class LLMEngine:
                                    rewind_of=sparsity.rewind_of, model_window=_model_window(arch))
         self.runner = ModelRunner(self.model, arch.num_layers, self.backend,
                                   self.device, self.dtype, num_blocks, cc.block_size, speculator=self.speculator)
-        if config.spec.method != "none":  # every request speculates by default: time the cost model now
-            self.speculator.budget.calibrate(config.scheduler.max_num_seqs, config.spec.num_draft_tokens)
+        if config.spec.method != "none":  # every request speculates by default: time the forwards now
+            self.speculator.calibrate(config.spec.num_draft_tokens)
         self.default_skipping = config.skipping.options()
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._pending: list[RequestOutput] = []

@@ -1,23 +1,24 @@
 """Speculative decoding: the engine-facing :class:`Speculator`.
 
-It resolves each request's options once (``attach``), picks the step's draft budget and proposes
-trees for the scheduler (``plan`` / ``propose``), and verifies the trees' logits for the runner
-(``verify``), refreshing the Token Recycling table and the statistics. Drafters live in
-:mod:`server.spec.drafters`, tree shapes in :mod:`server.spec.tree`, acceptance in
-:mod:`server.spec.verify`, the budget rule in :mod:`server.spec.budget`.
+It resolves each request's options once (``attach``), asks the controller for the step's draft budgets
+and proposes trees for the scheduler (``plan`` / ``propose``), and verifies the trees' logits for the
+runner (``verify``), refreshing the Token Recycling table and the controller's statistics. Drafters live
+in :mod:`server.spec.drafters`, tree shapes in :mod:`server.spec.tree`, acceptance in
+:mod:`server.spec.verify`, the default controller in :mod:`server.spec.controller` (the adaptive one in
+:mod:`server.spec.adaptive`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 from server.config import SpecConfig
 from server.engine.request import Request, SpecOptions
-from server.spec.budget import DraftBudget
+from server.spec.controller import SimpleController
 from server.spec.drafters import TOPK, Drafter, RecyclingTable, make_drafter
-from server.spec.tree import DraftTree, PathWalk
+from server.spec.tree import DraftTree, depths
 from server.spec.verify import TreeInput, Verdict, nearest_neighbours, verify_trees
 
 Tensor = torch.Tensor
@@ -29,31 +30,9 @@ class SpecState:
 
     options: SpecOptions
     drafter: Drafter
-    step_budget: int = 0  # the candidate budget chosen for this request this step (0: a plain decode)
+    step_budget: int = 0  # the draft budget the controller chose for this request this step (0: a plain decode)
     budget: int = 0  # the budget the current tree was built under (step_budget, capped by room)
-    predicted: float = 0.0  # the accepted drafts the budget rule expected of this step's tree
-    evidence: str = ""  # the drafter's evidence class this step (Drafter.evidence): the key of its statistics
-    boost: float = 1.0  # this request's acceptance relative to its evidence key's (DraftBudget.boost)
-    shadow: Optional["Shadow"] = None  # a tree drafted but not run, waiting for the tokens that score it
-
-
-@dataclass
-class Shadow:
-    """A draft tree proposed and not verified (:meth:`Speculator.plan`): the tokens the request emits after
-    ``start`` walk it (:class:`server.spec.tree.PathWalk`, each token once), and once they decide its path
-    it is scored as if it had been verified."""
-
-    tree: DraftTree
-    start: int  # the request's length when it was drafted: the target's tokens for it begin here
-    evidence: str
-    budget: int
-    predicted: float  # what the budget rule's statistics expected it to accept
-    walk: PathWalk = field(init=False)
-    seen: int = field(init=False)  # the request's length up to which its tokens were fed to the walk
-
-    def __post_init__(self):
-        self.walk = PathWalk(self.tree)
-        self.seen = self.start
+    control: object = None  # the controller's own per-request state, if it keeps any
 
 
 def can_speculate(params) -> bool:
@@ -65,32 +44,27 @@ def can_speculate(params) -> bool:
 
 # plain decode rows that teach Token Recycling's table per step (learn_plain): a top-k over the vocabulary
 # costs 60-150 us a row on CPU (8 rows: 0.9% of a 32-stream chat run); the table is shared, so requests
-# taking turns still refresh it every few steps. While the budget rule coasts (speculation clearly does
-# not pay: DraftBudget.coast) one row a step keeps the table warm for the shadow trees
+# taking turns still refresh it every few steps. While the controller lets nobody draft (``off``), one row
+# a step keeps the table warm for when the batch shrinks
 PLAIN_LEARN_ROWS = 8
-# shadow trees drafted per step (plan): ~0.15 ms each for a 32-node GOOSE tree on CPU; they resolve within a
-# few steps (most at the first token), so one a step keeps every evidence key's statistics fresh
-SHADOWS_PER_STEP = 1
-# one scored shadow in this many also counts toward the budget rule's realism (see _score_shadow)
-SHADOW_REALISM_EVERY = 32
+CONTROLLERS = ("simple", "adaptive")
 
 
 class Speculator:
     def __init__(self, config: SpecConfig, vocab_size: int, embedding: Optional[Tensor] = None,
-                 model_name: str = "model", measure: Optional[Callable[[int, int], float]] = None):
+                 model_name: str = "model", measure: Optional[Callable[[int, int], float]] = None,
+                 max_batch: int = 64):
         self.default = SpecOptions(method=config.method, num_draft_tokens=config.num_draft_tokens)
         self.vocab_size = vocab_size
         self.embedding = embedding
         self.model_name = model_name
-        self.budget = DraftBudget(measure)
+        self.controller = make_controller(config.controller, measure, max_batch, config.disable_by_batch_size)
         self._shared: Optional[RecyclingTable] = None
         self._nearest: Optional[Tensor] = None
         self.counters = {"spec_num_drafts": 0, "spec_num_draft_tokens": 0, "spec_num_accepted_tokens": 0,
                          "spec_relaxed_accepts": 0}
         self.accepted_per_pos: list = []
         self._learn_turn = 0  # learn_plain: whose rows teach the table next
-        self._shadow_turn = 0  # plan: who drafts the next shadow tree
-        self._shadows_scored = 0
 
     # -- requests ------------------------------------------------------------------------------
     def attach(self, req: Request) -> None:
@@ -110,77 +84,24 @@ class Speculator:
         return self._shared
 
     # -- scheduling ----------------------------------------------------------------------------
+    def calibrate(self, cap: int) -> None:
+        """Time the controller's forwards now (start-up), so that no serving step pauses to measure."""
+        self.controller.calibrate(cap)
+
     def plan(self, running: list) -> None:
-        """Choose each speculating decode's draft budget for this step (:meth:`DraftBudget.choose`), score the
-        shadow trees the last steps decided, and draft a shadow tree for a request that runs plain."""
-        decodes = [r for r in running if r.num_tokens - r.num_computed_tokens == 1]
-        for r in running:
-            state = r.state.get("spec")
-            if state is not None:
-                state.step_budget = 0  # a prefill chunk (or one cut to a single token) drafts nothing
-                if state.shadow is not None:
-                    self._score_shadow(r, state)
-        speculating = [r for r in decodes if "spec" in r.state]
-        if not self.budget.coast(len(decodes), len(speculating)):
-            states = [r.state["spec"] for r in speculating]
-            for r, s in zip(speculating, states):
-                s.evidence = s.drafter.evidence(r.token_ids)
-            cap = max((s.options.num_draft_tokens for s in states), default=0)
-            budgets = self.budget.choose(len(decodes), [s.evidence for s in states], cap, [s.boost for s in states])
-            for s, d, predicted in zip(states, budgets, self.budget.predicted):
-                s.step_budget, s.predicted = d, predicted
-        self._draft_shadows(speculating)
-
-    def _draft_shadows(self, speculating: list) -> None:
-        """Shadow trees: while a request runs plain, the statistics of the budget it would draft still learn.
-        Its drafter proposes the tree of its full ``num_draft_tokens`` (which holds the tree of every smaller
-        budget: :mod:`server.spec.tree`), nothing is run, and the tokens the request emits next score it
-        (:meth:`_score_shadow`). No forward pays for that knowledge; a probe tree verified for it would (at
-        32 streams on CPU a step with any tree in it runs 25% longer)."""
-        idle = [r for r in speculating if r.state["spec"].step_budget == 0 and r.state["spec"].shadow is None]
-        for j in range(min(SHADOWS_PER_STEP, len(idle))):  # the idle requests in turn
-            r = idle[(self._shadow_turn + j) % len(idle)]
-            s = r.state["spec"]
-            d = s.options.num_draft_tokens
-            key = s.drafter.evidence(r.token_ids)
-            tree = s.drafter.propose(r.token_ids, d)
-            s.shadow = Shadow(tree, r.num_tokens, key, d, min(self.budget.expected(key, d) * s.boost, d))
-        self._shadow_turn += SHADOWS_PER_STEP
-
-    def _score_shadow(self, req: Request, state: SpecState) -> None:
-        """Once decided, the request's shadow tree counts as a verified tree of its evidence key: every
-        candidate budget up to its own learns what its part of the tree accepted (the tokens that decide
-        it do not depend on the tree, so this holds for sampled requests too).
-
-        Realism (:attr:`DraftBudget.realism`) measures how far the trees the rule *chose* fall short of
-        their predictions (the selection bias of picking the best-looking statistics); shadows are not
-        chosen, and every one counting would make it measure the statistics' accuracy on unselected trees
-        instead. One in ``SHADOW_REALISM_EVERY`` still counts (about the rate of the probe trees shadows
-        replaced), so realism recovers while nothing is drafted."""
-        shadow = state.shadow
-        # a shadow is drafted at a decode, so its tokens are output tokens; only the new ones are fed
-        new = req.output_token_ids[shadow.seen - req.num_prompt_tokens:]
-        shadow.seen = req.num_tokens
-        if not shadow.walk.feed(new):
-            return
-        state.shadow = None
-        ranks = shadow.tree.ranks()
-        self._shadows_scored += 1
-        predicted = shadow.predicted if self._shadows_scored % SHADOW_REALISM_EVERY == 0 else 0.0
-        self._tally(state, shadow.evidence, shadow.budget, predicted, [ranks[i] for i in shadow.walk.path], True)
+        """Each speculating decode's draft budget for this step (``SpecState.step_budget``)."""
+        self.controller.plan(running)
 
     def samples_step(self, sched, requests: dict) -> bool:
-        """Whether the step about to run teaches the cost model: it awaits a sample and the step is
-        decode-only (every row one new token or a draft tree). Ask before the step: finished requests
-        leave ``requests`` during it."""
-        return self.budget.current is not None and all(
-            s.draft_parents is not None or (len(s.token_ids) == 1 and s.positions[0] >=
-                                            requests[s.request_id].num_prompt_tokens) for s in sched.requests)
+        """Whether the step about to run is a sample of step cost for the controller (ask before the step)."""
+        sample = getattr(self.controller, "samples_step", None)
+        return sample is not None and sample(sched, requests)
 
     def observe_step(self, seconds: float, sample: bool, tokens: int = 0) -> None:
-        """The engine's wall time for the step just run and the tokens it emitted (``sample``: from
-        :meth:`samples_step`)."""
-        self.budget.observe(seconds if sample else None, tokens)
+        """The engine's wall time for the step just run and the tokens it emitted."""
+        observe = getattr(self.controller, "observe_step", None)
+        if observe is not None:
+            observe(seconds, sample, tokens)
 
     def propose(self, req: Request, max_nodes: int) -> Optional[DraftTree]:
         """A draft tree for a decoding request, or None when it does not speculate this step.
@@ -191,9 +112,9 @@ class Speculator:
         state.budget = min(state.step_budget, state.options.num_draft_tokens, max_nodes)
         tree = state.drafter.propose(req.token_ids, state.budget)
         if not len(tree) and state.drafter.table is None:
-            # nothing to verify and nothing to learn: a plain decode is cheaper. The budget rule still
-            # counts it: its gain is per speculating request, found drafts or not
-            self._record_acceptance(state, [], req.params.greedy)
+            # nothing to verify and nothing to learn: a plain decode is cheaper. The controller still
+            # hears of it (the adaptive one counts the gain per speculating request, found drafts or not)
+            self.controller.verified(state, [], 0, req.params.greedy)
             return None
         return tree
 
@@ -213,19 +134,17 @@ class Speculator:
         for (s, _), v in zip(items, verdicts):
             out[s.request_id] = v
             req = requests[s.request_id]
-            self._record(req.state["spec"], len(s.token_ids) - 1, v, [s.draft_ranks[i - 1] for i in v.nodes],
-                         req.params.greedy)
+            self._record(req.state["spec"], s, v, req.params.greedy)
         return out
 
     def learn_plain(self, logits: Tensor, items: list, requests: dict) -> None:
         """Token Recycling from a plain step's decode rows (``items``: [(ScheduledRequest, logits row)]): each
         speculating request's input token gets the top-k of its logits, as a verified tree's root does.
-        Without this the table learns only while trees are verified, so once the budget rule turns
-        speculation off its rows go stale, the shadow trees it scores are guesses from an old table, and
-        their low acceptance keeps speculation off (on chat prompts at one stream, table-only trees accepted
-        0.07 drafts at d = 1)."""
+        Without this the table learns only while trees are verified, so once the controller turns
+        speculation off its rows go stale and the first trees after it are guesses from an old table (on chat
+        prompts at one stream, table-only trees accepted 0.07 drafts at d = 1)."""
         items = [(s, row) for s, row in self._learners(items, requests) if len(s.token_ids) == 1]
-        rows = 1 if self.budget.coasting else PLAIN_LEARN_ROWS
+        rows = 1 if self.controller.off else PLAIN_LEARN_ROWS
         if len(items) > rows:  # the requests take turns
             start = self._learn_turn % len(items)
             self._learn_turn += rows
@@ -255,9 +174,12 @@ class Speculator:
             requests[s.request_id].state["spec"].drafter.table.update(s.token_ids, topk[at:at + n])
             at += n
 
-    def _record(self, state: SpecState, num_draft: int, v: Verdict, path_ranks: list, greedy: bool) -> None:
+    def _record(self, state: SpecState, s, v: Verdict, greedy: bool) -> None:
+        """Counters and the controller's statistics for one verified tree (``s``: its ScheduledRequest)."""
         accepted = len(v.nodes)
-        self._record_acceptance(state, path_ranks, greedy)  # an empty tree gains nothing
+        num_draft = len(s.token_ids) - 1
+        self.controller.verified(state, [s.draft_ranks[i - 1] for i in v.nodes],
+                                 max(depths(s.draft_parents), default=0), greedy)  # an empty tree gains nothing
         if num_draft:
             self.counters["spec_num_drafts"] += 1
             self.counters["spec_num_draft_tokens"] += num_draft
@@ -268,23 +190,6 @@ class Speculator:
             for i in range(accepted):
                 self.accepted_per_pos[i] += 1
 
-    def _record_acceptance(self, state: SpecState, path_ranks: list, greedy: bool) -> None:
-        """Statistics of one verified tree: ``path_ranks`` = the drafter's ranks of the accepted path's nodes.
-        Under greedy verification the tree a smaller candidate budget c would have drafted accepts the path's
-        nodes of rank < c (:mod:`server.spec.tree`), so each smaller budget gets that sample too; sampled
-        acceptance depends on the siblings tried, and only the budget drafted learns."""
-        self._tally(state, state.evidence, state.step_budget, state.predicted, path_ranks, greedy)
-
-    def _tally(self, state: SpecState, key: str, d: int, predicted: float, path_ranks: list,
-               every_budget: bool) -> None:
-        """One tree of evidence ``key`` at budget ``d`` (verified or shadow) into the statistics."""
-        self.budget.realized(predicted, len(path_ranks))
-        state.boost = self.budget.boost(state.boost, key, d, len(path_ranks))
-        self.budget.record(key, d, len(path_ranks))
-        if every_budget:
-            for c in self.budget.candidates(d)[1:-1]:  # 0 < c < d
-                self.budget.record(key, c, sum(r < c for r in path_ranks))
-
     def nearest(self, device: torch.device) -> Tensor:
         if self._nearest is None:
             self._nearest = nearest_neighbours(self.embedding, self.model_name).to(device)
@@ -293,3 +198,14 @@ class Speculator:
     @property
     def stats(self) -> dict:
         return {**self.counters, "spec_accepted_per_pos": list(self.accepted_per_pos)}
+
+
+def make_controller(name: str, measure: Optional[Callable[[int, int], float]], max_batch: int,
+                    disable_by_batch_size: Optional[int] = None):
+    """The draft-budget controller named ``name`` (:data:`CONTROLLERS`)."""
+    if name == "simple":
+        return SimpleController(measure, max_batch, disable_by_batch_size)
+    if name == "adaptive":
+        from server.spec.adaptive import AdaptiveController
+        return AdaptiveController(measure, max_batch)
+    raise ValueError(f"speculative: unknown controller {name!r}")

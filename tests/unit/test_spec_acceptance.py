@@ -231,7 +231,7 @@ def test_plain_learning_rows_take_turns():
     spec.learn_plain(logits, items, reqs)  # the next step starts where this one stopped
     assert all(spec.shared_table.candidates(100 + r) == logits[r].topk(8).indices.tolist() for r in range(n))
     spec.shared_table.m[:] = -1
-    spec.budget._coast = (16, 1 << 30)  # speculation clearly off (DraftBudget.coast): one row a step
+    spec.controller.budget._coast = (16, 1 << 30)  # speculation clearly off (DraftBudget.coast): one row a step
     spec.learn_plain(logits, items, reqs)
     assert sum(bool(spec.shared_table.candidates(100 + r)) for r in range(n)) == 1
 

@@ -1,0 +1,36 @@
+"""Forward timing at start-up: what the speculation controller's tree-size choice and ``N`` are made from."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from kernels.backend import AttentionMetadata
+from server.runner.forward_batch import ForwardBatch
+
+
+def measure_forward(runner, num_seqs: int, q_len: int, ctx_len: int = 256) -> float:
+    """Seconds for one forward (+ logits of every token) of ``num_seqs`` sequences of ``q_len`` new
+    tokens over ``ctx_len`` of context. Nothing is written to the KV pool (slot -1) and the reads
+    point at block 0, whose content does not matter for timing."""
+    dev, bs = runner.device, runner.block_size
+    kv_len = ctx_len + q_len
+    n = num_seqs * q_len
+    meta = AttentionMetadata(
+        cu_seqlens_q=torch.arange(0, n + 1, q_len, dtype=torch.int32, device=dev),
+        kv_lens=torch.full((num_seqs,), kv_len, dtype=torch.int32, device=dev),
+        block_tables=torch.zeros(num_seqs, -(-kv_len // bs), dtype=torch.int32, device=dev),
+        slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=dev),
+        block_size=bs, q_lens=[q_len] * num_seqs, kv_lens_host=[kv_len] * num_seqs,
+        tree_mask=torch.ones(n, q_len, dtype=torch.bool, device=dev) if q_len > 1 else None)
+    batch = ForwardBatch(input_ids=torch.zeros(n, dtype=torch.long, device=dev),
+                         positions=torch.arange(n, device=dev) % q_len + ctx_len, attn=meta, backend=runner.backend,
+                         kv_caches=runner.kv_caches, logits_indices=torch.arange(n, device=dev))
+    with torch.inference_mode():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        start = time.perf_counter()
+        runner.model.compute_logits(runner.model(batch)).argmax(dim=-1)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    return time.perf_counter() - start
