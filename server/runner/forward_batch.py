@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
 import torch
 
 from kernels.backend import AttentionBackend, AttentionMetadata
