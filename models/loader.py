@@ -8,7 +8,6 @@ vocabulary string and spends ~4 s on the embedded model's metadata alone.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import logging
 import mmap
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from models.checkpoint import CheckpointWeights, find_weight_files
 from models.embedded import EMBEDDED_NAME, embedded_model_path
 from models.layers import Linear, calibrate_linear
 from models.registry import ArchConfig, ModelLoadError, model_class
@@ -130,20 +130,9 @@ def _default_dtype(device: torch.device) -> torch.dtype:
 # ---------------------------------------------------------------- Hugging Face directories
 
 def _read_hf_dir(path: str, dtype, device):
-    from safetensors import safe_open
-
+    """The shape and a lazy mapping of the weights: each tensor is read when the model takes it."""
     arch = ArchConfig.from_hf_config(_read_json(os.path.join(path, "config.json"), path))
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        raise ModelLoadError(f"{path} has no *.safetensors weights")
-    weights = {}
-    with tqdm(desc="loading weights", unit="tensor", leave=False) as bar:
-        for file in files:
-            with safe_open(file, framework="pt", device="cpu") as sf:
-                for key in sf.keys():
-                    weights[key] = sf.get_tensor(key).to(device=device, dtype=dtype)
-                    bar.update()
-    return arch, weights
+    return arch, CheckpointWeights(find_weight_files(path), dtype, device)
 
 
 def _read_json(file: str, folder: str) -> dict:
