@@ -89,7 +89,7 @@ def _read_tokenizer(path: str, gguf_file: Optional["GGUFFile"] = None) -> Tokeni
         raise ModelLoadError(f"tokenizer path not found: {path}")
     if os.path.isdir(path):
         return Tokenizer.from_hf_dir(path)
-    return Tokenizer.from_gguf_metadata((gguf_file or read_gguf(path)).metadata)
+    return Tokenizer.from_gguf(path, (gguf_file or read_gguf(path)).metadata)
 
 
 def _calibrate_products(model: nn.Module) -> None:

@@ -2,7 +2,9 @@
 
 An HF directory brings its own tokenizer files. A GGUF file carries its vocabulary, merges, special
 token ids and chat template as metadata (``tokenizer.ggml.*``); from those we build a byte-level
-BPE ``tokenizers.Tokenizer`` directly, which takes well under a second.
+BPE ``tokenizers.Tokenizer`` directly, which takes well under a second. A SentencePiece vocabulary
+(``tokenizer.ggml.model == "llama"``: Llama 2, Mistral <= v0.3) goes through transformers' own GGUF
+tokenizer conversion, with SentencePiece's whitespace handling restored (see :func:`_sentencepiece`).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ _DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "command-r", "codeshell", 
 _GPT2 = ("gpt-2", "default")
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+_SPACE = "\u2581"  # SentencePiece's spelling of a space
 
 
 class Tokenizer:
@@ -61,6 +64,17 @@ class Tokenizer:
                 eos = json.load(f).get("eos_token_id")
             extra = eos if isinstance(eos, list) else [eos]
         return cls(hf, extra)
+
+    @classmethod
+    def from_gguf(cls, path: str, md: dict) -> "Tokenizer":
+        """The tokenizer of the GGUF file ``path`` whose metadata is ``md``."""
+        kind = md.get("tokenizer.ggml.model")
+        if kind == "llama":
+            return cls(_sentencepiece(path, md))
+        if kind != "gpt2":
+            raise ModelLoadError(f"GGUF tokenizer model {kind!r} is not supported "
+                                 "(byte-level BPE 'gpt2' and SentencePiece 'llama' are)")
+        return cls.from_gguf_metadata(md)
 
     @classmethod
     def from_gguf_metadata(cls, md: dict) -> "Tokenizer":
@@ -97,6 +111,34 @@ class Tokenizer:
         if not self.hf.chat_template:
             raise ValueError("this model has no chat template; use the completions endpoint")
         return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _sentencepiece(path: str, md: dict):
+    """A SentencePiece BPE vocabulary with byte fallback, built by transformers from the GGUF file.
+
+    transformers spells the space prefix with a ``Metaspace`` pre-tokenizer, which adds no ``▁`` to text
+    that already starts with a space ("  hi" -> "▁▁hi"); SentencePiece (``add_dummy_prefix``), llama.cpp
+    and the models' own tokenizer.json prepend one always ("▁▁▁hi"). So the prefix comes from a
+    normalizer, as in Llama 2's tokenizer.json, and the decoder removes exactly that one space.
+    """
+    import os
+
+    from tokenizers import decoders, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        hf = PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"cannot build the SentencePiece tokenizer of {path}: {str(e).splitlines()[0]}") from None
+    prefix = md.get("tokenizer.ggml.add_space_prefix", True)
+    backend = hf.backend_tokenizer
+    replace = normalizers.Replace(" ", _SPACE)
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend(_SPACE), replace]) if prefix else replace
+    backend.pre_tokenizer = None
+    backend.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+                                        + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return hf
 
 
 @lru_cache(maxsize=1)
