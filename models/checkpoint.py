@@ -40,9 +40,8 @@ class WeightFiles:
 def find_weight_files(path: str) -> WeightFiles:
     """Which files of the directory ``path`` hold the model's weights (ModelLoadError when none do)."""
     names = sorted(os.listdir(path))
-    for fmt, index_name in (("safetensors", _SAFETENSORS_INDEX), ("bin", _BIN_INDEX)):
-        if index_name in names:
-            return _from_index(path, fmt, index_name)
+    if _SAFETENSORS_INDEX in names:
+        return _from_index(path, "safetensors", _SAFETENSORS_INDEX)
     safetensors = [n for n in names if n.endswith(".safetensors")]
     hf_named = [n for n in safetensors if not fnmatch.fnmatch(n, _CONSOLIDATED)]
     if hf_named:
@@ -50,12 +49,14 @@ def find_weight_files(path: str) -> WeightFiles:
             logger.info("ignoring %s: Mistral-format duplicates of the HF-named weights",
                         ", ".join(sorted(set(safetensors) - set(hf_named))))
         return WeightFiles("safetensors", tuple(os.path.join(path, n) for n in hf_named))
-    if safetensors:
-        raise ModelLoadError(f"{path} holds only {', '.join(safetensors)} (Mistral's own format); "
-                             "Sift reads the Hugging Face layout (model*.safetensors)")
+    if _BIN_INDEX in names:
+        return _from_index(path, "bin", _BIN_INDEX)
     bins = [n for n in names if fnmatch.fnmatch(n, "pytorch_model*.bin")]
     if bins:
         return WeightFiles("bin", tuple(os.path.join(path, n) for n in bins))
+    if safetensors:
+        raise ModelLoadError(f"{path} holds only {', '.join(safetensors)} (Mistral's own format); "
+                             "Sift reads the Hugging Face layout (model*.safetensors)")
     raise ModelLoadError(f"{path} has no *.safetensors or pytorch_model*.bin weights")
 
 

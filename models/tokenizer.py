@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from functools import lru_cache
+from typing import Optional
 
 from models.registry import ModelLoadError
 
@@ -30,6 +31,11 @@ _SPLITS.update({name: _QWEN2_SPLIT for name in ("qwen2", "deepseek-r1-qwen")})
 _DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
 _GPT2 = ("gpt-2", "default")
 
+# Arguments of transformers' apply_chat_template that a request's chat_template_kwargs may not override
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs"})
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 _SPACE = "\u2581"  # SentencePiece's spelling of a space
 
@@ -107,10 +113,37 @@ class Tokenizer:
     def convert_ids_to_tokens(self, ids):
         return self.hf.convert_ids_to_tokens(ids)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def set_chat_template(self, template: str) -> None:
+        self.hf.chat_template = template
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            template_kwargs: Optional[dict] = None) -> str:
+        """The prompt text; ``template_kwargs`` (e.g. Qwen3's ``enable_thinking``) are variables of the
+        template. ValueError when there is no template or a kwarg would override one the call sets."""
         if not self.hf.chat_template:
             raise ValueError("this model has no chat template; use the completions endpoint")
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        template_kwargs = template_kwargs or {}
+        reserved = sorted(set(template_kwargs) & RESERVED_TEMPLATE_KWARGS)
+        if reserved:
+            raise ValueError(f"chat_template_kwargs: {reserved[0]!r} is set by the server, not the request")
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           **template_kwargs)
+
+
+def read_chat_template(path: str) -> str:
+    """The text of a Jinja chat template file, checked to parse (ModelLoadError naming the line if not)."""
+    import jinja2
+
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise ModelLoadError(f"cannot read the chat template {path}: {e.strerror}") from None
+    try:
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ModelLoadError(f"chat template {path}, line {e.lineno}: {e.message}") from None
+    return text
 
 
 def _sentencepiece(path: str, md: dict):

@@ -54,6 +54,17 @@ def serving_engine(request: Request, model: str | None = None) -> AsyncEngine:
     return engine
 
 
+def render_chat(tok, messages: list[dict], template_kwargs: dict | None) -> str:
+    """The chat prompt text; a missing template, a reserved kwarg or a template's own error is a 400."""
+    from jinja2 import TemplateError
+
+    try:
+        return tok.apply_chat_template(messages, add_generation_prompt=True, template_kwargs=template_kwargs)
+    except (ValueError, TemplateError) as e:
+        param = "chat_template_kwargs" if str(e).startswith("chat_template_kwargs") else "messages"
+        raise APIError(400, f"cannot apply the chat template: {e}", param=param) from None
+
+
 def _params(body, default_max_tokens: int):
     try:
         return body.to_sampling_params(default_max_tokens)
@@ -105,8 +116,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of prompt or messages", param="prompt")
     if body.messages is not None:
-        text = engine.tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.text()} for m in body.messages], add_generation_prompt=True)
+        text = render_chat(engine.tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages],
+                           body.chat_template_kwargs)
         tokens = engine.tokenizer.encode(text, add_special_tokens=False)
     else:
         tokens = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
@@ -199,7 +210,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     engine = serving_engine(request, body.model)
     tok = engine.tokenizer
-    text = tok.apply_chat_template(body.chat_messages(), add_generation_prompt=True)
+    text = render_chat(tok, body.chat_messages(), body.chat_template_kwargs)
     prompt = tok.encode(text, add_special_tokens=False)
     params = _params(body, default_max_tokens=max(1, engine.max_model_len - len(prompt)))
     rid = f"chatcmpl-{uuid.uuid4().hex}"

@@ -210,3 +210,21 @@ def test_weights_stream_one_shard_at_a_time(tmp_path, reference, monkeypatch, se
     bound = largest_tensor if serialization == "safetensors" else largest_shard
     assert host.peak <= bound < checkpoint_bytes / 2, (host.peak, bound, checkpoint_bytes)
     assert next(loaded.model.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("present, chosen", [
+    (["model.safetensors", "pytorch_model.bin"], ["model.safetensors"]),
+    (["consolidated.safetensors", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"],
+     ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]),
+    (["consolidated.safetensors", "pytorch_model.bin"], ["pytorch_model.bin"]),
+    (["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "training_args.bin"],
+     ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]),
+])
+def test_which_files_hold_the_weights(tmp_path, present, chosen):
+    """The choice alone (empty files: nothing is read): HF safetensors first, Mistral's consolidated file
+    never, .bin only without HF safetensors, and never a .bin that is not pytorch_model*."""
+    from models.checkpoint import find_weight_files
+
+    for name in present:
+        (tmp_path / name).touch()
+    assert [os.path.basename(f) for f in find_weight_files(str(tmp_path)).files] == chosen
