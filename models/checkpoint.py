@@ -122,15 +122,16 @@ class CheckpointWeights(MutableMapping):
             shard = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle, zip and weights_only refusals all mean: not a plain state dict
             raise ModelLoadError(f"cannot read {os.path.basename(file)}: {str(e).splitlines()[0]}") from None
-        if not isinstance(shard, dict):
-            raise ModelLoadError(f"{os.path.basename(file)} holds a {type(shard).__name__}, not a state dict")
+        if not isinstance(shard, dict) or not all(isinstance(t, torch.Tensor) for t in shard.values()):
+            raise ModelLoadError(f"{os.path.basename(file)} is not a state dict of tensors")
         return {name: self._convert(shard.pop(name)) for name in list(shard)}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         file = self._where[name]  # KeyError for a name the checkpoint lacks
         if self.files.format == "safetensors":
+            handle = self._handle(file)
             try:
-                return self._convert(self._handle(file).get_tensor(name))
+                return self._convert(handle.get_tensor(name))
             except Exception as e:  # an index naming a tensor its shard lacks
                 raise ModelLoadError(f"cannot read tensor {name!r} from {os.path.basename(file)}: {e}") from None
         if file not in self._done_shards:
