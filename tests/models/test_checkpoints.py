@@ -61,6 +61,7 @@ def save_bin(reference, path, num_shards: int):
     """``pytorch_model.bin``, or ``pytorch_model-0000i-of-0000n.bin`` shards with their index, as transformers
     < 5 wrote them with ``safe_serialization=False`` (transformers 5 only writes safetensors)."""
     model, tok = reference[:2]
+    model.config.architectures = [type(model).__name__]  # as save_pretrained records it
     model.config.save_pretrained(path)
     tok.save_pretrained(path)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
