@@ -29,7 +29,7 @@ NO_THINKING = PLAIN + "<think>\n\n</think>\n\n"
 def templated(tmp_path_factory):
     path = tmp_path_factory.mktemp("template") / "chat.jinja"
     path.write_text(TEMPLATE)
-    srv = start_server("--chat-template", str(path))
+    srv = start_server("--chat-template", str(path), timeout=600)  # start-up took 200-250 s on a loaded 2-core host
     yield srv
     srv.stop()
 
