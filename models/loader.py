@@ -8,7 +8,6 @@ vocabulary string and spends ~4 s on the embedded model's metadata alone.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import logging
 import mmap
@@ -24,10 +23,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from models.checkpoint import CheckpointWeights, find_weight_files
 from models.embedded import EMBEDDED_NAME, embedded_model_path
 from models.layers import Linear, calibrate_linear
 from models.registry import ArchConfig, ModelLoadError, model_class
-from models.tokenizer import Tokenizer
+from models.tokenizer import Tokenizer, read_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +41,13 @@ class LoadedModel:
 
 
 def load_model(path: Optional[str], dtype: Optional[torch.dtype], device, load_format: str = "auto",
-               tokenizer: Optional[str] = None) -> LoadedModel:
+               tokenizer: Optional[str] = None, chat_template: Optional[str] = None) -> LoadedModel:
     """``path``: a GGUF file, an HF model directory, or None for the embedded model.
     ``dtype`` None: float32 on CPU, bfloat16 (float16 where unsupported) on CUDA.
     ``load_format`` "dummy": only the shape is read (an HF directory needs just its config.json) and the
     weights are random (vLLM's ``--load-format dummy``): for timing a model whose weights are not here.
-    ``tokenizer``: a GGUF file or HF directory to take the tokenizer from instead of ``path``."""
+    ``tokenizer``: a GGUF file or HF directory to take the tokenizer from instead of ``path``.
+    ``chat_template``: a Jinja file that replaces the tokenizer's own chat template."""
     start = time.perf_counter()
     device = torch.device(device)
     dtype = dtype or _default_dtype(device)
@@ -56,6 +57,7 @@ def load_model(path: Optional[str], dtype: Optional[torch.dtype], device, load_f
         raise ModelLoadError(f"load format {load_format!r} is not one of auto, dummy")
     if not os.path.exists(path):
         raise ModelLoadError(f"model path not found: {path}")
+    template = read_chat_template(chat_template) if chat_template is not None else None  # before the weights
     gguf_file = None if os.path.isdir(path) else read_gguf(path)
     if load_format == "dummy":
         arch = _read_arch(path, gguf_file)
@@ -69,6 +71,8 @@ def load_model(path: Optional[str], dtype: Optional[torch.dtype], device, load_f
     model.eval()
     _calibrate_products(model)
     tok = _read_tokenizer(tokenizer) if tokenizer else _read_tokenizer(path, gguf_file)
+    if template is not None:
+        tok.set_chat_template(template)
     params = list(model.parameters())
     mib = sum(p.numel() * p.element_size() for p in params) / 2**20
     logger.info("loaded %s (%s, %.1fM params, %.0f MiB %s on %s%s) in %.1f s", name, arch.architecture,
@@ -89,7 +93,7 @@ def _read_tokenizer(path: str, gguf_file: Optional["GGUFFile"] = None) -> Tokeni
         raise ModelLoadError(f"tokenizer path not found: {path}")
     if os.path.isdir(path):
         return Tokenizer.from_hf_dir(path)
-    return Tokenizer.from_gguf_metadata((gguf_file or read_gguf(path)).metadata)
+    return Tokenizer.from_gguf(path, (gguf_file or read_gguf(path)).metadata)
 
 
 def _calibrate_products(model: nn.Module) -> None:
@@ -130,20 +134,9 @@ def _default_dtype(device: torch.device) -> torch.dtype:
 # ---------------------------------------------------------------- Hugging Face directories
 
 def _read_hf_dir(path: str, dtype, device):
-    from safetensors import safe_open
-
+    """The shape and a lazy mapping of the weights: each tensor is read when the model takes it."""
     arch = ArchConfig.from_hf_config(_read_json(os.path.join(path, "config.json"), path))
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        raise ModelLoadError(f"{path} has no *.safetensors weights")
-    weights = {}
-    with tqdm(desc="loading weights", unit="tensor", leave=False) as bar:
-        for file in files:
-            with safe_open(file, framework="pt", device="cpu") as sf:
-                for key in sf.keys():
-                    weights[key] = sf.get_tensor(key).to(device=device, dtype=dtype)
-                    bar.update()
-    return arch, weights
+    return arch, CheckpointWeights(find_weight_files(path), dtype, device)
 
 
 def _read_json(file: str, folder: str) -> dict:

@@ -2,12 +2,15 @@
 
 An HF directory brings its own tokenizer files. A GGUF file carries its vocabulary, merges, special
 token ids and chat template as metadata (``tokenizer.ggml.*``); from those we build a byte-level
-BPE ``tokenizers.Tokenizer`` directly, which takes well under a second.
+BPE ``tokenizers.Tokenizer`` directly, which takes well under a second. A SentencePiece vocabulary
+(``tokenizer.ggml.model == "llama"``: Llama 2, Mistral <= v0.3) goes through transformers' own GGUF
+tokenizer conversion, with SentencePiece's whitespace handling restored (see :func:`_sentencepiece`).
 """
 from __future__ import annotations
 
 import logging
 from functools import lru_cache
+from typing import Optional
 
 from models.registry import ModelLoadError
 
@@ -28,7 +31,13 @@ _SPLITS.update({name: _QWEN2_SPLIT for name in ("qwen2", "deepseek-r1-qwen")})
 _DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
 _GPT2 = ("gpt-2", "default")
 
+# Arguments of transformers' apply_chat_template that a request's chat_template_kwargs may not override
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs"})
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+_SPACE = "\u2581"  # SentencePiece's spelling of a space
 
 
 class Tokenizer:
@@ -63,6 +72,17 @@ class Tokenizer:
         return cls(hf, extra)
 
     @classmethod
+    def from_gguf(cls, path: str, md: dict) -> "Tokenizer":
+        """The tokenizer of the GGUF file ``path`` whose metadata is ``md``."""
+        kind = md.get("tokenizer.ggml.model")
+        if kind == "llama":
+            return cls(_sentencepiece(path, md))
+        if kind != "gpt2":
+            raise ModelLoadError(f"GGUF tokenizer model {kind!r} is not supported "
+                                 "(byte-level BPE 'gpt2' and SentencePiece 'llama' are)")
+        return cls.from_gguf_metadata(md)
+
+    @classmethod
     def from_gguf_metadata(cls, md: dict) -> "Tokenizer":
         from transformers import PreTrainedTokenizerFast
 
@@ -93,10 +113,65 @@ class Tokenizer:
     def convert_ids_to_tokens(self, ids):
         return self.hf.convert_ids_to_tokens(ids)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def set_chat_template(self, template: str) -> None:
+        self.hf.chat_template = template
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            template_kwargs: Optional[dict] = None) -> str:
+        """The prompt text; ``template_kwargs`` (e.g. Qwen3's ``enable_thinking``) are variables of the
+        template. ValueError when there is no template or a kwarg would override one the call sets."""
         if not self.hf.chat_template:
             raise ValueError("this model has no chat template; use the completions endpoint")
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        template_kwargs = template_kwargs or {}
+        reserved = sorted(set(template_kwargs) & RESERVED_TEMPLATE_KWARGS)
+        if reserved:
+            raise ValueError(f"chat_template_kwargs: {reserved[0]!r} is set by the server, not the request")
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           **template_kwargs)
+
+
+def read_chat_template(path: str) -> str:
+    """The text of a Jinja chat template file, checked to parse (ModelLoadError naming the line if not)."""
+    import jinja2
+
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise ModelLoadError(f"cannot read the chat template {path}: {e.strerror}") from None
+    try:
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ModelLoadError(f"chat template {path}, line {e.lineno}: {e.message}") from None
+    return text
+
+
+def _sentencepiece(path: str, md: dict):
+    """A SentencePiece BPE vocabulary with byte fallback, built by transformers from the GGUF file.
+
+    transformers spells the space prefix with a ``Metaspace`` pre-tokenizer, which adds no ``▁`` to text
+    that already starts with a space ("  hi" -> "▁▁hi"); SentencePiece (``add_dummy_prefix``), llama.cpp
+    and the models' own tokenizer.json prepend one always ("▁▁▁hi"). So the prefix comes from a
+    normalizer, as in Llama 2's tokenizer.json, and the decoder removes exactly that one space.
+    """
+    import os
+
+    from tokenizers import decoders, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        hf = PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"cannot build the SentencePiece tokenizer of {path}: {str(e).splitlines()[0]}") from None
+    prefix = md.get("tokenizer.ggml.add_space_prefix", True)
+    backend = hf.backend_tokenizer
+    replace = normalizers.Replace(" ", _SPACE)
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend(_SPACE), replace]) if prefix else replace
+    backend.pre_tokenizer = None
+    backend.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+                                        + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return hf
 
 
 @lru_cache(maxsize=1)

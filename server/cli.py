@@ -52,6 +52,7 @@ ENGINE_FLAGS = (
           "shape (a directory needs only config.json), for timing", ("auto", "dummy")),
     _Flag("tokenizer", "model.tokenizer", str, "GGUF file or Hugging Face directory to take the tokenizer from "
           "(default: the model's own)"),
+    _Flag("chat-template", "model.chat_template", str, "Jinja chat template file used instead of the model's own"),
     _Flag("seed", "model.seed", int, "global random seed (requests without a seed draw their own)"),
     _Flag("block-size", "cache.block_size", int, "tokens per KV cache block", (8, 16, 32, 64, 128)),
     _Flag("kv-cache-memory", "cache.kv_cache_memory", float,

@@ -32,6 +32,7 @@ class ModelConfig:
     seed: int = 0
     load_format: str = "auto"  # auto | dummy (random weights of the model's shape, for timing)
     tokenizer: Optional[str] = None  # GGUF file or HF directory of the tokenizer (default: the model's own)
+    chat_template: Optional[str] = None  # Jinja file that replaces the tokenizer's chat template
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"dtype: unknown value {self.dtype!r}")

@@ -12,7 +12,7 @@ fields inside our own extension objects are rejected, so a typo is never silent.
 from __future__ import annotations
 
 import time
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -195,6 +195,8 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: Optional[int] = None
     logprobs: bool = False
     top_logprobs: Optional[int] = None
+    # variables of the chat template, e.g. {"enable_thinking": false} for Qwen3 (vLLM's extension)
+    chat_template_kwargs: Optional[dict[str, Any]] = None
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -214,6 +216,7 @@ class TokenizeRequest(_Lenient):
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
     add_special_tokens: bool = True
+    chat_template_kwargs: Optional[dict[str, Any]] = None
 
 
 class DetokenizeRequest(_Lenient):

@@ -116,6 +116,17 @@ def check_admissible(engine: AsyncEngine, prompts: list, params) -> None:
             raise APIError(400, str(e), code="invalid_value") from None
 
 
+def render_chat(tok, messages: list[dict], template_kwargs: dict | None) -> str:
+    """The chat prompt text; a missing template, a reserved kwarg or a template's own error is a 400."""
+    from jinja2 import TemplateError
+
+    try:
+        return tok.apply_chat_template(messages, add_generation_prompt=True, template_kwargs=template_kwargs)
+    except (ValueError, TemplateError) as e:
+        param = "chat_template_kwargs" if str(e).startswith("chat_template_kwargs") else "messages"
+        raise APIError(400, f"cannot apply the chat template: {e}", param=param) from None
+
+
 def _params(body, default_max_tokens: int):
     try:
         return body.to_sampling_params(default_max_tokens)
@@ -180,7 +191,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Response:
             raise APIError(400, "messages: must hold at least one message", param="messages",
                            code="invalid_value")
         tokens = await off_loop(_encode_chat, engine.tokenizer,
-                                [{"role": m.role, "content": m.text()} for m in body.messages])
+                                [{"role": m.role, "content": m.text()} for m in body.messages],
+                                body.chat_template_kwargs)
     else:
         tokens = await off_loop(engine.tokenizer.encode, body.prompt, add_special_tokens=body.add_special_tokens)
     # rendered off the loop too: a long text's token list is megabytes of JSON
@@ -222,9 +234,8 @@ def reject_if_surely_too_long(engine: AsyncEngine, num_chars: int, param: str) -
                        code="invalid_value")
 
 
-def _encode_chat(tokenizer, messages: list) -> list:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
+def _encode_chat(tokenizer, messages: list, template_kwargs: dict | None = None) -> list:
+    return tokenizer.encode(render_chat(tokenizer, messages, template_kwargs), add_special_tokens=False)
 
 
 def _encode_prompts(tokenizer, raw: list) -> list:
@@ -327,7 +338,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     tok = engine.tokenizer
     messages = body.chat_messages()
     reject_if_surely_too_long(engine, sum(len(m["content"]) for m in messages), "messages")
-    prompt = await off_loop(_encode_chat, tok, messages)
+    prompt = await off_loop(_encode_chat, tok, messages, body.chat_template_kwargs)
     # without max_tokens: what the context leaves, capped by --default-max-tokens
     default = min(engine.max_model_len - len(prompt), request.app.state.default_max_tokens)
     params = _params(body, default_max_tokens=max(1, default))

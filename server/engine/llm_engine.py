@@ -88,7 +88,8 @@ class LLMEngine:
         torch.manual_seed(config.model.seed)
         t0 = time.perf_counter()
         loaded = load_model(config.model.model, dtype=self.dtype, device=self.device,
-                            load_format=config.model.load_format, tokenizer=config.model.tokenizer)
+                            load_format=config.model.load_format, tokenizer=config.model.tokenizer,
+                            chat_template=config.model.chat_template)
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.arch = arch = loaded.arch
