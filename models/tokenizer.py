@@ -93,10 +93,17 @@ class Tokenizer:
     def convert_ids_to_tokens(self, ids):
         return self.hf.convert_ids_to_tokens(ids)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    @property
+    def template_renders_tools(self) -> bool:
+        """Whether the chat template has a tools section (else tools are described in a system message)."""
+        return bool(self.hf.chat_template) and "tools" in self.hf.chat_template
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list | None = None) -> str:
         if not self.hf.chat_template:
             raise ValueError("this model has no chat template; use the completions endpoint")
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           tools=tools)
 
 
 @lru_cache(maxsize=1)

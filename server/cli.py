@@ -99,6 +99,8 @@ SERVER_FLAGS = (
     _Flag("api-key", "server.api_key", str, "require 'Authorization: Bearer <key>' on /v1, /tokenize, /detokenize"),
     _Flag("shutdown-timeout", "server.shutdown_timeout", float,
           "seconds in-flight requests may run after SIGTERM before they are aborted"),
+    _Flag("tool-call-parser", "server.tool_call_parser", str, "how chat output is read for tool calls: hermes "
+          "(<tool_call>{...}</tool_call> blocks) or json (the whole reply is a call object)", ("hermes", "json")),
 )
 LOG_FLAGS = (
     _Flag("log-level", "server.log_level", str, "log verbosity", ("critical", "error", "warning", "info", "debug")),

@@ -141,9 +141,11 @@ class ServerConfig:
     api_key: Optional[str] = None
     shutdown_timeout: float = 30.0
     log_level: str = "info"
+    tool_call_parser: str = "hermes"  # how chat output is read for tool calls: hermes | json
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port must be in [0, 65535]")
+        _check(self.tool_call_parser in ("hermes", "json"), "tool_call_parser must be hermes or json")
         _check(self.shutdown_timeout >= 0, "shutdown_timeout must be >= 0")
 
 

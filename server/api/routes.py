@@ -20,7 +20,9 @@ from server.api.protocol import (ChatCompletionRequest, ChatCompletionResponse, 
                                  ModelList, TokenizeRequest, TokenizeResponse)
 from server.api.serving import (ChoiceState, LogprobFormatter, SSEResponse, collect_unless_disconnected, merged,
                                 sse, submit, usage)
+from server.api.tool_calls import ToolOutput
 from server.engine.async_engine import AsyncEngine
+from server.structured.tools import render_messages
 
 # Status 499 (client closed request): never seen by the client, only in the access log.
 CLIENT_CLOSED = 499
@@ -55,8 +57,13 @@ def serving_engine(request: Request, model: str | None = None) -> AsyncEngine:
 
 
 def _params(body, default_max_tokens: int):
+    return _checked(body, body.to_sampling_params, default_max_tokens)
+
+
+def _checked(body, fn, *args):
+    """``fn(*args)``, its ValueError as a 400 naming the field the message starts with."""
     try:
-        return body.to_sampling_params(default_max_tokens)
+        return fn(*args)
     except ValueError as e:
         # SamplingParams' messages start with the field they reject ("temperature must be >= 0")
         words = str(e).split()
@@ -136,7 +143,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     prompts = [tok.encode(p, add_special_tokens=True) if isinstance(p, str) else list(p) for p in raw]
     params = _params(body, default_max_tokens=16)
     rid = f"cmpl-{uuid.uuid4().hex}"
-    streams = await submit(engine, rid, prompts, params, body.priority)
+    streams = await submit(engine, rid, prompts, params, body.priority, grammar_param=body.constraint()[1])
     n, model, created = params.n, engine.model_name, int(time.time())
     fmt = LogprobFormatter(tok)
 
@@ -199,13 +206,19 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     engine = serving_engine(request, body.model)
     tok = engine.tokenizer
-    text = tok.apply_chat_template(body.chat_messages(), add_generation_prompt=True)
+    tool_choice = _checked(body, body.effective_tool_choice)
+    tools = body.tool_dicts() if tool_choice != "none" else None
+    parser = engine.config.server.tool_call_parser
+    native = tok.template_renders_tools
+    messages = render_messages(body.chat_messages(), tools, native, parser)
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tools=tools if native else None)
     prompt = tok.encode(text, add_special_tokens=False)
     params = _params(body, default_max_tokens=max(1, engine.max_model_len - len(prompt)))
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    streams = await submit(engine, rid, [prompt], params, body.priority)
+    streams = await submit(engine, rid, [prompt], params, body.priority, grammar_param=body.constraint()[1])
     model, created = engine.model_name, int(time.time())
     fmt = LogprobFormatter(tok)
+    tool_out = ToolOutput(tool_choice, tools or [], parser)
 
     if body.stream:
         def chunk(choices: list, **extra) -> str:
@@ -217,6 +230,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
 
         async def events() -> AsyncIterator[str]:
             output_tokens = [0] * len(streams)
+            tool_streams = [tool_out.streamer() for _ in streams] if tool_out.active else None
             for k in range(len(streams)):
                 yield chunk([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
@@ -225,12 +239,23 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
                     yield sse(error_body(500, "generation failed: internal engine error", code="engine_error"))
                     break
                 output_tokens[k] = out.num_output_tokens
-                if out.new_text or out.new_token_ids:
+                finish_reason = out.finish_reason
+                if tool_streams is not None:
+                    # tool calls: the parser decides what is content; logprobs ride on the first delta
+                    logprobs = fmt.chat(out.new_token_ids, out.new_logprobs) if body.logprobs else None
+                    deltas = tool_streams[k].feed(out.new_text)
+                    if out.finished:
+                        more, finish_reason = tool_streams[k].finish(out.finish_reason)
+                        deltas += more
+                    for delta in deltas:
+                        yield chunk([{"index": k, "delta": delta, "logprobs": logprobs, "finish_reason": None}])
+                        logprobs = None
+                elif out.new_text or out.new_token_ids:
                     logprobs = fmt.chat(out.new_token_ids, out.new_logprobs) if body.logprobs else None
                     yield chunk([{"index": k, "delta": {"content": out.new_text}, "logprobs": logprobs,
                                   "finish_reason": None}])
                 if out.finished:
-                    yield chunk([{"index": k, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason}])
+                    yield chunk([{"index": k, "delta": {}, "logprobs": None, "finish_reason": finish_reason}])
             else:
                 if body.include_usage:
                     yield chunk([], usage=usage([prompt], output_tokens))
@@ -241,10 +266,16 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     choices: list[ChoiceState] | None = await collect_unless_disconnected(request, streams)
     if choices is None:
         return Response(status_code=CLIENT_CLOSED)
+    out_choices = []
+    for k, c in enumerate(choices):
+        message, finish_reason = {"role": "assistant", "content": "".join(c.text)}, c.finish_reason
+        if tool_out.active:
+            message, finish_reason = tool_out.message("".join(c.text), c.finish_reason)
+        out_choices.append({"index": k, "message": message,
+                            "logprobs": fmt.chat(c.token_ids, c.logprobs) if body.logprobs else None,
+                            "finish_reason": finish_reason})
     return JSONResponse({
         "id": rid, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": k, "message": {"role": "assistant", "content": "".join(c.text)},
-                     "logprobs": fmt.chat(c.token_ids, c.logprobs) if body.logprobs else None,
-                     "finish_reason": c.finish_reason} for k, c in enumerate(choices)],
+        "choices": out_choices,
         "usage": usage([prompt], [c.num_output_tokens for c in choices]),
     })
