@@ -16,12 +16,37 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Optional
+
+import numpy as np
+import torch
 
 from server.structured.spec import StructuredSpec
 
 # xgrammar's C++ errors read "[hh:mm:ss] /project/cpp/file.cc:123: message"
 _LOCATION = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A compiled grammar, plus a token filter ANDed into its bitmask every step (or None)."""
+
+    grammar: object  # xgrammar.CompiledGrammar
+    token_filter: Optional[torch.Tensor] = None  # int32 [ceil(V / 32)], a set bit allows the token
+
+
+def _no_control_filter(decoded_vocab: list, vocab_size: int) -> torch.Tensor:
+    """Bitmask of the tokens without raw control bytes (0x00-0x1f). xgrammar's JSON string rule admits
+    them, but JSON forbids them unescaped (``json.loads`` rejects them); compact JSON needs none."""
+    allowed = np.ones(-(-vocab_size // 32) * 32, dtype=bool)
+    for i, token in enumerate(decoded_vocab[:vocab_size]):
+        if any(b < 0x20 for b in token):
+            allowed[i] = False
+    allowed[len(decoded_vocab):] = False
+    # special tokens (EOS) decode to their text form, so they stay allowed
+    words = (allowed.reshape(-1, 32).astype(np.int64) << np.arange(32, dtype=np.int64)).sum(axis=1)
+    return torch.from_numpy(words.astype(np.uint32).view(np.int32).copy())
 
 
 class GrammarError(ValueError):
@@ -56,6 +81,7 @@ class GrammarCompiler:
         self._compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=max_threads, cache_enabled=False)
         self._cache: OrderedDict = OrderedDict()
         self._cache_size = cache_size
+        self._json_filter: Optional[torch.Tensor] = None
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -74,12 +100,12 @@ class GrammarCompiler:
             return compiled
 
     def get(self, spec: StructuredSpec) -> tuple:
-        """``(compiled grammar, seconds spent compiling or 0.0 on a cache hit)``."""
+        """``(Compiled, seconds spent compiling or 0.0 on a cache hit)``."""
         compiled = self.cached(spec)
         if compiled is not None:
             return compiled, 0.0
         t0 = time.perf_counter()
-        compiled = self._compile(spec)
+        compiled = Compiled(self._compile(spec), self._json_token_filter() if spec.kind.startswith("json") else None)
         seconds = time.perf_counter() - t0
         with self._lock:
             self.misses += 1
@@ -87,6 +113,11 @@ class GrammarCompiler:
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return compiled, seconds
+
+    def _json_token_filter(self) -> torch.Tensor:
+        if self._json_filter is None:
+            self._json_filter = _no_control_filter(self.tokenizer_info.decoded_vocab, self.vocab_size)
+        return self._json_filter
 
     def _compile(self, spec: StructuredSpec):
         c = self._compiler

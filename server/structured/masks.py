@@ -21,9 +21,11 @@ class GrammarState:
     """One request's position in its grammar."""
 
     def __init__(self, compiled) -> None:
+        """``compiled``: a ``server.structured.compiler.Compiled``."""
         import xgrammar as xgr
 
-        self.matcher = xgr.GrammarMatcher(compiled)
+        self.matcher = xgr.GrammarMatcher(compiled.grammar)
+        self.token_filter = compiled.token_filter
         self.rejected = 0
 
     def accept(self, token_id: int) -> None:
@@ -49,6 +51,8 @@ def apply_masks(logits: torch.Tensor, rows: list, states: list) -> float:
     for row, state in zip(rows, states):
         if not state.terminated:
             state.matcher.fill_next_token_bitmask(bitmask, row)
+            if state.token_filter is not None:
+                bitmask[row] &= state.token_filter
     if logits.device.type != "cpu":
         bitmask = bitmask.to(logits.device, non_blocking=True)
     xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab, indices=list(rows))
