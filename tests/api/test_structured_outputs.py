@@ -171,7 +171,7 @@ def test_required_named_and_none_tool_choice(server):
     def call(tool_choice, temperature, parallel=True):
         async def run(c):
             return await c.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=tool_choice,
-                                                   parallel_tool_calls=parallel, max_tokens=120, n=2,
+                                                   parallel_tool_calls=parallel, max_tokens=200, n=2,
                                                    temperature=temperature)
         return run
 
@@ -280,9 +280,12 @@ def test_constrained_request_leaves_batch_mates_unchanged(server, read_metric):
         return call
 
     def constrained(temperature):
+        # greedy: any JSON object; sampled: a bounded schema, so it surely finishes within max_tokens
+        fmt = {"type": "json_object"} if temperature == 0 else {
+            "type": "json_schema", "json_schema": {"name": "light", "schema": SCHEMAS["traffic_light"]}}
         async def call(c):
             r = await c.completions.create(model=MODEL, prompt="A person as JSON:", max_tokens=60,
-                                           temperature=temperature, response_format={"type": "json_object"},
+                                           temperature=temperature, response_format=fmt,
                                            extra_body={"speculative": {"method": "ngram"}})
             return r.choices[0].text
         return call
