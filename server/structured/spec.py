@@ -1,7 +1,8 @@
 """What a constrained request asks for, independent of the grammar engine.
 
-A :class:`StructuredSpec` is hashable and canonical (JSON schemas are re-serialised with
-sorted keys), so it is the compile cache's key. The compiled grammar rides along in
+A :class:`StructuredSpec` is hashable and canonical (JSON schemas are re-serialised compactly,
+keeping their key order, which decides the order of the generated properties), so it is the
+compile cache's key. The compiled grammar rides along in
 ``compiled`` once the API layer compiled it off the engine thread; equality and hashing ignore it.
 """
 from __future__ import annotations
@@ -36,7 +37,8 @@ class StructuredSpec:
                 raise ValueError(f"the JSON schema is not valid JSON: {e}") from None
         if not isinstance(schema, (dict, bool)):
             raise ValueError("the JSON schema must be a JSON object")
-        return cls("json_schema", json.dumps(schema, sort_keys=True, separators=(",", ":")))
+        # key order is kept: xgrammar generates properties in the order the schema lists them
+        return cls("json_schema", json.dumps(schema, separators=(",", ":")))
 
     @classmethod
     def choice(cls, choices: list) -> "StructuredSpec":

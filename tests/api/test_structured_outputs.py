@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from typing import Annotated
 
 import httpx
 import jsonschema
 import pytest
 from openai import AsyncOpenAI, BadRequestError, OpenAI
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from structured_schemas import SCHEMAS
 
@@ -88,15 +89,15 @@ def test_twenty_json_schemas_validate(server, model_name):
 
 
 class CalendarEvent(BaseModel):
-    name: str
-    day: int
-    participants: list[str]
+    name: str = Field(max_length=30)
+    day: int = Field(ge=1, le=31)
+    participants: list[Annotated[str, Field(max_length=20)]] = Field(max_length=3)
 
 
 def test_sdk_parse_returns_a_parsed_object(client):
     completion = client.chat.completions.parse(
-        model=MODEL, temperature=0, max_tokens=120,
-        messages=[{"role": "user", "content": "Alice and Bob go to a science fair on Friday."}],
+        model=MODEL, temperature=0, max_tokens=150,
+        messages=[{"role": "user", "content": "Alice and Bob go to a science fair on Friday the 5th."}],
         response_format=CalendarEvent)
     event = completion.choices[0].message.parsed
     assert isinstance(event, CalendarEvent)
