@@ -87,7 +87,9 @@ def main() -> int:
     from server.structured.spec import StructuredSpec
 
     streams = [int(s) for s in args.streams.split(",")]
-    llm = LLM(num_blocks=max(streams) * ((args.prompt_len + args.out_len) // 16 + 2) + 64)
+    max_len = 512
+    llm = LLM(max_model_len=max_len,
+              num_blocks=max(streams) * ((args.prompt_len + args.out_len) // 16 + 2) + max_len // 16 + 2)
     compiles = compile_times(llm)
     spec = StructuredSpec.json_schema(LONG_ARRAY)
     plain = SamplingParams(max_tokens=args.out_len, temperature=0, ignore_eos=True)
