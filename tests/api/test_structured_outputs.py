@@ -286,8 +286,8 @@ def test_constrained_request_leaves_batch_mates_unchanged(server, read_metric):
             "type": "json_schema", "json_schema": {"name": "light", "schema": SCHEMAS["traffic_light"]}}
         async def call(c):
             r = await c.completions.create(model=MODEL, prompt="A person as JSON:", max_tokens=60,
-                                           temperature=temperature, response_format=fmt,
-                                           extra_body={"speculative": {"method": "ngram"}})
+                                           temperature=temperature,
+                                           extra_body={"response_format": fmt, "speculative": {"method": "ngram"}})
             return r.choices[0].text
         return call
 
