@@ -16,7 +16,7 @@ from typing import Annotated
 import httpx
 import jsonschema
 import pytest
-from openai import AsyncOpenAI, BadRequestError, OpenAI
+from openai import AsyncOpenAI, OpenAI
 from pydantic import BaseModel, Field
 
 from structured_schemas import SCHEMAS
