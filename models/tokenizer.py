@@ -116,8 +116,13 @@ class Tokenizer:
     def set_chat_template(self, template: str) -> None:
         self.hf.chat_template = template
 
+    @property
+    def template_renders_tools(self) -> bool:
+        """Whether the chat template has a tools section (else tools are described in a system message)."""
+        return bool(self.hf.chat_template) and "tools" in self.hf.chat_template
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            template_kwargs: Optional[dict] = None) -> str:
+                            template_kwargs: Optional[dict] = None, tools: Optional[list] = None) -> str:
         """The prompt text; ``template_kwargs`` (e.g. Qwen3's ``enable_thinking``) are variables of the
         template. ValueError when there is no template or a kwarg would override one the call sets."""
         if not self.hf.chat_template:
@@ -127,7 +132,7 @@ class Tokenizer:
         if reserved:
             raise ValueError(f"chat_template_kwargs: {reserved[0]!r} is set by the server, not the request")
         return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                           **template_kwargs)
+                                           tools=tools, **template_kwargs)
 
 
 def read_chat_template(path: str) -> str:

@@ -112,6 +112,8 @@ SERVER_FLAGS = (
     _Flag("engine-stall-timeout", "server.engine_stall_timeout", float,
           "seconds without engine progress while requests are pending before /ready and /health report the "
           "engine stalled (default 120)"),
+    _Flag("tool-call-parser", "server.tool_call_parser", str, "how chat output is read for tool calls: hermes "
+          "(<tool_call>{...}</tool_call> blocks) or json (the whole reply is a call object)", ("hermes", "json")),
 )
 LOG_FLAGS = (
     _Flag("log-level", "server.log_level", str, "log verbosity", ("critical", "error", "warning", "info", "debug")),

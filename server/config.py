@@ -157,9 +157,11 @@ class ServerConfig:
     default_max_tokens: int = 4096  # chat requests without max_tokens: at most this (and what the context leaves)
     # the engine made no progress for this long while requests were pending: /ready and /health turn 503
     engine_stall_timeout: float = 120.0
+    tool_call_parser: str = "hermes"  # how chat output is read for tool calls: hermes | json
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port must be in [0, 65535]")
+        _check(self.tool_call_parser in ("hermes", "json"), "tool_call_parser must be hermes or json")
         _check(self.shutdown_timeout >= 0, "shutdown_timeout must be >= 0")
         _check(self.max_request_body_bytes >= 1024, "max_request_body_bytes must be >= 1024")
         _check(self.default_max_tokens >= 1, "default_max_tokens must be >= 1")

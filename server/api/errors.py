@@ -56,6 +56,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]
     loc = [str(p) for p in first.get("loc", ()) if p != "body" and not str(p)[:1].isupper()]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
+    if first.get("type") == "extra_forbidden":
+        msg = "unrecognized request argument (this server does not implement it)"
+    elif first.get("type") == "value_error":
+        msg = msg.removeprefix("Value error, ")
     return (f"{param}: {msg}" if param else msg), param
 
 

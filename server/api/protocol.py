@@ -6,8 +6,10 @@ Extensions follow vLLM (``top_k``, ``min_p``, ``repetition_penalty``, ``priority
 object maps field-for-field onto its option dataclass in ``server.engine.request``; the
 defaults live there, so only the fields a client sets are passed on.
 
-Unknown top-level fields are ignored (OpenAI clients send some we do not use); unknown
-fields inside our own extension objects are rejected, so a typo is never silent.
+Unknown fields are rejected everywhere (400 naming the field), so nothing a client asks for is
+silently dropped; OpenAI fields Sift does not implement are rejected with the reason, and a few
+harmless ones are accepted and ignored (``protocol_structured.IGNORED``). Structured outputs and
+tool-calling schemas live in ``protocol_structured.py``.
 """
 from __future__ import annotations
 
@@ -16,7 +18,10 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.api.protocol_structured import (MessageToolCall, ResponseFormat, ScreenedFields, StructuredOutputs, Tool,
+                                            ToolChoice, check_tools, constraint_of)
 from server.engine.request import EvictionOptions, SamplingParams, SkipOptions, SparsityOptions, SpecOptions
+from server.structured.tools import forced_call_spec
 
 
 class _Strict(BaseModel):
@@ -99,12 +104,15 @@ class TokenSkipping(_Strict):
 
 # ---- requests ----------------------------------------------------------------------------
 
-class StreamOptions(_Lenient):
+class StreamOptions(_Strict):
     include_usage: bool = False
+    include_obfuscation: Optional[bool] = None  # accepted and ignored: Sift adds no obfuscation padding
 
 
-class _SamplingRequest(_Lenient):
+class _SamplingRequest(ScreenedFields):
     """Fields shared by completions and chat completions."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     model: Optional[str] = None
     max_tokens: Optional[int] = None
@@ -133,13 +141,20 @@ class _SamplingRequest(_Lenient):
     kv_eviction: Optional[KVEviction] = None
     sparsity: Optional[Sparsity] = None
     token_skipping: Optional[TokenSkipping] = None
+    # structured outputs: OpenAI's response_format, or vLLM's structured_outputs object
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[StructuredOutputs] = None
+
+    def constraint(self) -> tuple:
+        """``(StructuredSpec or None, the field it came from)``; ValueError naming the field."""
+        return constraint_of(self.response_format, self.structured_outputs)
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    def _sampling_params(self, max_tokens: int, logprobs: Optional[int], prompt_logprobs: Optional[int] = None
-                         ) -> SamplingParams:
+    def _sampling_params(self, max_tokens: int, logprobs: Optional[int], prompt_logprobs: Optional[int] = None,
+                         structured=None) -> SamplingParams:
         """Raises ValueError naming the offending field."""
         if self.speculative == "none":
             spec = SpecOptions(method="none")
@@ -159,6 +174,7 @@ class _SamplingRequest(_Lenient):
             eviction=self.kv_eviction.to_options() if self.kv_eviction else None,
             sparsity=self.sparsity.to_options() if self.sparsity else None,
             skipping=self.token_skipping.to_options() if self.token_skipping else None,
+            structured=structured,
         )
 
 
@@ -171,18 +187,21 @@ class CompletionRequest(_SamplingRequest):
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         max_tokens = default_max_tokens if self.max_tokens is None else self.max_tokens
         prompt_logprobs = self.logprobs if (self.echo and self.logprobs is not None) else None
-        return self._sampling_params(max_tokens, self.logprobs, prompt_logprobs)
+        return self._sampling_params(max_tokens, self.logprobs, prompt_logprobs, self.constraint()[0])
 
 
-class TextPart(_Lenient):
+class TextPart(_Strict):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(_Lenient):
-    role: Literal["system", "developer", "user", "assistant"]
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[MessageToolCall]] = None  # assistant turns that called tools
+    tool_call_id: Optional[str] = None  # tool turns: the call they answer
+    refusal: Optional[str] = None  # echoed back by clients that resend our messages; ignored
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -197,18 +216,54 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: Optional[int] = None
     # variables of the chat template, e.g. {"enable_thinking": false} for Qwen3 (vLLM's extension)
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    tools: Optional[list[Tool]] = None
+    tool_choice: Optional[ToolChoice] = None
+    parallel_tool_calls: bool = True
+
+    def effective_tool_choice(self):
+        """``none`` | ``auto`` | ``required`` | a NamedToolChoice; ValueError naming the field."""
+        return check_tools(self.tools, self.tool_choice,
+                           constraint_of(self.response_format, self.structured_outputs)[0] is not None)
+
+    def forced_tool_spec(self):
+        choice = self.effective_tool_choice()
+        if choice in ("none", "auto"):
+            return None
+        return forced_call_spec(self.tool_dicts(), choice if choice == "required" else choice.model_dump(),
+                                self.parallel_tool_calls)
+
+    def tool_dicts(self) -> list[dict]:
+        return [t.model_dump(exclude_none=True) for t in self.tools or ()]
+
+    def constraint(self) -> tuple:
+        spec, field = super().constraint()
+        if spec is None:
+            forced = self.forced_tool_spec()
+            if forced is not None:
+                return forced, "tools"
+        return spec, field
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(default_max_tokens if max_tokens is None else max_tokens, logprobs)
+        return self._sampling_params(default_max_tokens if max_tokens is None else max_tokens, logprobs,
+                                     structured=self.constraint()[0])
 
     def chat_messages(self) -> list[dict]:
         # "developer" is OpenAI's newer name for the system role
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in self.messages]
+        out = []
+        for m in self.messages:
+            msg = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if m.tool_calls:
+                msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+            if m.tool_call_id is not None:
+                msg["tool_call_id"] = m.tool_call_id
+            if m.name is not None and m.role == "tool":
+                msg["name"] = m.name
+            out.append(msg)
+        return out
 
 
 class TokenizeRequest(_Lenient):

@@ -22,9 +22,11 @@ from server.api.errors import APIError, error_body
 from server.api.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                  CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse, ModelCard,
                                  ModelList, TokenizeRequest, TokenizeResponse)
-from server.api.serving import (ChoiceState, LogprobFormatter, SSEResponse, api_finish_reason,
-                                collect_unless_disconnected, abort_error_event, merged, sse, submit, usage)
+from server.api.serving import (ChoiceState, LogprobFormatter, SSEResponse, abort_error_event,
+                                api_finish_reason, collect_unless_disconnected, merged, sse, submit, usage)
+from server.api.tool_calls import ToolOutput
 from server.engine.async_engine import AsyncEngine
+from server.structured.tools import render_messages
 
 # Status 499 (client closed request): never seen by the client, only in the access log.
 CLIENT_CLOSED = 499
@@ -116,20 +118,26 @@ def check_admissible(engine: AsyncEngine, prompts: list, params) -> None:
             raise APIError(400, str(e), code="invalid_value") from None
 
 
-def render_chat(tok, messages: list[dict], template_kwargs: dict | None) -> str:
+def render_chat(tok, messages: list[dict], template_kwargs: dict | None, tools: list | None = None) -> str:
     """The chat prompt text; a missing template, a reserved kwarg or a template's own error is a 400."""
     from jinja2 import TemplateError
 
     try:
-        return tok.apply_chat_template(messages, add_generation_prompt=True, template_kwargs=template_kwargs)
+        return tok.apply_chat_template(messages, add_generation_prompt=True, template_kwargs=template_kwargs,
+                                       tools=tools)
     except (ValueError, TemplateError) as e:
         param = "chat_template_kwargs" if str(e).startswith("chat_template_kwargs") else "messages"
         raise APIError(400, f"cannot apply the chat template: {e}", param=param) from None
 
 
 def _params(body, default_max_tokens: int):
+    return _checked(body, body.to_sampling_params, default_max_tokens)
+
+
+def _checked(body, fn, *args):
+    """``fn(*args)``, its ValueError as a 400 naming the field the message starts with."""
     try:
-        return body.to_sampling_params(default_max_tokens)
+        return fn(*args)
     except ValueError as e:
         # SamplingParams' messages start with the field they reject ("temperature must be >= 0")
         words = str(e).split()
@@ -234,8 +242,8 @@ def reject_if_surely_too_long(engine: AsyncEngine, num_chars: int, param: str) -
                        code="invalid_value")
 
 
-def _encode_chat(tokenizer, messages: list, template_kwargs: dict | None = None) -> list:
-    return tokenizer.encode(render_chat(tokenizer, messages, template_kwargs), add_special_tokens=False)
+def _encode_chat(tokenizer, messages: list, template_kwargs: dict | None = None, tools: list | None = None) -> list:
+    return tokenizer.encode(render_chat(tokenizer, messages, template_kwargs, tools), add_special_tokens=False)
 
 
 def _encode_prompts(tokenizer, raw: list) -> list:
@@ -264,7 +272,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     prompts = await off_loop(_encode_prompts, tok, raw)
     check_admissible(engine, prompts, params)
     rid = f"cmpl-{uuid.uuid4().hex}"
-    streams = await submit(engine, rid, prompts, params, body.priority)
+    streams = await submit(engine, rid, prompts, params, body.priority, grammar_param=body.constraint()[1])
     n, model, created = params.n, engine.model_name, int(time.time())
     fmt = LogprobFormatter(tok)
 
@@ -336,17 +344,22 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     engine = serving_engine(request, body.model, body)
     tok = engine.tokenizer
-    messages = body.chat_messages()
-    reject_if_surely_too_long(engine, sum(len(m["content"]) for m in messages), "messages")
-    prompt = await off_loop(_encode_chat, tok, messages, body.chat_template_kwargs)
+    tool_choice = _checked(body, body.effective_tool_choice)
+    tools = body.tool_dicts() if tool_choice != "none" else None
+    parser = engine.config.server.tool_call_parser
+    native = tok.template_renders_tools
+    messages = render_messages(body.chat_messages(), tools, native, parser)
+    reject_if_surely_too_long(engine, sum(len(str(m.get("content") or "")) for m in messages), "messages")
+    prompt = await off_loop(_encode_chat, tok, messages, body.chat_template_kwargs, tools if native else None)
     # without max_tokens: what the context leaves, capped by --default-max-tokens
     default = min(engine.max_model_len - len(prompt), request.app.state.default_max_tokens)
     params = _params(body, default_max_tokens=max(1, default))
     check_admissible(engine, [prompt], params)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    streams = await submit(engine, rid, [prompt], params, body.priority)
+    streams = await submit(engine, rid, [prompt], params, body.priority, grammar_param=body.constraint()[1])
     model, created = engine.model_name, int(time.time())
     fmt = LogprobFormatter(tok)
+    tool_out = ToolOutput(tool_choice, tools or [], parser)
 
     if body.stream:
         def chunk(choices: list, **extra) -> str:
@@ -358,6 +371,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
 
         async def events() -> AsyncIterator[str]:
             output_tokens = [0] * len(streams)
+            tool_streams = [tool_out.streamer() for _ in streams] if tool_out.active else None
             for k in range(len(streams)):
                 yield chunk([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
@@ -368,13 +382,24 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
                     break
                 aborted |= out.finish_reason == "abort"
                 output_tokens[k] = out.num_output_tokens
-                if out.new_text or out.new_token_ids:
+                finish_reason = out.finish_reason
+                if tool_streams is not None:
+                    # tool calls: the parser decides what is content; logprobs ride on the first delta
+                    logprobs = fmt.chat(out.new_token_ids, out.new_logprobs) if body.logprobs else None
+                    deltas = tool_streams[k].feed(out.new_text)
+                    if out.finished:
+                        more, finish_reason = tool_streams[k].finish(out.finish_reason)
+                        deltas += more
+                    for delta in deltas:
+                        yield chunk([{"index": k, "delta": delta, "logprobs": logprobs, "finish_reason": None}])
+                        logprobs = None
+                elif out.new_text or out.new_token_ids:
                     logprobs = fmt.chat(out.new_token_ids, out.new_logprobs) if body.logprobs else None
                     yield chunk([{"index": k, "delta": {"content": out.new_text}, "logprobs": logprobs,
                                   "finish_reason": None}])
                 if out.finished:
                     yield chunk([{"index": k, "delta": {}, "logprobs": None,
-                                  "finish_reason": api_finish_reason(out.finish_reason)}])
+                                  "finish_reason": api_finish_reason(finish_reason)}])
             else:
                 if aborted:
                     yield sse(abort_error_event())
@@ -387,10 +412,16 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     choices: list[ChoiceState] | None = await collect_unless_disconnected(request, streams)
     if choices is None:
         return Response(status_code=CLIENT_CLOSED)
+    out_choices = []
+    for k, c in enumerate(choices):
+        message, finish_reason = {"role": "assistant", "content": "".join(c.text)}, c.finish_reason
+        if tool_out.active:
+            message, finish_reason = tool_out.message("".join(c.text), c.finish_reason)
+        out_choices.append({"index": k, "message": message,
+                            "logprobs": fmt.chat(c.token_ids, c.logprobs) if body.logprobs else None,
+                            "finish_reason": api_finish_reason(finish_reason)})
     return JSONResponse({
         "id": rid, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": k, "message": {"role": "assistant", "content": "".join(c.text)},
-                     "logprobs": fmt.chat(c.token_ids, c.logprobs) if body.logprobs else None,
-                     "finish_reason": api_finish_reason(c.finish_reason)} for k, c in enumerate(choices)],
+        "choices": out_choices,
         "usage": usage([prompt], [c.num_output_tokens for c in choices]),
     })

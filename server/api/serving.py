@@ -57,11 +57,18 @@ def to_api_error(exc: Exception) -> APIError:
 
 
 async def submit(engine: AsyncEngine, base_id: str, prompts: list, params: SamplingParams,
-                 priority: int) -> list[RequestStream]:
+                 priority: int, grammar_param: Optional[str] = None) -> list[RequestStream]:
     """Admit ``len(prompts) * params.n`` engine requests (seed + i per sample), all or none.
 
-    Stream ``k`` belongs to prompt ``k // n``; it is also the OpenAI choice index.
+    Stream ``k`` belongs to prompt ``k // n``; it is also the OpenAI choice index. A grammar
+    constraint is compiled first (cached; off the engine thread); one that does not compile is a
+    400 naming ``grammar_param``.
     """
+    if params.structured is not None:
+        try:
+            params = replace(params, structured=await engine.compile_grammar(params.structured))
+        except ValueError as e:
+            raise APIError(400, str(e), param=grammar_param, code="invalid_grammar") from None
     n = params.n
     subs = [replace(params, n=1, seed=None if params.seed is None else params.seed + i) for i in range(n)]
     results = await asyncio.gather(

@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional
 
@@ -27,6 +28,7 @@ from server.engine.core_loop import STOP, Abort, Add, Batch, CoreLoop, final_out
 from server.engine.metrics import EngineMetrics
 from server.engine.outputs import RequestOutput
 from server.engine.request import SamplingParams
+from server.structured.spec import StructuredSpec
 
 logger = logging.getLogger("sift.engine")
 
@@ -111,6 +113,10 @@ class AsyncEngine:
         self._core_engine = None  # the synchronous engine, only to read the ids of the step it is in
         self._stall_logged = False
         self._watchdog: Optional[asyncio.Task] = None
+        # grammar compilation happens here, before a request enters the engine's queue, so the core
+        # thread keeps stepping while a schema compiles (one worker: compiles are short and cached)
+        self._grammar_pool: Optional[ThreadPoolExecutor] = None
+        self.grammars = None  # server.structured.compiler.GrammarCompiler, built on the first constrained request
 
     def _default_factory(self):
         from server.engine.llm_engine import LLMEngine
@@ -194,6 +200,8 @@ class AsyncEngine:
         if self._thread is not None and self._thread.is_alive():
             self._inputs.put(STOP)
             await asyncio.to_thread(self._thread.join, 10.0)
+        if self._grammar_pool is not None:
+            self._grammar_pool.shutdown(wait=False)
 
     # ---- requests --------------------------------------------------------------------------
 
@@ -227,6 +235,31 @@ class AsyncEngine:
         if isinstance(ack, RequestOutput):  # finished (drain timeout, dead core) before admission
             tracked.queue.put_nowait(ack)
         return RequestStream(self, request_id, tracked)
+
+    async def compile_grammar(self, spec: StructuredSpec) -> StructuredSpec:
+        """``spec`` with its compiled grammar attached: from the cache inline, else compiled on a worker thread.
+        Raises ``GrammarError`` (a ValueError) with the reason when it cannot compile."""
+        if spec.compiled is not None:
+            return spec
+        if self.grammars is not None:
+            compiled = self.grammars.cached(spec)
+            if compiled is not None:
+                self.metrics.grammar_cache_hits.inc()
+                return StructuredSpec(spec.kind, spec.value, compiled=compiled)
+        if self._grammar_pool is None:
+            self._grammar_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sift-grammar")
+        compiled, seconds = await asyncio.get_running_loop().run_in_executor(self._grammar_pool, self._compile, spec)
+        if seconds:
+            self.metrics.grammar_compile.observe(seconds)
+        else:
+            self.metrics.grammar_cache_hits.inc()
+        return StructuredSpec(spec.kind, spec.value, compiled=compiled)
+
+    def _compile(self, spec: StructuredSpec) -> tuple:
+        if self.grammars is None:  # the tokenizer info takes ~0.2 s to build: once, on this worker
+            from server.structured.compiler import GrammarCompiler
+            self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.tokenizer.eos_token_ids)
+        return self.grammars.get(spec)
 
     async def generate(self, request_id: str, prompt_token_ids: list, params: SamplingParams,
                        priority: int = 0) -> AsyncIterator[RequestOutput]:

@@ -131,7 +131,9 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._pending: list[RequestOutput] = []
         self.current_step_ids: tuple = ()  # request ids of the step being run (the watchdog names them)
-        self.counters = {"prompt_tokens": 0, "generation_tokens": 0}
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "structured_requests": 0,
+                         "structured_spec_disabled": 0}
+        self._grammars = None  # GrammarCompiler for offline callers, built on first use
         logger.info("engine ready in %.1fs: %s on %s/%s, backend=%s, KV pool %d blocks x %d tokens (%.1f MiB)",
                     time.perf_counter() - t0, self.model_name, self.device, str(self.dtype).replace("torch.", ""),
                     self.backend.name, num_blocks, cc.block_size, num_blocks * per_block / 2**20)
@@ -158,11 +160,30 @@ class LLMEngine:
         skip = skipping.resolve_options(params.skipping, self.default_skipping)
         if skip is not None:
             req.state["skipping"] = skip
+        if params.structured is not None:
+            self._attach_grammar(req)
         self.eviction.attach(req)
         self.speculator.attach(req)
         self.scheduler.add_request(req)
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, params.stop,
                                                          params.skip_special_tokens)
+
+    def _attach_grammar(self, req: Request) -> None:
+        """A matcher for the request's grammar. The API compiles grammars before admission (off this thread);
+        offline callers (``LLM.generate``) hand in an uncompiled spec, compiled here once and cached."""
+        from server.structured.masks import GrammarState
+
+        spec = req.params.structured
+        compiled = spec.compiled
+        if compiled is None:
+            if self._grammars is None:
+                from server.structured.compiler import GrammarCompiler
+                self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
+            compiled = self._grammars.get(spec)[0]
+        req.state["grammar"] = GrammarState(compiled)
+        self.counters["structured_requests"] += 1
+        if (req.params.speculative or self.speculator.default).method != "none":
+            self.counters["structured_spec_disabled"] += 1  # see can_speculate: constrained requests run plain
 
     @staticmethod
     def _exact_kv_tokens(req: Request) -> int:
@@ -324,5 +345,6 @@ class LLMEngine:
             **self.speculator.stats,
             **self.runner.sparse_planner.counters,
             **self.runner.skip_planner.counters,
+            **self.runner.structured_counters,
             **self.counters,
         }

@@ -36,7 +36,13 @@ _CUMULATIVE = {
     "sparse_decode_tokens": ("sift:sparse_decode_tokens", "Decode tokens that attended sparsely (quest, tidal, loki, pruned reads)."),
     "skip_prefill_tokens": ("sift:token_skip_prefill_tokens", "Prompt tokens prefilled with token skipping."),
     "skip_token_blocks": ("sift:token_skip_skipped_blocks", "Token-block computations skipped (attention + MLP)."),
+    "structured_requests": ("sift:structured_requests", "Requests admitted with a grammar constraint."),
+    "structured_spec_disabled": ("sift:structured_spec_disabled",
+                                 "Constrained requests that ran without the speculation they would otherwise use."),
+    "structured_mask_seconds": ("sift:structured_mask_seconds",
+                                "Seconds spent filling and applying grammar token bitmasks in the sampler."),
 }
+COMPILE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # engine stats() key -> gauge name
 _GAUGES = {
     "num_running": ("sift:num_requests_running", "Requests in the running batch."),
@@ -75,6 +81,11 @@ class EngineMetrics:
         self.queue_time = Histogram("sift:request_queue_time_seconds",
                                     "Arrival to the start of the step that produced the first token.",
                                     labels, buckets=REQUEST_BUCKETS, registry=reg).labels(model_name)
+        self.grammar_compile = Histogram("sift:grammar_compile_seconds",
+                                         "Grammar compile time (cache misses; compiled off the engine thread).",
+                                         labels, buckets=COMPILE_BUCKETS, registry=reg).labels(model_name)
+        self.grammar_cache_hits = Counter("sift:grammar_cache_hits", "Grammar compilations served from the cache.",
+                                          labels, registry=reg).labels(model_name)
         # Last cumulative values seen from the engine, to turn them into counter increments.
         self._last: dict = {}
         self._last_per_pos: list = []

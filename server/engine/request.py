@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from server.structured.spec import StructuredSpec
+
 # Below this temperature sampling is greedy: dividing logits by a tinier one overflows float32 (vLLM's rule).
 SAMPLING_EPS = 1e-5
 
@@ -160,11 +162,16 @@ class SamplingParams:
     eviction: Optional[EvictionOptions] = None
     sparsity: Optional[SparsityOptions] = None
     skipping: Optional[SkipOptions] = None
+    structured: Optional[StructuredSpec] = None  # a grammar constraint (JSON schema, regex, choice, grammar)
 
     def __post_init__(self) -> None:
         _finite("", temperature=self.temperature, top_p=self.top_p, min_p=self.min_p,
                 presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                 repetition_penalty=self.repetition_penalty)
+        if self.structured is not None and (self.ignore_eos or self.min_tokens):
+            # the grammar ends by allowing only EOS; both would force tokens past its end
+            raise ValueError(f"{'ignore_eos' if self.ignore_eos else 'min_tokens'}: not supported with "
+                             "structured outputs")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError("max_tokens must be an integer >= 1")
         if self.temperature < 0:

@@ -34,6 +34,7 @@ class ModelRunner:
         self.kv_caches = model.make_kv_caches(num_blocks, block_size, dtype, device)
         self.sparse_planner = SparsePlanner(self.kv_caches, block_size)
         self.skip_planner = SkipPlanner(num_layers)
+        self.structured_counters = {"structured_mask_seconds": 0.0}  # grammar bitmask fill + apply time
 
     @staticmethod
     def kv_bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
@@ -159,6 +160,7 @@ class ModelRunner:
                 self.speculator.learn_plain(logits, list(zip(sampling, sample_rows)), requests)
             reqs: list[Request] = [requests[s.request_id] for s in sampling]
             res = sample(logits[sample_rows], reqs)
+            self.structured_counters["structured_mask_seconds"] += res.mask_seconds
             for i, s in enumerate(sampling):
                 out.sampled[s.request_id] = [res.token_ids[i]]
                 if res.logprobs is not None and res.logprobs[i] is not None:

@@ -3,6 +3,10 @@
 Logprobs are reported from the raw model distribution (log_softmax of the
 logits before penalties and temperature), as vLLM does by default.
 
+Grammar constraints: rows whose request carries a ``GrammarState`` (``state['grammar']``) get
+their token bitmask applied after the penalties (``server.structured.masks``), and their matcher
+advances by the chosen token; the other rows are untouched.
+
 Reproducibility: each request owns a CPU ``torch.Generator``; its random draw is
 made from that generator alone (an exponential race over the vocabulary), so a
 seeded request samples the same tokens whatever its batch mates are.
@@ -15,6 +19,7 @@ from typing import Optional
 import torch
 
 from server.engine.request import Request
+from server.structured.masks import apply_masks
 
 Tensor = torch.Tensor
 
@@ -23,6 +28,7 @@ Tensor = torch.Tensor
 class SampleResult:
     token_ids: list  # one per row
     logprobs: Optional[list]  # per row: (logprob of the chosen token, [(id, logprob), ...]) or None
+    mask_seconds: float = 0.0  # time spent filling and applying grammar bitmasks
 
 
 def check_sampling_row(params, vocab_size: int) -> None:
@@ -92,6 +98,10 @@ def sample(logits: Tensor, reqs: list[Request], penalties: bool = True) -> Sampl
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in want_lp) else None
     if penalties:
         logits = apply_penalties(logits, reqs)
+    constrained = [i for i, r in enumerate(reqs) if "grammar" in r.state]
+    mask_seconds = 0.0
+    if constrained:
+        mask_seconds = apply_masks(logits, constrained, [reqs[i].state["grammar"] for i in constrained])
     greedy = torch.tensor([r.params.greedy for r in reqs], device=logits.device)
     tokens = logits.argmax(dim=-1)
     if not bool(greedy.all()):
@@ -109,12 +119,14 @@ def sample(logits: Tensor, reqs: list[Request], penalties: bool = True) -> Sampl
         for j, req in enumerate(sub):
             tokens[rows[j]] = draw(probs[j], req.generator)
     token_list = tokens.tolist()
+    for i in constrained:
+        reqs[i].state["grammar"].accept(token_list[i])
     lps = None
     if raw_logprobs is not None:
         lps = []
         for i, k in enumerate(want_lp):
             lps.append(None if k is None else token_logprobs(raw_logprobs[i], token_list[i], k))
-    return SampleResult(token_list, lps)
+    return SampleResult(token_list, lps, mask_seconds)
 
 
 def draw(probs: Tensor, generator: Optional[torch.Generator]) -> int:
@@ -122,7 +134,9 @@ def draw(probs: Tensor, generator: Optional[torch.Generator]) -> int:
     # the uniforms come from the request's generator, which lives on the CPU (so a seed gives the same draws
     # on every device): draw there, compute where the probabilities are
     u = torch.rand(probs.shape[-1], generator=generator, dtype=torch.float32).to(probs.device)
-    e = -torch.log1p(-u)
+    # clamped: torch.rand can return 0, and 0/0 = nan would win argmax for a token of probability 0 (one
+    # that top-k/top-p or a grammar mask excluded)
+    e = (-torch.log1p(-u)).clamp_min(1e-30)
     return int((probs / e).argmax())
 
 

@@ -37,9 +37,10 @@ class SpecState:
 
 def can_speculate(params) -> bool:
     """Speculation keeps exactness only where the next-token distribution does not depend on the
-    tokens drafted before it in the same step: no penalties, no logit bias, no min_tokens."""
+    tokens drafted before it in the same step: no penalties, no logit bias, no min_tokens. A grammar-constrained
+    request does not speculate either (its drafts are not checked against the grammar)."""
     return (params.repetition_penalty == 1.0 and not params.presence_penalty and not params.frequency_penalty
-            and not params.logit_bias and params.min_tokens == 0)
+            and not params.logit_bias and params.min_tokens == 0 and params.structured is None)
 
 
 # plain decode rows that teach Token Recycling's table per step (learn_plain): a top-k over the vocabulary
