@@ -24,7 +24,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf.quants import Q4_K, dequantize
 
-from models.quant import GroupQuant
+from models.quant import GroupQuant, is_quantizable, quantize_int8_blocks, quantize_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -84,15 +84,6 @@ def q4_k(blocks: np.ndarray, n: int, k: int) -> Optional[GroupQuant]:
     return GroupQuant(codes, scale.reshape(n, k // 32), zero.reshape(n, k // 32), 32, 4)
 
 
-def quantize_int8_blocks(w: torch.Tensor, group_size: int = 32) -> GroupQuant:
-    """Symmetric int8 with one scale per ``group_size`` inputs (for types no kernel takes as stored)."""
-    n, k = w.shape
-    groups = w.float().reshape(n, k // group_size, group_size)
-    scale = (groups.abs().amax(dim=2) / 127).clamp(min=1e-12)
-    codes = (groups / scale[..., None]).round().clamp(-127, 127).to(torch.int8).reshape(n, k)
-    return GroupQuant(codes, scale, None, group_size, 8)
-
-
 _REPACK = {T.Q4_0: q4_0, T.Q4_1: q4_1, T.Q8_0: q8_0, T.Q4_K: q4_k}
 
 
@@ -115,3 +106,17 @@ def repack(raw: np.ndarray, qtype: T, shape: tuple, name: str = "") -> Optional[
         return None
     values = torch.from_numpy(dequantize(raw.reshape(n, -1), qtype)).reshape(n, k)
     return quantize_int8_blocks(values)
+
+
+def gguf_quantized(raw: np.ndarray, qtype: T, shape: tuple, name: str, hf_name: str, method: str,
+                   group_size: int, dequantized) -> Optional[GroupQuant]:
+    """What ``--quantization`` makes of one GGUF tensor: ``auto`` keeps its blocks (:func:`repack`), ``int8``/
+    ``int4`` requantize its dequantized values (``dequantized()``) like an HF weight's, ``none`` (and any
+    1-D tensor) None: dequantized to floating point."""
+    if method == "none" or len(shape) != 2:
+        return None
+    if method == "auto":
+        return repack(raw, qtype, shape, name)
+    if not is_quantizable(hf_name, shape):
+        return None
+    return quantize_tensor(dequantized(), method, group_size)

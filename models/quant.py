@@ -62,6 +62,11 @@ class GroupQuant:
     def offset(self) -> int:
         return 8 if self.bits == 4 else 0
 
+    def map_rows(self, fn) -> "GroupQuant":
+        """The same weight with its rows rearranged by ``fn`` (applied to codes, scale and zero alike)."""
+        return GroupQuant(fn(self.codes), fn(self.scale), None if self.zero is None else fn(self.zero),
+                          self.group_size, self.bits)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The plain-torch reference: the kernels' own formula, ``fma(codes - offset, scale, zero)``."""
         scale = self.scale.float().repeat_interleave(self.group_size, dim=1)
@@ -75,15 +80,34 @@ class GroupQuant:
         kwargs = kwargs or {}
         parts = args[0] if args else kwargs.get("tensors")
         dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-        if func is not torch.cat or dim != 0 or not all(isinstance(p, GroupQuant) for p in parts):
+        if func is not torch.cat or dim != 0:
             return NotImplemented
         first = parts[0]
-        if any((p.group_size, p.bits, p.zero is None) != (first.group_size, first.bits, first.zero is None)
-               for p in parts):
-            raise ValueError("cannot fuse quantized weights of different formats")
+        if any(not isinstance(p, GroupQuant) or (p.group_size, p.bits, p.zero is None)
+               != (first.group_size, first.bits, first.zero is None) for p in parts):
+            return _fuse_mixed(parts)
         return GroupQuant(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
                           None if first.zero is None else torch.cat([p.zero for p in parts]),
                           first.group_size, first.bits)
+
+
+def _fuse_mixed(parts: list) -> GroupQuant:
+    """Rows of different formats fused into one product (a GGUF Q4_K_M stores attn_v as Q6_K beside Q4_K
+    q and k): requantized together to int8 blocks of 32 (a step under a quarter of any 4-6 bit type's)."""
+    values = torch.cat([p.dequantize() if isinstance(p, GroupQuant) else p.float() for p in parts])
+    logger.info("fusing %s weights: requantized to int8 blocks of 32",
+                "/".join(f"int{p.bits}-g{p.group_size}" if isinstance(p, GroupQuant) else str(p.dtype)
+                         for p in parts))
+    return quantize_int8_blocks(values, 32)
+
+
+def quantize_int8_blocks(w: Tensor, group_size: int = 32) -> GroupQuant:
+    """Symmetric int8 with one scale per ``group_size`` inputs (for GGUF types no kernel takes as stored)."""
+    n, k = w.shape
+    groups = w.float().reshape(n, k // group_size, group_size)
+    scale = (groups.abs().amax(dim=2) / 127).clamp(min=1e-12)
+    codes = (groups / scale[..., None]).round().clamp(-127, 127).to(torch.int8).reshape(n, k)
+    return GroupQuant(codes, scale, None, group_size, 8)
 
 
 def quantize_int8(w: Tensor) -> GroupQuant:
@@ -302,3 +326,60 @@ class QuantizedEmbedding(nn.Module):
     def weight(self) -> Tensor:
         """The whole table dequantized (for one-off readers: LANTERN's neighbour table)."""
         return self.quant().dequantize(self.dtype)
+
+
+# ---------------------------------------------------------------- loading
+
+def quantize_tensor(w: Tensor, method: str, group_size: int) -> GroupQuant:
+    """An HF (or dequantized) [N, K] weight quantized at load: ``method`` int8 or int4."""
+    if method == "int8":
+        return quantize_int8(w)
+    return quantize_int4(w, int4_group_size(group_size, w.shape[1]))
+
+
+def is_quantizable(name: str, shape: tuple) -> bool:
+    """Weights that ``--quantization int8/int4`` quantizes: 2-D linear weights, not embeddings or norms."""
+    return len(shape) == 2 and name.endswith("weight") and "embed" not in name and "norm" not in name
+
+
+def install_quantized(model: nn.Module, dtype: torch.dtype, device: torch.device) -> int:
+    """Swap every module that ``load_weights`` handed a :class:`GroupQuant` (``module.quantized``) for its
+    quantized form; a tied LM head over a quantized embedding gets its own quantized product. Returns the
+    number of modules swapped."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            q = child.__dict__.pop("quantized", None)
+            if q is None:
+                continue
+            if isinstance(child, nn.Embedding):
+                new = QuantizedEmbedding(q, dtype, device)
+            elif isinstance(child, nn.Linear):
+                new = quantized_linear(q, dtype, device, None if child.bias is None else child.bias.data)
+            else:
+                raise TypeError(f"no quantized form of {type(child).__name__}")
+            setattr(parent, name, new)
+            swapped += 1
+    if getattr(model, "lm_head", False) is None and isinstance(getattr(model, "embed_tokens", None),
+                                                                QuantizedEmbedding):
+        model.lm_head = quantized_linear(model.embed_tokens.quant(), dtype, device)
+    return swapped
+
+
+def hold_quantized(module: nn.Module, name: str, q: GroupQuant) -> None:
+    """What a model's ``load_weights`` does with a quantized tensor: keep it on the module for
+    :func:`install_quantized`, with an empty placeholder parameter on the weights' device (so code that
+    reads the parameter's device, as the rotary cache's placement does, still finds it)."""
+    module.quantized = q
+    setattr(module, name, nn.Parameter(torch.empty(0, device=q.codes.device), requires_grad=False))
+
+
+def quantize_linears(model: nn.Module, method: str, group_size: int, dtype: torch.dtype,
+                     device: torch.device) -> int:
+    """Quantize a loaded model's float linear layers in place (for random-weight ``dummy`` loads)."""
+    from models.layers import Linear
+
+    for module in model.modules():
+        if isinstance(module, Linear) and module.weight.device.type != "meta":
+            module.quantized = quantize_tensor(module.weight.data, method, group_size)
+    return install_quantized(model, dtype, device)

@@ -9,7 +9,7 @@ trees for the scheduler (``plan`` / ``propose``), and verifies the trees' logits
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -76,7 +76,7 @@ SHADOW_REALISM_EVERY = 32
 
 
 class Speculator:
-    def __init__(self, config: SpecConfig, vocab_size: int, embedding: Optional[Tensor] = None,
+    def __init__(self, config: SpecConfig, vocab_size: int, embedding: Optional[Union[Tensor, Callable[[], Tensor]]] = None,
                  model_name: str = "model", measure: Optional[Callable[[int, int], float]] = None):
         self.default = SpecOptions(method=config.method, num_draft_tokens=config.num_draft_tokens)
         self.vocab_size = vocab_size
@@ -287,7 +287,9 @@ class Speculator:
 
     def nearest(self, device: torch.device) -> Tensor:
         if self._nearest is None:
-            self._nearest = nearest_neighbours(self.embedding, self.model_name).to(device)
+            # a callable: a quantized embedding dequantizes its table only when LANTERN first needs it
+            embedding = self.embedding() if callable(self.embedding) else self.embedding
+            self._nearest = nearest_neighbours(embedding, self.model_name).to(device)
         return self._nearest
 
     @property

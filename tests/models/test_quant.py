@@ -88,8 +88,11 @@ def test_cat_fuses_rows_like_tensors():
     fused = torch.cat([a, b])
     assert isinstance(fused, GroupQuant) and fused.shape == (768, 576)
     assert torch.equal(fused.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
-    with pytest.raises(ValueError):
-        torch.cat([a, quantize_int4(_weight(192, 576, 6), 64)])
+    mixed = torch.cat([a, quantize_int4(_weight(192, 576, 6), 64), _weight(64, 576, 7)])  # Q4_K_M's attn_v
+    assert mixed.bits == 8 and mixed.group_size == 32 and mixed.shape == (832, 576)
+    step = mixed.scale.repeat_interleave(32, dim=1)
+    exact = torch.cat([a.dequantize(), quantize_int4(_weight(192, 576, 6), 64).dequantize(), _weight(64, 576, 7)])
+    assert bool(((mixed.dequantize() - exact).abs() <= step * (0.5 + 1e-5)).all())
 
 
 def _q8_blocks(n: int, k: int, seed: int) -> GroupQuant:
