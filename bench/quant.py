@@ -68,15 +68,21 @@ def decode_rate(llm, batch: list, tokens: int) -> float:
     return (sum(produced.values()) - start_tokens) / (time.perf_counter() - t)
 
 
-def measure_rss(name: str) -> float:
-    """VmRSS after load of one configuration, in a fresh process."""
-    code = (f"from bench.quant import make_llm, rss_mib; llm = make_llm({name!r}, 64); "
-            f"print('RSS', rss_mib())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.getcwd())
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RSS")), None)
-    if line is None:
-        raise RuntimeError(f"{name}: {out.stderr[-2000:]}")
-    return float(line.split()[1])
+def measure_rss(names: list) -> dict:
+    """VmRSS after load of each configuration, each in a fresh process (run side by side)."""
+    procs = {}
+    for name in names:
+        code = f"from bench.quant import make_llm, rss_mib; llm = make_llm({name!r}, 64); print('RSS', rss_mib())"
+        procs[name] = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True, cwd=os.getcwd(), env=dict(os.environ, TQDM_DISABLE="1"))
+    out = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate()
+        line = next((ln for ln in stdout.splitlines() if ln.startswith("RSS")), None)
+        if line is None:
+            raise RuntimeError(f"{name}: {stderr[-2000:]}")
+        out[name] = float(line.split()[1])
+    return out
 
 
 def main() -> None:
@@ -90,7 +96,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    rss = {name: measure_rss(name) for name in args.configs}
+    rss = measure_rss(args.configs)
     llms = {name: make_llm(name, num_blocks=max(args.streams) * (args.prompt_len + args.decode_tokens) // 16 + 64)
             for name in args.configs}
     batch = prompts(next(iter(llms.values())).tokenizer, max(args.streams), args.prompt_len)
