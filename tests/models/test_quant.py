@@ -10,6 +10,7 @@ from models.quant import (GroupQuant, Int4Linear, Int8BlockLinear, Int8Linear, Q
 
 # (out, in) of SmolLM2-135M's products: fused qkv, fused gate/up, down, and the LM head's input width
 SHAPES = [(960, 576), (3072, 576), (576, 1536)]
+CPU = torch.device("cpu")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -141,3 +142,23 @@ def test_embedding_rows_dequantize_exactly(q):
     ids = torch.tensor([[0, 299, 5], [5, 17, 2]])
     assert torch.equal(emb(ids), q.dequantize()[ids])
     assert torch.equal(emb.weight, q.dequantize())
+
+
+def test_dummy_weights_quantize_in_place():
+    """``--load-format dummy --quantization int4``: random float linears swapped for quantized ones."""
+    from models.llama import LlamaForCausalLM
+    from models.loader import _random_weights
+    from models.quant import quantize_linears
+    from models.registry import ArchConfig
+
+    arch = ArchConfig("LlamaForCausalLM", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(arch)
+    _random_weights(model, torch.float32, CPU)
+    x = torch.randn(3, 64)
+    ref = model.layers[0].mlp(x)
+    assert quantize_linears(model, "int4", 32, torch.float32, CPU) == 2 * 4 + 1
+    assert isinstance(model.layers[0].mlp.gate_up_proj, Int4Linear) and isinstance(model.lm_head, Int4Linear)
+    torch.testing.assert_close(model.layers[0].mlp(x), ref, rtol=0.1, atol=0.05)
