@@ -30,7 +30,7 @@ def make_llm(name: str, num_blocks: int):
     from server.engine.llm import LLM
 
     quantization, dtype = CONFIGS[name]
-    return LLM(quantization=quantization, dtype=dtype, num_blocks=num_blocks, max_num_seqs=64)
+    return LLM(quantization=quantization, dtype=dtype, num_blocks=num_blocks, max_num_seqs=64, max_model_len=512)
 
 
 def rss_mib() -> float:

@@ -90,7 +90,8 @@ def run_gguf(args) -> dict:
     outputs = {}
     for method in ("none", "auto"):
         t = time.perf_counter()
-        llm = LLM(quantization=method, dtype="float32", num_blocks=args.num_blocks, max_num_batched_tokens=4096)
+        llm = LLM(quantization=method, dtype="float32", num_blocks=args.num_blocks, max_num_batched_tokens=4096,
+                  max_model_len=2048)
         load_s = time.perf_counter() - t
         tok = llm.tokenizer
         ppl = {name: perplexity(llm, ids) for name, ids in texts(tok, args.tokens).items()}
@@ -115,10 +116,10 @@ def run_hf(args) -> dict:
         path = args.hf_dir
         if path is None:
             path = tmp
-            make_tiny_hf(path, LLM(num_blocks=8).tokenizer)
+            make_tiny_hf(path, LLM(num_blocks=160, max_model_len=2048).tokenizer)
         for method in ("none", "int8", "int4"):
             llm = LLM(model=path, quantization=method, dtype="float32", num_blocks=args.num_blocks,
-                      max_num_batched_tokens=4096, quantization_group_size=args.group_size)
+                      max_num_batched_tokens=4096, quantization_group_size=args.group_size, max_model_len=2048)
             res[method] = {name: perplexity(llm, ids) for name, ids in texts(llm.tokenizer, args.tokens).items()}
             del llm
     res["ppl_change"] = {m: {k: res[m][k] / res["none"][k] - 1 for k in res["none"]} for m in ("int8", "int4")}
