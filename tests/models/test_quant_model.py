@@ -54,6 +54,7 @@ def test_gguf_int4_perplexity_within_half_a_percent(quantized, ours, texts, text
     assert abs(ppl_q / ppl_f - 1) < 0.005, (ppl_q, ppl_f)
 
 
+@pytest.mark.slow  # 2 x 3 x 32 one-token steps; the 20-prompt measurement is bench/quant_quality.py
 def test_gguf_int4_greedy_matches_float(quantized, ours, one_sequence):
     prompts = humaneval_prompts(ours.tokenizer, 3)
     same = [one_sequence(quantized.model, len(p) + 32).greedy(p, 32, ()) ==
@@ -79,6 +80,7 @@ def tiny_hf(tmp_path_factory, ours):
     return str(path)
 
 
+@pytest.mark.slow  # writes and loads a checkpoint three times; bench/quant_quality.py measures the same
 def test_hf_checkpoint_quantized_at_load(tiny_hf, texts, one_sequence):
     ids = texts["pydoc"][:256]
     ppl = {}
