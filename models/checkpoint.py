@@ -81,8 +81,10 @@ class CheckpointWeights(MutableMapping):
     checkpoint's unexpected tensors.
     """
 
-    def __init__(self, files: WeightFiles, dtype: torch.dtype, device):
+    def __init__(self, files: WeightFiles, dtype: torch.dtype, device, transform=None):
+        """``transform(name, tensor)``: applied to each tensor once converted (e.g. quantizing it at load)."""
         self.files, self.dtype, self.device = files, dtype, torch.device(device)
+        self.transform = transform
         self._handles: dict = {}  # safetensors file -> open safe_open handle (an mmap, no tensor data)
         self._ready: dict = {}  # .bin: converted tensors of shards already read, until taken
         self._done_shards: set = set()
@@ -113,8 +115,9 @@ class CheckpointWeights(MutableMapping):
                 raise ModelLoadError(f"cannot read {os.path.basename(file)}: {e}") from None
         return self._handles[file]
 
-    def _convert(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
+    def _convert(self, name: str, t: torch.Tensor):
+        t = t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
+        return t if self.transform is None else self.transform(name, t)
 
     def _read_bin(self, file: str) -> dict:
         """A whole .bin shard, each tensor converted; the host copy of the shard is dropped on return."""
@@ -124,14 +127,14 @@ class CheckpointWeights(MutableMapping):
             raise ModelLoadError(f"cannot read {os.path.basename(file)}: {str(e).splitlines()[0]}") from None
         if not isinstance(shard, dict) or not all(isinstance(t, torch.Tensor) for t in shard.values()):
             raise ModelLoadError(f"{os.path.basename(file)} is not a state dict of tensors")
-        return {name: self._convert(shard.pop(name)) for name in list(shard)}
+        return {name: self._convert(name, shard.pop(name)) for name in list(shard)}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         file = self._where[name]  # KeyError for a name the checkpoint lacks
         if self.files.format == "safetensors":
             handle = self._handle(file)
             try:
-                return self._convert(handle.get_tensor(name))
+                return self._convert(name, handle.get_tensor(name))
             except Exception as e:  # an index naming a tensor its shard lacks
                 raise ModelLoadError(f"cannot read tensor {name!r} from {os.path.basename(file)}: {e}") from None
         if file not in self._done_shards:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, empty_linear, linear
+from models.quant import GroupQuant, hold_quantized
 from models.registry import ArchConfig, ModelLoadError
 from server.runner.forward_batch import ForwardBatch
 
@@ -113,8 +114,9 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """float32 logits [N, vocab]."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(hidden, weight).float()
+        if self.lm_head is None:
+            return linear(hidden, self.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()  # a Linear or a quantized product (models/quant.py)
 
     def make_kv_caches(self, num_blocks: int, block_size: int, dtype: torch.dtype, device) -> list:
         """The paged KV pool: per layer a (k, v) pair of zeroed [num_blocks * block_size, Hkv, D] tensors.
@@ -183,4 +185,7 @@ def _place(module: nn.Module, name: str, tensor: Tensor) -> None:
     if tensor.shape != expected:
         raise ModelLoadError(f"tensor for {type(module).__name__}.{name} has shape {tuple(tensor.shape)}, "
                              f"expected {tuple(expected)}")
+    if isinstance(tensor, GroupQuant):  # kept quantized: the loader swaps the module (models.quant)
+        hold_quantized(module, name, tensor)
+        return
     setattr(module, name, nn.Parameter(tensor, requires_grad=False))

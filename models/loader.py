@@ -1,7 +1,8 @@
 """Load a model, its tokenizer and its shape from a Hugging Face directory or a GGUF file.
 
-GGUF files are dequantized at load (``gguf.quants.dequantize``) into the target dtype: the
-runtime only ever sees dense HF-layout tensors. The GGUF container itself is parsed here with
+GGUF files are dequantized at load (``gguf.quants.dequantize``) into the target dtype, except the
+tensors ``quantization`` keeps quantized (models/gguf_quant.py, models/quant.py), which reach the model
+as :class:`models.quant.GroupQuant` in HF layout. The GGUF container itself is parsed here with
 ``struct`` over an ``mmap`` rather than with ``gguf.GGUFReader``, which builds a numpy view per
 vocabulary string and spends ~4 s on the embedded model's metadata alone.
 """
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from models.checkpoint import CheckpointWeights, find_weight_files
 from models.embedded import EMBEDDED_NAME, embedded_model_path
 from models.layers import Linear, calibrate_linear
+from models.quant import METHODS, GroupQuant, install_quantized, is_quantizable, quantize_linears, quantize_tensor
 from models.registry import ArchConfig, ModelLoadError, model_class
 from models.tokenizer import Tokenizer, read_chat_template
 
@@ -41,18 +43,23 @@ class LoadedModel:
 
 
 def load_model(path: Optional[str], dtype: Optional[torch.dtype], device, load_format: str = "auto",
-               tokenizer: Optional[str] = None, chat_template: Optional[str] = None) -> LoadedModel:
+               tokenizer: Optional[str] = None, chat_template: Optional[str] = None,
+               quantization: str = "auto", group_size: int = 32) -> LoadedModel:
     """``path``: a GGUF file, an HF model directory, or None for the embedded model.
     ``dtype`` None: float32 on CPU, bfloat16 (float16 where unsupported) on CUDA.
     ``load_format`` "dummy": only the shape is read (an HF directory needs just its config.json) and the
     weights are random (vLLM's ``--load-format dummy``): for timing a model whose weights are not here.
     ``tokenizer``: a GGUF file or HF directory to take the tokenizer from instead of ``path``.
-    ``chat_template``: a Jinja file that replaces the tokenizer's own chat template."""
+    ``chat_template``: a Jinja file that replaces the tokenizer's own chat template.
+    ``quantization``: auto keeps a GGUF's quantized tensors quantized and an HF checkpoint as stored; none
+    dequantizes everything; int8 / int4 (groups of ``group_size``) quantize the linear weights at load."""
     start = time.perf_counter()
     device = torch.device(device)
     dtype = dtype or _default_dtype(device)
     name = EMBEDDED_NAME if path is None else os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
     path = embedded_model_path() if path is None else path
+    if quantization not in METHODS:
+        raise ModelLoadError(f"quantization {quantization!r} is not one of {', '.join(METHODS)}")
     if load_format not in ("auto", "dummy"):
         raise ModelLoadError(f"load format {load_format!r} is not one of auto, dummy")
     if not os.path.exists(path):
@@ -63,20 +70,25 @@ def load_model(path: Optional[str], dtype: Optional[torch.dtype], device, load_f
         arch = _read_arch(path, gguf_file)
         model = model_class(arch)(arch)
         _random_weights(model, dtype, device)
+        if quantization in ("int8", "int4"):
+            quantize_linears(model, quantization, group_size, dtype, device)
     else:
-        arch, weights = _read_hf_dir(path, dtype, device) if gguf_file is None else gguf_weights(gguf_file, dtype,
-                                                                                                 device)
+        if gguf_file is None:
+            arch, weights = _read_hf_dir(path, dtype, device, _hf_quantizer(quantization, group_size))
+        else:
+            arch, weights = gguf_weights(gguf_file, dtype, device, quantization, group_size)
         model = model_class(arch)(arch)  # weightless until load_weights
         model.load_weights(weights)
+        install_quantized(model, dtype, device)
     model.eval()
     _calibrate_products(model)
     tok = _read_tokenizer(tokenizer) if tokenizer else _read_tokenizer(path, gguf_file)
     if template is not None:
         tok.set_chat_template(template)
     params = list(model.parameters())
-    mib = sum(p.numel() * p.element_size() for p in params) / 2**20
-    logger.info("loaded %s (%s, %.1fM params, %.0f MiB %s on %s%s) in %.1f s", name, arch.architecture,
-                sum(p.numel() for p in params) / 1e6, mib, str(dtype).removeprefix("torch."), device,
+    mib = sum(t.numel() * t.element_size() for t in params + list(model.buffers())) / 2**20
+    logger.info("loaded %s (%s, %.0f MiB of weights, %s activations on %s, quantization %s%s) in %.1f s", name,
+                arch.architecture, mib, str(dtype).removeprefix("torch."), device, quantization,
                 ", random weights" if load_format == "dummy" else "", time.perf_counter() - start)
     return LoadedModel(model=model, tokenizer=tok, arch=arch, name=name)
 
@@ -133,10 +145,18 @@ def _default_dtype(device: torch.device) -> torch.dtype:
 
 # ---------------------------------------------------------------- Hugging Face directories
 
-def _read_hf_dir(path: str, dtype, device):
-    """The shape and a lazy mapping of the weights: each tensor is read when the model takes it."""
+def _hf_quantizer(method: str, group_size: int):
+    """Per-tensor transform of an HF checkpoint at load: int8/int4 quantize each linear weight as it is
+    read, so the float copy of only one tensor is alive at a time."""
+    if method not in ("int8", "int4"):
+        return lambda name, t: t
+    return lambda name, t: quantize_tensor(t, method, group_size) if is_quantizable(name, t.shape) else t
+
+
+def _read_hf_dir(path: str, dtype, device, transform=None):
+    """The shape and a lazy mapping of the weights: each tensor is read (and transformed) when the model takes it."""
     arch = ArchConfig.from_hf_config(_read_json(os.path.join(path, "config.json"), path))
-    return arch, CheckpointWeights(find_weight_files(path), dtype, device)
+    return arch, CheckpointWeights(find_weight_files(path), dtype, device, transform)
 
 
 def _read_json(file: str, folder: str) -> dict:
@@ -303,8 +323,14 @@ def gguf_arch(gf: GGUFFile) -> ArchConfig:
     return arch
 
 
-def gguf_weights(gf: GGUFFile, dtype, device) -> tuple[ArchConfig, dict]:
-    """The model's shape and its tensors dequantized to ``dtype``, under HF names and in HF layout."""
+def gguf_weights(gf: GGUFFile, dtype, device, quantization: str = "none",
+                 group_size: int = 32) -> tuple[ArchConfig, dict]:
+    """The model's shape and its tensors dequantized to ``dtype`` (or kept quantized as ``quantization`` says:
+    :class:`GroupQuant`), under HF names and in HF layout."""
+    from gguf import GGMLQuantizationType
+
+    from models.gguf_quant import gguf_quantized
+
     path, md, tensors = gf.path, gf.metadata, dict(gf.tensors)
     arch = gguf_arch(gf)
     tensors.pop("rope_freqs.weight", None)
@@ -316,12 +342,17 @@ def gguf_weights(gf: GGUFFile, dtype, device) -> tuple[ArchConfig, dict]:
     permuted = md["general.architecture"] in _PERMUTED_QK
     heads = {"attn_q": arch.num_heads, "attn_k": arch.num_kv_heads}
 
-    def convert(gguf_name: str) -> torch.Tensor:
-        t = dequantize_tensor(gf.buffer, tensors[gguf_name])
+    def convert(gguf_name: str):
+        info = tensors[gguf_name]
+        raw = np.frombuffer(gf.buffer, np.uint8, _nbytes(info), info.offset)
+        t = gguf_quantized(raw, GGMLQuantizationType(info.ggml_type), info.shape, gguf_name, names[gguf_name],
+                           quantization, group_size, lambda: dequantize_tensor(gf.buffer, info))
+        t = dequantize_tensor(gf.buffer, info) if t is None else t
         kind = gguf_name.split(".")[2] if gguf_name.startswith("blk.") else ""
         if permuted and kind in heads:
-            t = _unpermute_qk(t, heads[kind])
-        return t.to(device=device, dtype=dtype)
+            h = heads[kind]
+            t = t.map_rows(lambda x: _unpermute_qk(x, h)) if isinstance(t, GroupQuant) else _unpermute_qk(t, h)
+        return t.map_rows(lambda x: x.to(device)) if isinstance(t, GroupQuant) else t.to(device=device, dtype=dtype)
 
     weights = {}
     for gguf_name in tqdm(tensors, desc="dequantizing", unit="tensor", leave=False):

@@ -53,6 +53,12 @@ ENGINE_FLAGS = (
     _Flag("tokenizer", "model.tokenizer", str, "GGUF file or Hugging Face directory to take the tokenizer from "
           "(default: the model's own)"),
     _Flag("chat-template", "model.chat_template", str, "Jinja chat template file used instead of the model's own"),
+    _Flag("quantization", "model.quantization", str, "weight quantization: auto keeps a GGUF's quantized "
+          "tensors quantized and an HF checkpoint as stored; none dequantizes; int8 / int4 quantize the linear "
+          "weights at load", ("auto", "none", "int8", "int4")),
+    _Flag("quantization-group-size", "model.quantization_group_size", int,
+          "inputs per int4 scale when quantizing at load (a smaller divisor where a layer's width needs it)",
+          (32, 64, 128, 256)),
     _Flag("seed", "model.seed", int, "global random seed (requests without a seed draw their own)"),
     _Flag("block-size", "cache.block_size", int, "tokens per KV cache block", (8, 16, 32, 64, 128)),
     _Flag("kv-cache-memory", "cache.kv_cache_memory", float,

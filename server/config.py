@@ -33,11 +33,21 @@ class ModelConfig:
     load_format: str = "auto"  # auto | dummy (random weights of the model's shape, for timing)
     tokenizer: Optional[str] = None  # GGUF file or HF directory of the tokenizer (default: the model's own)
     chat_template: Optional[str] = None  # Jinja file that replaces the tokenizer's chat template
+    # auto: a GGUF's quantized tensors stay quantized, an HF checkpoint as stored; none: all dequantized;
+    # int8 / int4: linear weights quantized at load (int4 in groups of quantization_group_size inputs)
+    # default none until bench/quant_quality.py has measured the int4 path's perplexity and greedy agreement
+    # against the float path (issue #33's must-show); then auto
+    quantization: str = "none"
+    quantization_group_size: int = 32
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"dtype: unknown value {self.dtype!r}")
         _check(self.device in ("auto", "cpu", "cuda"), f"device: unknown value {self.device!r}")
         _check(self.load_format in ("auto", "dummy"), f"load_format: unknown value {self.load_format!r}")
+        _check(self.quantization in ("auto", "none", "int8", "int4"),
+               f"quantization: unknown value {self.quantization!r}")
+        _check(self.quantization_group_size in (32, 64, 128, 256), "quantization_group_size must be one of "
+               "32, 64, 128, 256")
         _check(self.max_model_len is None or self.max_model_len > 0, "max_model_len must be > 0")
 
 

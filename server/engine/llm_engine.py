@@ -89,7 +89,8 @@ class LLMEngine:
         t0 = time.perf_counter()
         loaded = load_model(config.model.model, dtype=self.dtype, device=self.device,
                             load_format=config.model.load_format, tokenizer=config.model.tokenizer,
-                            chat_template=config.model.chat_template)
+                            chat_template=config.model.chat_template,
+                            quantization=config.model.quantization, group_size=config.model.quantization_group_size)
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.arch = arch = loaded.arch
@@ -113,7 +114,8 @@ class LLMEngine:
                              f"request of max_model_len {self.max_model_len} (need {min_blocks})")
         self.backend = select_backend(config.attention_backend, self.device)
         self.kv = KVManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
-        self.speculator = Speculator(config.spec, self.vocab_size, self.model.embed_tokens.weight, self.model_name,
+        self.speculator = Speculator(config.spec, self.vocab_size, lambda: self.model.embed_tokens.weight,
+                                     self.model_name,
                                      measure=lambda num_seqs, q_len: measure_forward(self.runner, num_seqs, q_len),
                                      max_batch=config.scheduler.max_num_seqs)
         ev = config.eviction

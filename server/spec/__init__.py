@@ -10,7 +10,7 @@ in :mod:`server.spec.drafters`, tree shapes in :mod:`server.spec.tree`, acceptan
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -52,9 +52,9 @@ CONTROLLERS = ("simple", "adaptive")
 
 
 class Speculator:
-    def __init__(self, config: SpecConfig, vocab_size: int, embedding: Optional[Tensor] = None,
-                 model_name: str = "model", measure: Optional[Callable[[int, int], float]] = None,
-                 max_batch: int = 64):
+    def __init__(self, config: SpecConfig, vocab_size: int,
+                 embedding: Optional[Union[Tensor, Callable[[], Tensor]]] = None, model_name: str = "model",
+                 measure: Optional[Callable[[int, int], float]] = None, max_batch: int = 64):
         self.default = SpecOptions(method=config.method, num_draft_tokens=config.num_draft_tokens)
         self.vocab_size = vocab_size
         self.embedding = embedding
@@ -193,7 +193,9 @@ class Speculator:
 
     def nearest(self, device: torch.device) -> Tensor:
         if self._nearest is None:
-            self._nearest = nearest_neighbours(self.embedding, self.model_name).to(device)
+            # a callable: a quantized embedding dequantizes its table only when LANTERN first needs it
+            embedding = self.embedding() if callable(self.embedding) else self.embedding
+            self._nearest = nearest_neighbours(embedding, self.model_name).to(device)
         return self._nearest
 
     @property

@@ -20,7 +20,7 @@ def gguf_path() -> str:
 
 @pytest.fixture(scope="session")
 def ours(gguf_path):
-    return load_model(gguf_path, torch.float32, "cpu")
+    return load_model(gguf_path, torch.float32, "cpu", quantization="none")  # the float path HF is compared with
 
 
 @pytest.fixture(scope="session")
