@@ -29,7 +29,10 @@ class FakeTokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return "".join(chr(97 + i % 26) for i in ids)
 
-    def apply_chat_template(self, messages: list, add_generation_prompt: bool = True) -> str:
+    template_renders_tools = False
+
+    def apply_chat_template(self, messages: list, add_generation_prompt: bool = True, template_kwargs=None,
+                            tools=None) -> str:
         return "".join(m["content"] for m in messages)
 
 

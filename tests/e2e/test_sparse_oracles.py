@@ -56,7 +56,7 @@ class Recorder:
         self._layer = None
         forward, sparse_decode = backend.forward, backend.sparse_decode
 
-        def recording_forward(layer, q, k_cache, v_cache, meta, scale):
+        def recording_forward(layer, q, k_cache, v_cache, meta, scale, **layer_kwargs):
             if q.shape[0] == 1 and meta.num_seqs == 1:  # one decode token of one request
                 if layer == 0:
                     self.steps.append({})
@@ -68,7 +68,7 @@ class Recorder:
                                          "read": None}
                 self._layer = layer
             try:
-                return forward(layer, q, k_cache, v_cache, meta, scale)
+                return forward(layer, q, k_cache, v_cache, meta, scale, **layer_kwargs)
             finally:
                 self._layer = None
 

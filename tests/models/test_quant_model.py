@@ -47,6 +47,7 @@ def test_auto_keeps_the_gguf_quantized(quantized, ours):
     assert weight_bytes < 0.3 * float_bytes
 
 
+@pytest.mark.slow  # ~80 s each on 2 cores; bench/quant_quality.py measures the same
 @pytest.mark.parametrize("text", ["pydoc", "gpl3"])
 def test_gguf_int4_perplexity_within_half_a_percent(quantized, ours, texts, text, one_sequence):
     ppl_q = _perplexity(quantized.model, texts[text], one_sequence)
