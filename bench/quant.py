@@ -14,13 +14,14 @@ writes JSON with the git commit, host, date and command. ``python -m bench.quant
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
+
+from bench.provenance import write_result
 
 CONFIGS = {"float32": ("none", "float32"), "int8": ("int8", "float32"), "int4": ("auto", "float32"),
            "int4-bf16": ("auto", "bfloat16")}
@@ -105,11 +106,7 @@ def main() -> None:
         for s in args.streams:
             for name in args.configs:  # interleaved: every configuration sees the same host load in turn
                 rates[name][s].append(decode_rate(llms[name], batch[:s], args.decode_tokens))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    report = {"commit": commit, "host": platform.node(), "cpu_threads": torch.get_num_threads(),
-              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "command": " ".join([sys.executable, "-m", "bench.quant"] + sys.argv[1:]),
-              "decode_tokens": args.decode_tokens, "prompt_len": args.prompt_len, "rounds": args.rounds,
+    report = {"host": platform.node(), "cpu_threads": torch.get_num_threads(), "decode_tokens": args.decode_tokens, "prompt_len": args.prompt_len, "rounds": args.rounds,
               "rss_mib_after_load": rss,
               "decode_tok_s_median": {n: {s: statistics.median(v) for s, v in r.items()} for n, r in rates.items()},
               "decode_tok_s_all": rates}
@@ -119,9 +116,7 @@ def main() -> None:
     for name in args.configs:
         med = report["decode_tok_s_median"][name]
         print(f"{name:<11}" + "".join(f"{med[s]:>12.1f}" for s in args.streams) + f"{rss[name]:>10.0f}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    write_result(args.out, report, device="cpu", indent=1)
     print(f"wrote {args.out}")
 
 

@@ -12,14 +12,13 @@ Prints a table and writes JSON (git commit, host, date, command). ``python -m be
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
-import subprocess
-import sys
 import tempfile
 import time
+
+from bench.provenance import write_result
 
 GPL_PATHS = ("/usr/share/common-licenses/GPL-3", "/usr/share/common-licenses/GPL")
 
@@ -137,10 +136,7 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--out", default="bench/results/quant_quality.json")
     args = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    report = {"commit": commit, "host": platform.node(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "command": " ".join([sys.executable, "-m", "bench.quant_quality"] + sys.argv[1:]),
-              "gguf": run_gguf(args)}
+    report = {"host": platform.node(), "gguf": run_gguf(args)}
     g = report["gguf"]
     print(f"embedded Q4_1 GGUF, {args.tokens} tokens per text")
     print(f"{'path':<8}{'pydoc ppl':>12}{'gpl3 ppl':>12}")
@@ -154,9 +150,7 @@ def main() -> None:
         print(f"tiny random HF Llama: ppl none {h['none']}")
         for m in ("int8", "int4"):
             print(f"  {m}: " + ", ".join(f"{k} {v:+.4%}" for k, v in h["ppl_change"][m].items()))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    write_result(args.out, report, device="cpu", indent=1)
     print(f"wrote {args.out}")
 
 

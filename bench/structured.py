@@ -18,12 +18,12 @@ import os
 import platform
 import socket
 import statistics
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 
 import torch
+
+from bench.provenance import write_result
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -109,19 +109,14 @@ def main() -> int:
         rows.append({"streams": n, "plain_tok_s": round(p, 1), "json_schema_tok_s": round(c, 1),
                      "cost_pct": round(100 * (1 - c / p), 1),
                      "rounds": {k: [round(x, 1) for x in v] for k, v in rates[n].items()}})
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    doc = {"bench": "structured", "commit": commit, "host": socket.gethostname(),
-           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "command": " ".join([os.path.basename(sys.executable), "-m", "bench.structured", *sys.argv[1:]]),
+    doc = {"bench": "structured",
            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                       f"torch {torch.__version__}, device {llm.engine.device}",
            "out_len": args.out_len, "prompt_len": args.prompt_len, "rounds": args.rounds,
            "throughput": rows, "compile": compiles,
            "mask_seconds_total": round(mask_s["structured_mask_seconds"], 3)}
     path = args.out or os.path.join(RESULTS, f"structured-{socket.gethostname()}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=2)
+    write_result(path, doc, device=str(llm.engine.device))
     print(f"{'streams':>8} {'plain tok/s':>12} {'json tok/s':>11} {'cost':>7}")
     for row in rows:
         print(f"{row['streams']:>8} {row['plain_tok_s']:>12} {row['json_schema_tok_s']:>11} {row['cost_pct']:>6}%")
