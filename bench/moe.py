@@ -12,14 +12,13 @@ overhead shows.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
-from datetime import datetime, timezone
 
 import torch
 
+from bench.provenance import write_result
 from kernels.moe import grouped_experts, looped_experts, route
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -69,12 +68,10 @@ def main() -> None:
             rows.append(row)
             print(f"{name} | {n} | {row['experts_hit']} | {row['grouped_ms']} | {row['loop_ms']} | {row['speedup']}x",
                   flush=True)
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "moe.json"), "w") as f:
-        json.dump({"bench": "moe", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                              f"{torch.get_num_threads()} threads, torch {torch.__version__}",
-                   "dtype": "float32", "rows": rows}, f, indent=2)
+    write_result(os.path.join(RESULTS, "moe.json"),
+                 {"bench": "moe", "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                                             f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+                  "dtype": "float32", "rows": rows}, device="cpu")
 
 
 if __name__ == "__main__":
