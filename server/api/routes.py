@@ -22,6 +22,8 @@ from server.api.errors import APIError, error_body
 from server.api.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                  CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse, ModelCard,
                                  ModelList, TokenizeRequest, TokenizeResponse)
+from server.api.prompting import (check_admissible, checked, encode_chat, encode_prompts,
+                                  reject_if_surely_too_long, sampling_params)
 from server.api.serving import (ChoiceState, LogprobFormatter, SSEResponse, abort_error_event,
                                 api_finish_reason, collect_unless_disconnected, merged, sse, submit, usage)
 from server.api.tool_calls import ToolOutput
@@ -102,50 +104,6 @@ def serving_engine(request: Request, model: str | None = None, body=None) -> Asy
     return engine
 
 
-def check_admissible(engine: AsyncEngine, prompts: list, params) -> None:
-    """400s the engine would give, decided here: a prompt over the context is rejected before it is
-    shipped to the core thread, and a fan-out (n x prompts) that exceeds the whole waiting queue could
-    never be admitted, so it is not a retryable 429."""
-    queue_limit = engine.config.scheduler.max_queued_requests
-    if len(prompts) * params.n > queue_limit:
-        raise APIError(400, f"n: {params.n} choice(s) x {len(prompts)} prompt(s) exceed the server's queue "
-                       f"of {queue_limit} requests; this request can never be admitted", param="n",
-                       code="invalid_value")
-    for prompt in prompts:
-        try:
-            params.validate_for_model(engine.vocab_size, len(prompt), engine.max_model_len)
-        except ValueError as e:
-            raise APIError(400, str(e), code="invalid_value") from None
-
-
-def render_chat(tok, messages: list[dict], template_kwargs: dict | None, tools: list | None = None) -> str:
-    """The chat prompt text; a missing template, a reserved kwarg or a template's own error is a 400."""
-    from jinja2 import TemplateError
-
-    try:
-        return tok.apply_chat_template(messages, add_generation_prompt=True, template_kwargs=template_kwargs,
-                                       tools=tools)
-    except (ValueError, TemplateError) as e:
-        param = "chat_template_kwargs" if str(e).startswith("chat_template_kwargs") else "messages"
-        raise APIError(400, f"cannot apply the chat template: {e}", param=param) from None
-
-
-def _params(body, default_max_tokens: int):
-    return _checked(body, body.to_sampling_params, default_max_tokens)
-
-
-def _checked(body, fn, *args):
-    """``fn(*args)``, its ValueError as a 400 naming the field the message starts with."""
-    try:
-        return fn(*args)
-    except ValueError as e:
-        # SamplingParams' messages start with the field they reject ("temperature must be >= 0")
-        words = str(e).split()
-        field = words[0].rstrip(":") if words else ""
-        param = field if field.split(".")[0] in type(body).model_fields else None
-        raise APIError(400, str(e), param=param, code="invalid_value") from None
-
-
 # ---- probes, metrics, models ----------------------------------------------------------------
 
 @public.get("/health")
@@ -198,7 +156,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Response:
         if not body.messages:
             raise APIError(400, "messages: must hold at least one message", param="messages",
                            code="invalid_value")
-        tokens = await off_loop(_encode_chat, engine.tokenizer,
+        tokens = await off_loop(encode_chat, engine.tokenizer,
                                 [{"role": m.role, "content": m.text()} for m in body.messages],
                                 body.chat_template_kwargs)
     else:
@@ -213,41 +171,6 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Response:
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     engine = serving_engine(request, body.model, body)  # ids outside the vocabulary: 400 naming them
     return DetokenizeResponse(prompt=await off_loop(engine.tokenizer.decode, body.tokens, skip_special_tokens=False))
-
-
-def max_piece_chars(tokenizer) -> int:
-    """Most characters one token can cover (its vocabulary string; special tokens included), or 0 if unknown.
-    A text of c characters then has at least c / this many tokens."""
-    cached = getattr(tokenizer, "_sift_max_piece_chars", None)
-    if cached is None:
-        try:
-            cached = max(map(len, getattr(tokenizer, "hf", tokenizer).get_vocab()))
-        except (AttributeError, TypeError, ValueError):
-            cached = 0
-        try:
-            tokenizer._sift_max_piece_chars = cached
-        except AttributeError:
-            pass
-    return cached
-
-
-def reject_if_surely_too_long(engine: AsyncEngine, num_chars: int, param: str) -> None:
-    """A text that cannot fit the context whatever its tokenization is rejected without tokenizing it (a
-    multi-megabyte prompt would otherwise cost seconds of tokenizer time before the same 400)."""
-    piece = max_piece_chars(engine.tokenizer)
-    # x4: slack for normalizers that compose characters (NFC/NFKC) before the vocabulary sees them
-    if piece and num_chars > 4 * engine.max_model_len * piece:
-        raise APIError(400, f"{param}: {num_chars} characters exceed the model's context length "
-                       f"({engine.max_model_len} tokens) whatever their tokenization", param=param,
-                       code="invalid_value")
-
-
-def _encode_chat(tokenizer, messages: list, template_kwargs: dict | None = None, tools: list | None = None) -> list:
-    return tokenizer.encode(render_chat(tokenizer, messages, template_kwargs, tools), add_special_tokens=False)
-
-
-def _encode_prompts(tokenizer, raw: list) -> list:
-    return [tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else list(p) for p in raw]
 
 
 # ---- completions --------------------------------------------------------------------------
@@ -265,11 +188,11 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     if body.best_of is not None and body.best_of != body.n:
         raise APIError(400, "best_of: only best_of == n is supported (no server-side ranking)", param="best_of",
                        code="invalid_value")
-    params = _params(body, default_max_tokens=16)
+    params = sampling_params(body, default_max_tokens=16)
     for p in raw:
         if isinstance(p, str):
             reject_if_surely_too_long(engine, len(p), "prompt")
-    prompts = await off_loop(_encode_prompts, tok, raw)
+    prompts = await off_loop(encode_prompts, tok, raw)
     check_admissible(engine, prompts, params)
     rid = f"cmpl-{uuid.uuid4().hex}"
     streams = await submit(engine, rid, prompts, params, body.priority, grammar_param=body.constraint()[1])
@@ -344,16 +267,16 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     engine = serving_engine(request, body.model, body)
     tok = engine.tokenizer
-    tool_choice = _checked(body, body.effective_tool_choice)
+    tool_choice = checked(body, body.effective_tool_choice)
     tools = body.tool_dicts() if tool_choice != "none" else None
     parser = engine.config.server.tool_call_parser
     native = tok.template_renders_tools
     messages = render_messages(body.chat_messages(), tools, native, parser)
     reject_if_surely_too_long(engine, sum(len(str(m.get("content") or "")) for m in messages), "messages")
-    prompt = await off_loop(_encode_chat, tok, messages, body.chat_template_kwargs, tools if native else None)
+    prompt = await off_loop(encode_chat, tok, messages, body.chat_template_kwargs, tools if native else None)
     # without max_tokens: what the context leaves, capped by --default-max-tokens
     default = min(engine.max_model_len - len(prompt), request.app.state.default_max_tokens)
-    params = _params(body, default_max_tokens=max(1, default))
+    params = sampling_params(body, default_max_tokens=max(1, default))
     check_admissible(engine, [prompt], params)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     streams = await submit(engine, rid, [prompt], params, body.priority, grammar_param=body.constraint()[1])
