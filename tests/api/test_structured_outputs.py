@@ -109,7 +109,7 @@ def test_choice_and_regex_always_hold(server):
 
     def completion(extra, temperature):
         async def call(c):
-            r = await c.completions.create(model=MODEL, prompt="Sentiment of 'I love it':", n=3, max_tokens=12,
+            r = await c.completions.create(model=MODEL, prompt="Sentiment of 'I love it':", n=3, max_tokens=12, seed=0,
                                            temperature=temperature, extra_body={"structured_outputs": extra})
             return [ch.text for ch in r.choices]
         return call
@@ -117,7 +117,7 @@ def test_choice_and_regex_always_hold(server):
     def chat(extra, temperature):
         async def call(c):
             got = await collect_stream(await c.chat.completions.create(
-                model=MODEL, stream=True, n=2, max_tokens=12, temperature=temperature,
+                model=MODEL, stream=True, n=2, max_tokens=12, temperature=temperature, seed=0,
                 messages=[{"role": "user", "content": "Give a product code."}], extra_body={"structured_outputs": extra}))
             return [got[i][0] for i in sorted(got)]
         return call
