@@ -22,10 +22,10 @@ serve: setup
 	$(VENV)/bin/sift serve $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 bench: setup
-	$(PY) -m bench.offline_throughput
+	$(PY) -m sift.bench.offline_throughput
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

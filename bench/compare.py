@@ -1,8 +1,8 @@
 """Side-by-side serving comparison: Sift vs the llama.cpp server vs an HF ``generate`` server.
 
-    python -m bench.compare [--rounds 3] [--servers sift,sift-tech,llama.cpp,hf]
+    python -m sift.bench.compare [--rounds 3] [--servers sift,sift-tech,llama.cpp,hf]
 
-Every server is started on 127.0.0.1 with the same GGUF and driven by ``clients.loadgen``
+Every server is started on 127.0.0.1 with the same GGUF and driven by ``sift.clients.loadgen``
 with the same workloads (random prose prompts, greedy, fixed output length): fixed
 concurrency 1, 8 and 32, and one Poisson-rate run. The servers take turns inside each
 round (order reversed every other round) and the median over rounds is reported, because
@@ -28,9 +28,9 @@ from typing import Iterator, Optional
 
 import httpx
 
-from bench import serve
-from bench.provenance import write_result
-from clients import loadgen
+from sift.bench import serve
+from sift.bench.provenance import write_result
+from sift.clients import loadgen
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,7 +46,7 @@ class ServerSpec:
 
 def server_specs(model: str, threads: int, tech_args: str, eos_id: int) -> dict:
     py = sys.executable
-    sift = (py, "-m", "server", "serve", "--host", "127.0.0.1", "--port", "{port}", "--model", model,
+    sift = (py, "-m", "sift.server", "serve", "--host", "127.0.0.1", "--port", "{port}", "--model", model,
             "--log-level", "warning")
     has_llamacpp = importlib.util.find_spec("llama_cpp") is not None
     return {s.name: s for s in (
@@ -61,7 +61,7 @@ def server_specs(model: str, threads: int, tech_args: str, eos_id: int) -> dict:
                                              "(pip install 'sift[llamacpp]'; it compiles llama.cpp, ~6 min)",
                    # it has no ignore_eos: mask EOS instead, so every server generates the same lengths
                    {"logit_bias": {str(eos_id): -100.0}}),
-        ServerSpec("hf", (py, "-m", "bench.hf_server", "--model", model, "--port", "{port}"), "/health"),
+        ServerSpec("hf", (py, "-m", "sift.bench.hf_server", "--model", model, "--port", "{port}"), "/health"),
     )}
 
 
@@ -186,7 +186,7 @@ def main(argv: Optional[list] = None) -> int:
     if args.dataset != "random":
         ap.error("the comparison runs the random workload only (fixed lengths make servers comparable)")
     if args.model is None:
-        from models.embedded import embedded_model_path
+        from sift.models.embedded import embedded_model_path
 
         args.model = embedded_model_path()
 
@@ -235,7 +235,7 @@ def main(argv: Optional[list] = None) -> int:
     digits = {"req/s": 2, "spec accept": 2}
     rows = [[n, w, m["ok/fail"]] + [serve.fmt(m[k], digits.get(k, 1)) for k in MEDIAN_KEYS]
             for w in runs for n, t in table.items() for m in [t[w]]]
-    command = "python -m bench.compare " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = "python -m sift.bench.compare " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     machine, date = serve.machine_description(), serve.utc_now()
     versions = {d: _version(d) for d in ("sift", "torch", "transformers", "llama_cpp_python")}
     md = [f"Measured {date} on {machine}; " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",

@@ -1,11 +1,11 @@
 """CPU float32 decode: which product form the few-row linears run in, measured end to end.
 
-:func:`models.layers.calibrate_linear` picks ``F.linear`` or ``weight @ x.T`` per row count at load time,
+:func:`sift.models.layers.calibrate_linear` picks ``F.linear`` or ``weight @ x.T`` per row count at load time,
 because which one is faster differs between hosts. This bench shows what the choice is worth: the
 median decode step of ``batch`` requests (a short chat prompt, greedy) with every few-row product forced
 to each form, and with the calibrated choice, interleaved over rounds in one run.
 
-    python -m bench.cpu_linear                 # batches 1,2,4,8,32; writes bench/results/cpu_linear.json
+    python -m sift.bench.cpu_linear                 # batches 1,2,4,8,32; writes bench/results/cpu_linear.json
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import argparse
 import os
 import statistics
 
-from bench.long_context import decode_time
-from bench.provenance import write_result
-from bench.serve import device_description, utc_now
+from sift.bench.long_context import decode_time
+from sift.bench.provenance import write_result
+from sift.bench.serve import device_description, utc_now
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -28,8 +28,8 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(RESULTS, "cpu_linear.json"))
     args = ap.parse_args()
 
-    import models.layers as layers
-    from server.engine.llm import LLM
+    import sift.models.layers as layers
+    from sift.server.engine.llm import LLM
 
     llm = LLM(device="cpu", dtype="float32", enable_prefix_caching=False)
     calibrated = dict(layers._weight_first)

@@ -14,8 +14,8 @@
 Every configuration of a section runs as concurrent requests of one engine (each request carries its
 own ``kv_eviction`` options), so the numbers share one path and one run.
 
-    python -m bench.eviction            # full: ~2k-token documents, 1,000-token generations
-    python -m bench.eviction --quick    # minutes on a CPU: validates the script
+    python -m sift.bench.eviction            # full: ~2k-token documents, 1,000-token generations
+    python -m sift.bench.eviction --quick    # minutes on a CPU: validates the script
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ from datetime import datetime, timezone
 import torch
 from pydoc_data.topics import topics
 
-from bench.provenance import write_result
-from server.engine.request import EvictionOptions, SamplingParams
+from sift.bench.provenance import write_result
+from sift.server.engine.request import EvictionOptions, SamplingParams
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 NEEDLE = " The secret code of the archive is {code}. "
@@ -155,7 +155,7 @@ def capacity(args, policy: str, budget: float) -> dict:
     limit. More requests are queued than fit; throughput counts the steps while some still wait for KV (the
     saturated phase: the batch is as large as the pool allows), so a lone straggler after the last full wave
     does not decide it. Once none waits, the rest are aborted."""
-    from server.engine.llm import LLM
+    from sift.server.engine.llm import LLM
 
     prompt_len, gen = args.capacity_prompt, args.capacity_gen
     bs = 16
@@ -223,7 +223,7 @@ def main() -> None:
     alphas = [float(a) for a in args.alpha.split(",")]
     configs = eviction_configs(policies, budgets, args.window, alphas)
 
-    from server.engine.llm import LLM
+    from sift.server.engine.llm import LLM
 
     t0 = time.perf_counter()
     per_seq = max(args.doc_tokens, 128 + args.gen_tokens, args.needle_tokens + 64) + 64

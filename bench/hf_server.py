@@ -1,6 +1,6 @@
-"""A minimal OpenAI-compatible server on HF transformers ``generate``: the baseline of ``bench.compare``.
+"""A minimal OpenAI-compatible server on HF transformers ``generate``: the baseline of ``sift.bench.compare``.
 
-    python -m bench.hf_server [--model file.gguf] [--port 8002] [--max-batch 64]
+    python -m sift.bench.hf_server [--model file.gguf] [--port 8002] [--max-batch 64]
 
 What a user gets by wrapping ``model.generate`` in a web server: static batching. Whatever
 requests are waiting when the model is free become one left-padded batch that runs until
@@ -242,7 +242,7 @@ def main(argv: Optional[list] = None) -> None:
         torch.set_num_threads(args.threads)
     path = args.model
     if path is None:
-        from models.embedded import embedded_model_path
+        from sift.models.embedded import embedded_model_path
 
         path = embedded_model_path()
     kwargs = {"gguf_file": os.path.basename(path)} if path.endswith(".gguf") else {}

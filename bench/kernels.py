@@ -1,6 +1,6 @@
 """Benchmark of the Triton paged-attention kernels against torch SDPA on the same device.
 
-Run from the repository root: ``python -m bench.kernels [--quick]``. Needs a CUDA device; prints a
+Run from the repository root: ``python -m sift.bench.kernels [--quick]``. Needs a CUDA device; prints a
 table and writes bench/results/kernels.json. Decode is memory-bound, so it is reported as achieved
 bandwidth (K/V bytes read / time) against the measured peak of a large device-to-device copy.
 Inputs that would fit in L2 are rotated over several copies so the numbers do not measure the cache.
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.provenance import write_result
+from sift.bench.provenance import write_result
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernels.json"
 HQ, HKV, DIM, BLOCK = 32, 8, 128, 16  # a Llama-3-8B-like attention layer
@@ -41,7 +41,7 @@ def peak_bandwidth(device) -> float:
 
 
 def bench_decode(device, batch: int, ctx: int, peak: float) -> dict:
-    from kernels.paged_attention import paged_decode
+    from sift.kernels.paged_attention import paged_decode
 
     blocks = ctx // BLOCK
     kv_bytes = 2 * batch * ctx * HKV * DIM * DTYPE.itemsize
@@ -72,7 +72,7 @@ def bench_decode(device, batch: int, ctx: int, peak: float) -> dict:
 
 
 def bench_prefill(device, length: int) -> dict:
-    from kernels.paged_attention import paged_attention
+    from sift.kernels.paged_attention import paged_attention
 
     blocks = length // BLOCK
     k_cache = torch.randn(blocks * BLOCK, HKV, DIM, device=device, dtype=DTYPE)

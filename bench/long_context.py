@@ -8,11 +8,11 @@ each against the exact (dense) path in the same run, on the embedded SmolLM2-135
 * fidelity on real text no one here wrote (CPython's ``pydoc_data.topics``): needle retrieval at several
   depths of a prose haystack, and teacher-forced perplexity of a document's continuation after a long
   context, for every method and budget, and for the bound of per-layer token selection (``oracle-256``:
-  each decode layer over its own exact top-256 keys, :func:`bench.long_text.oracle_topk`);
+  each decode layer over its own exact top-256 keys, :func:`sift.bench.long_text.oracle_topk`);
 * window: peak KV blocks in use over a long windowed generation (memory stays bounded).
 
-    python -m bench.long_context                # full run (1K..8K), writes bench/results/long_context.json
-    python -m bench.long_context --quick        # a reduced run that checks the script end to end
+    python -m sift.bench.long_context                # full run (1K..8K), writes bench/results/long_context.json
+    python -m sift.bench.long_context --quick        # a reduced run that checks the script end to end
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ from typing import Optional
 
 import torch
 
-from bench.long_text import forced_perplexity, haystack, needle_hits, oracle_topk
-from bench.provenance import write_result
-from bench.serve import device_description
+from sift.bench.long_text import forced_perplexity, haystack, needle_hits, oracle_topk
+from sift.bench.provenance import write_result
+from sift.bench.serve import device_description
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 def skip_configs(spec: str) -> list:
@@ -38,7 +38,7 @@ def skip_configs(spec: str) -> list:
     skipping from layer 8, rising linearly to half the tokens; 2:0.9:geo = from layer 2 to 90%, every layer
     pruning the same share of the tokens still in play, the ``geometric`` schedule; 1:0.95:recent=512 = the
     last 512 tokens always active; any integer field of SkipOptions may follow)."""
-    from server.engine.request import SkipOptions
+    from sift.server.engine.request import SkipOptions
 
     out = []
     for item in (x for x in spec.split(",") if x):
@@ -70,7 +70,7 @@ def timed_methods(budgets: list) -> list:
     """(name, sparsity, None) of the methods whose decode speed is timed: dense, TidalDecode, Quest and Loki
     (24-dimensional key sketches) at each budget, and at the largest TidalDecode re-selecting every 4
     layers (``-r4``), re-ranking 4x the budget in candidates in every sparse layer (``-c``), and both."""
-    from server.engine.request import SparsityOptions
+    from sift.server.engine.request import SparsityOptions
 
     out = [("dense", None, None)]
     for b in budgets:
@@ -90,7 +90,7 @@ def tidal_configs(spec: str, budget: int) -> list:
     the selection layer, then any re-selection layers, joined by "/" (12 = select at 12, re-select at the
     default; 1/3/15 = select at 1, re-select at 3 and 15); any integer field of SparsityOptions may follow
     (e.g. 1/2/3/7/15/23:candidates=2048)."""
-    from server.engine.request import SparsityOptions
+    from sift.server.engine.request import SparsityOptions
 
     out = []
     for item in (x for x in spec.split(",") if x):
@@ -105,7 +105,7 @@ def tidal_configs(spec: str, budget: int) -> list:
 def loki_configs(spec: str, budget: int) -> list:
     """(name, SparsityOptions) of Loki settings "rank[:field=value...],..." at ``budget`` (16 = key sketches of
     16 dimensions; 8:candidates=1024 = 8 dimensions pick 1,024 candidates, exact scores the budget)."""
-    from server.engine.request import SparsityOptions
+    from sift.server.engine.request import SparsityOptions
 
     out = []
     for item in (x for x in spec.split(",") if x):
@@ -121,7 +121,7 @@ def methods(budgets: list, tidal: str = "", skips: str = "", loki: str = "") -> 
     as the paper has it (no kept first/latest tokens), the optional KV correction (every 32 generated
     tokens), the TidalDecode settings ``tidal`` (:func:`tidal_configs`), the Loki settings ``loki``
     (:func:`loki_configs`), a window, and the Probe-and-Skip settings ``skips``."""
-    from server.engine.request import SparsityOptions
+    from sift.server.engine.request import SparsityOptions
 
     top = max(budgets)
     out = timed_methods(budgets)
@@ -135,7 +135,7 @@ def methods(budgets: list, tidal: str = "", skips: str = "", loki: str = "") -> 
 def decode_time(llm, prompt: list, sparsity, n: int, batch: int = 1) -> float:
     """Seconds per decode step of ``batch`` requests with ``prompt``'s context (each its own copy: no prefix
     caching) after their prefills (median over the steps)."""
-    from server.engine.request import SamplingParams
+    from sift.server.engine.request import SamplingParams
 
     eng = llm.engine
     for i in range(batch):
@@ -159,10 +159,10 @@ def attention_time(arch, dtype, context: int, budget: int, reps: int, rank: int 
     (``triton.testing.do_bench``); the H100 figures of 2026-11-24 in bench/results were taken before,
     with a host clock over 20 queued calls, which at these sizes times the Python launch path as much
     as the kernels."""
-    from kernels import reference as ref
-    from kernels.backend import select_backend
-    from kernels.selection import sketch_topk
-    from server.policies.key_index import KeySketch
+    from sift.kernels import reference as ref
+    from sift.kernels.backend import select_backend
+    from sift.kernels.selection import sketch_topk
+    from sift.server.policies.key_index import KeySketch
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backend = select_backend("auto", dev)
@@ -188,7 +188,7 @@ def attention_time(arch, dtype, context: int, budget: int, reps: int, rank: int 
     if backend.name == "torch":
         dense = clock(lambda: ref.paged_decode(q, k, v, table, kv, bs, scale))
     else:
-        from kernels.paged_attention import paged_decode
+        from sift.kernels.paged_attention import paged_decode
         dense = clock(lambda: paged_decode(q, k, v, table, kv, bs, scale))
     sparse = clock(lambda: backend.sparse_decode(q, k, v, slots, scale))
     sketch, every = KeySketch(1, rank), torch.arange(context, device=dev)  # slot i holds kv index i
@@ -204,7 +204,7 @@ def attention_time(arch, dtype, context: int, budget: int, reps: int, rank: int 
 
 
 def prefill_time(llm, prompt: list, skipping) -> float:
-    from server.engine.request import SamplingParams
+    from sift.server.engine.request import SamplingParams
 
     t = time.perf_counter()
     llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0, skipping=skipping))
@@ -212,7 +212,7 @@ def prefill_time(llm, prompt: list, skipping) -> float:
 
 
 def window_peak_blocks(llm, n: int, window: int) -> int:
-    from server.engine.request import SamplingParams, SparsityOptions
+    from sift.server.engine.request import SamplingParams, SparsityOptions
 
     eng = llm.engine
     eng.add_request("w", list(range(100, 140)), SamplingParams(
@@ -322,8 +322,8 @@ def main() -> None:
     budgets = [int(x) for x in args.budgets.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
 
-    from models.embedded import embedded_model_path
-    from server.engine.llm import LLM
+    from sift.models.embedded import embedded_model_path
+    from sift.server.engine.llm import LLM
 
     longest = max(contexts + prefills + [args.fidelity_context]) + max(args.decode_steps, args.ppl_tokens) + 16
     tokenizer = args.tokenizer

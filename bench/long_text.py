@@ -1,7 +1,7 @@
 """Real long text and what a model does with it, for the long-context benches: a haystack of prose no one
 here wrote (CPython's ``pydoc_data.topics``), needle retrieval at a depth of it, teacher-forced perplexity
 of a continuation, and hooks on the attention backend (the per-layer top-k bound, score capture).
-:mod:`bench.long_context` compares methods with them; :mod:`bench.tidal_layers` measures layer choice.
+:mod:`sift.bench.long_context` compares methods with them; :mod:`sift.bench.tidal_layers` measures layer choice.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def needle_prompt(tokenizer, hay: list, depth: float, code: str) -> list:
 
 
 def needle_hits(llm, hay: list, depths: list, sparsity, skipping) -> list:
-    from server.engine.request import SamplingParams
+    from sift.server.engine.request import SamplingParams
 
     hits = []
     for i, depth in enumerate(depths):
@@ -47,7 +47,7 @@ def needle_hits(llm, hay: list, depths: list, sparsity, skipping) -> list:
 def forced_perplexity(llm, context: list, continuation: list, sparsity, skipping) -> float:
     """Perplexity of ``continuation`` decoded token by token after ``context`` (teacher forcing: each step's
     sampled token is replaced by the true one), so sparse decode layers are what is measured."""
-    from server.engine.request import SamplingParams
+    from sift.server.engine.request import SamplingParams
 
     eng = llm.engine
     nll, logits_rows = [], []
@@ -99,8 +99,8 @@ def oracle_topk(llm, budget: int, first: int = 2):
     selection could reach at that budget; TidalDecode's loss beyond it comes from sharing one layer's
     selection with the layers after it. Every layer runs dense attention to select: a diagnostic, not a
     fast path."""
-    from kernels import reference as ref
-    from kernels.selection import topk_token_slots
+    from sift.kernels import reference as ref
+    from sift.kernels.selection import topk_token_slots
 
     backend = llm.engine.runner.backend
 

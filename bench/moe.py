@@ -1,8 +1,8 @@
-"""Mixture-of-experts layer: experts run grouped (kernels.moe.grouped_experts: sort the (token, expert) pairs
+"""Mixture-of-experts layer: experts run grouped (sift.kernels.moe.grouped_experts: sort the (token, expert) pairs
 once, one grouped matmul per projection) against a Python loop over the experts hit (transformers' way), same
 run, same weights and routing, interleaved, best of ``--reps``.
 
-    python -m bench.moe [--tokens 1,8,32] [--reps 5] [--shapes ...]
+    python -m sift.bench.moe [--tokens 1,8,32] [--reps 5] [--shapes ...]
 
 Shapes: ``qwen3-30b-a3b`` is one layer of Qwen3-30B-A3B's experts (128 experts, top-8, hidden 2048,
 expert width 768: 2.4 GB in float32, which both forms must read once most experts are hit); ``small`` keeps
@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from bench.provenance import write_result
-from kernels.moe import grouped_experts, looped_experts, route
+from sift.bench.provenance import write_result
+from sift.kernels.moe import grouped_experts, looped_experts, route
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 SHAPES = {  # name -> (experts, top_k, hidden, expert intermediate)

@@ -4,7 +4,7 @@ Prompt 128 tokens (real prose from CPython's ``pydoc_data.topics``), output 128 
 at 1, 8 and 32 concurrent requests. The systems are interleaved round by round and the
 median of the rounds is reported, because this machine's speed drifts over minutes.
 
-    python -m bench.offline_throughput [--rounds 3] [--batches 1,8,32] [--systems sift:float32,sift:bfloat16,hf:float32]
+    python -m sift.bench.offline_throughput [--rounds 3] [--batches 1,8,32] [--systems sift:float32,sift:bfloat16,hf:float32]
 
 Any other model: ``--model DIR`` (an HF directory; HF transformers then loads the same directory). With
 ``--load-format dummy`` only DIR/config.json is read and the weights are random (bench/shapes/ has the configs
@@ -24,8 +24,8 @@ from datetime import datetime, timezone
 
 import torch
 
-from bench.provenance import write_result
-from models.embedded import embedded_model_path
+from sift.bench.provenance import write_result
+from sift.models.embedded import embedded_model_path
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -43,7 +43,7 @@ def real_prompts(tokenizer, n: int, length: int) -> list:
 
 
 def run_sift(llm, prompts, out_len):
-    from server.engine.request import SamplingParams
+    from sift.server.engine.request import SamplingParams
 
     sp = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
     t0 = time.perf_counter()
@@ -109,7 +109,7 @@ def main() -> None:
         tokenizer = tokenizer or embedded_model_path()
         systems = [s for s in systems if s[0] == "sift"]
 
-    from server.engine.llm import LLM
+    from sift.server.engine.llm import LLM
 
     runners, prompts, pad = {}, None, None
     for kind, dtype in systems:

@@ -28,7 +28,7 @@ def _git(*args: str) -> Optional[str]:
 
 
 def command_line(argv: Optional[list] = None) -> str:
-    """The command as it was typed: ``python -m bench.<name> <args>`` for a bench module."""
+    """The command as it was typed: ``python -m sift.bench.<name> <args>`` for a bench module."""
     argv = sys.argv if argv is None else argv
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
@@ -38,7 +38,7 @@ def command_line(argv: Optional[list] = None) -> str:
 
 def run_info(device: Optional[str] = None, argv: Optional[list] = None) -> dict:
     """The ``"run"`` block: commit, dirty, host, device, date, command."""
-    from bench.serve import machine_description  # the one description of the host, shared with serve
+    from sift.bench.serve import machine_description  # the one description of the host, shared with serve
 
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {"commit": _git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None,

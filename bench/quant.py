@@ -9,7 +9,7 @@ Configurations, all on the embedded SmolLM2-135M Q4_1 GGUF:
 Decode tokens/s at 1, 8 and 32 streams (128-token prompts, then ``--decode-tokens`` greedy tokens each; only
 steps after every stream's prefill are timed), the configurations interleaved round by round, medians over
 ``--rounds``; resident memory (VmRSS) after load, each configuration in a fresh process. Prints a table and
-writes JSON with the git commit, host, date and command. ``python -m bench.quant``.
+writes JSON with the git commit, host, date and command. ``python -m sift.bench.quant``.
 """
 from __future__ import annotations
 
@@ -21,14 +21,14 @@ import subprocess
 import sys
 import time
 
-from bench.provenance import write_result
+from sift.bench.provenance import write_result
 
 CONFIGS = {"float32": ("none", "float32"), "int8": ("int8", "float32"), "int4": ("auto", "float32"),
            "int4-bf16": ("auto", "bfloat16")}
 
 
 def make_llm(name: str, num_blocks: int):
-    from server.engine.llm import LLM
+    from sift.server.engine.llm import LLM
 
     quantization, dtype = CONFIGS[name]
     return LLM(quantization=quantization, dtype=dtype, num_blocks=num_blocks, max_num_seqs=64, max_model_len=512)
@@ -48,7 +48,7 @@ def prompts(tok, n: int, length: int) -> list:
 
 def decode_rate(llm, batch: list, tokens: int) -> float:
     """Decode tokens/s of ``batch`` run together: steps after every prefill finished, to the end."""
-    from server.engine.request import SamplingParams
+    from sift.server.engine.request import SamplingParams
 
     eng = llm.engine
     params = SamplingParams(max_tokens=tokens + 1, temperature=0.0, ignore_eos=True)
@@ -73,7 +73,7 @@ def measure_rss(names: list) -> dict:
     """VmRSS after load of each configuration, each in a fresh process (run side by side)."""
     procs = {}
     for name in names:
-        code = f"from bench.quant import make_llm, rss_mib; llm = make_llm({name!r}, 64); print('RSS', rss_mib())"
+        code = f"from sift.bench.quant import make_llm, rss_mib; llm = make_llm({name!r}, 64); print('RSS', rss_mib())"
         procs[name] = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        text=True, cwd=os.getcwd(), env=dict(os.environ, TQDM_DISABLE="1"))
     out = {}

@@ -7,7 +7,7 @@
 2. A tiny random HF checkpoint (``--hf-dir``, or one written here with transformers) loaded as stored and
    quantized at load with int8 and int4: perplexity change on the same texts.
 
-Prints a table and writes JSON (git commit, host, date, command). ``python -m bench.quant_quality``.
+Prints a table and writes JSON (git commit, host, date, command). ``python -m sift.bench.quant_quality``.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import platform
 import tempfile
 import time
 
-from bench.provenance import write_result
+from sift.bench.provenance import write_result
 
 GPL_PATHS = ("/usr/share/common-licenses/GPL-3", "/usr/share/common-licenses/GPL")
 
@@ -39,7 +39,7 @@ def gpl_text() -> str:
 
 def perplexity(llm, ids: list) -> float:
     """exp of the mean negative log-likelihood of ``ids[1:]`` given their prefixes (one prefill)."""
-    from server.engine.request import SamplingParams
+    from sift.server.engine.request import SamplingParams
 
     out = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0))[0]
     lps = [e[0] if isinstance(e, (tuple, list)) else e for e in out.prompt_logprobs[1:]]
@@ -47,7 +47,7 @@ def perplexity(llm, ids: list) -> float:
 
 
 def greedy(llm, prompts: list, max_tokens: int) -> list:
-    from server.engine.request import SamplingParams
+    from sift.server.engine.request import SamplingParams
 
     outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
     return [o.token_ids for o in outs]
@@ -83,7 +83,7 @@ def make_tiny_hf(path: str, tokenizer) -> None:
 
 
 def run_gguf(args) -> dict:
-    from server.engine.llm import LLM
+    from sift.server.engine.llm import LLM
 
     res = {}
     outputs = {}
@@ -108,7 +108,7 @@ def run_gguf(args) -> dict:
 
 
 def run_hf(args) -> dict:
-    from server.engine.llm import LLM
+    from sift.server.engine.llm import LLM
 
     res = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,8 +1,8 @@
-"""Serving benchmark: drive a running OpenAI-compatible server with ``clients.loadgen``.
+"""Serving benchmark: drive a running OpenAI-compatible server with ``sift.clients.loadgen``.
 
     sift bench serve --base-url http://127.0.0.1:8000 --dataset random --concurrency 1,8,32 \\
         --num-requests 64 --input-len 128 --output-len 128 --slo ttft=1000,tpot=100
-    python -m bench.serve --request-rate 4 --burstiness 0.5 --ramp-up 10 --duration 60
+    python -m sift.bench.serve --request-rate 4 --burstiness 0.5 --ramp-up 10 --duration 60
 
 One run per ``--concurrency`` value (or one Poisson run with ``--request-rate``). Prints a
 table, writes ``bench/results/serve-<label>.json`` (summaries plus per-request timings) and
@@ -19,8 +19,8 @@ import sys
 from datetime import datetime, timezone
 from typing import Optional
 
-from bench.provenance import write_result
-from clients import loadgen
+from sift.bench.provenance import write_result
+from sift.clients import loadgen
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 DATASETS = ("random", "humaneval", "shared-prefix", "long-generation")
@@ -31,7 +31,7 @@ def load_tokenizer(path: Optional[str]):
     from transformers import AutoTokenizer
 
     if path is None:
-        from models.embedded import embedded_model_path
+        from sift.models.embedded import embedded_model_path
 
         path = embedded_model_path()
     if path.endswith(".gguf"):
@@ -52,7 +52,7 @@ def build_dataset(tokenizer, args: argparse.Namespace, num_requests: int) -> lis
 
 
 def add_workload_args(ap: argparse.ArgumentParser) -> None:
-    """Dataset flags, shared with ``bench.compare``."""
+    """Dataset flags, shared with ``sift.bench.compare``."""
     ap.add_argument("--dataset", choices=DATASETS, default="random")
     ap.add_argument("--tokenizer", default=None, help="GGUF file or HF dir (default: the embedded model)")
     ap.add_argument("--input-len", type=int, default=128, help="prompt tokens (suffix for shared-prefix)")
@@ -68,7 +68,7 @@ def add_workload_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=int, default=0)
 
 
-# ---- reporting (also used by bench.compare) ---------------------------------------------
+# ---- reporting (also used by sift.bench.compare) ---------------------------------------------
 
 def fmt(value, digits: int = 1) -> str:
     if value is None:

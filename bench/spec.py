@@ -6,15 +6,15 @@ runs on one of two engines in the same process while the plain baseline runs on 
 taking turns step by step (:func:`lockstep`), so the machine's drift hits both alike; each engine counts
 only its own steps' time, the engines swap roles every round, and the speedup is the median of the
 rounds' paired ratios. ``--controllers simple adaptive`` runs each drafter under each speculation
-controller (:mod:`server.spec.controller`, :mod:`server.spec.adaptive`) as its own arm, paired with the
+controller (:mod:`sift.server.spec.controller`, :mod:`sift.server.spec.adaptive`) as its own arm, paired with the
 plain path like any other, beside the ``plain`` control (the plain path paired with itself). Then a
 LANTERN delta sweep (greedy, goose drafts): acceptance, relaxed accepts, agreement with the plain
 greedy output, and the measured total-variation distance of the relaxed distribution to the target
 on the model's real next-token distributions.
 
-    python -m bench.spec                 # full run, writes bench/results/spec.json
-    python -m bench.spec --quick         # tiny smoke run
-    python -m bench.spec --workloads humaneval --methods plain goose ngram --controllers simple adaptive \
+    python -m sift.bench.spec                 # full run, writes bench/results/spec.json
+    python -m sift.bench.spec --quick         # tiny smoke run
+    python -m sift.bench.spec --workloads humaneval --methods plain goose ngram --controllers simple adaptive \
         --no-lantern                     # the controller ablation (docs/speculation.md)
 """
 from __future__ import annotations
@@ -29,14 +29,14 @@ from functools import partial
 
 import torch
 
-from bench.provenance import write_result
-from bench.serve import device_description
-from server.engine.llm import LLM
-from server.engine.request import SamplingParams, SpecOptions
-from server.runner.timing import measure_forward
-from server.spec import CONTROLLERS, make_controller
-from server.spec.controller import SimpleController
-from server.spec.verify import relaxed_distribution
+from sift.bench.provenance import write_result
+from sift.bench.serve import device_description
+from sift.server.engine.llm import LLM
+from sift.server.engine.request import SamplingParams, SpecOptions
+from sift.server.runner.timing import measure_forward
+from sift.server.spec import CONTROLLERS, make_controller
+from sift.server.spec.controller import SimpleController
+from sift.server.spec.verify import relaxed_distribution
 
 _ids = itertools.count()
 
@@ -284,8 +284,8 @@ def bench_desync(llms, workloads, concurrencies, max_tokens, rounds, per_stream=
 
 def next_token_distributions(llm, prompt):
     """softmax of the model's logits at every prompt position (the target a draft of the next token meets)."""
-    from server.engine.outputs import ScheduledRequest, SchedulerOutput
-    from server.engine.request import Request
+    from sift.server.engine.outputs import ScheduledRequest, SchedulerOutput
+    from sift.server.engine.request import Request
     eng, rid = llm.engine, "bench-tvd-probe"
     req = Request(rid, list(prompt), SamplingParams(temperature=0.0))
     slots = eng.kv.allocate_slots(rid, len(prompt))

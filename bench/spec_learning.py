@@ -1,14 +1,14 @@
 """Token Recycling's table learning on plain steps, on vs off: an ablation of
-:meth:`server.spec.Speculator.learn_plain`.
+:meth:`sift.server.spec.Speculator.learn_plain`.
 
 When the speculation controller turns speculation off for a step, the speculating requests' input tokens can still
 write their rows of the adjacency table from the step's logits (on), or the table learns only from
 verified trees (off, as before 2026-11-25). Each setting runs as its own server would (its own table and
 controller statistics, kept across runs), interleaved round by round with the plain path (ABBA), on
-the same prompts as ``bench.spec``. Speedups are medians over rounds of each run's rate / its round's
+the same prompts as ``sift.bench.spec``. Speedups are medians over rounds of each run's rate / its round's
 plain rate.
 
-    python -m bench.spec_learning          # writes bench/results/spec_learning.json
+    python -m sift.bench.spec_learning          # writes bench/results/spec_learning.json
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import argparse
 import os
 import statistics
 
-from bench.provenance import write_result
-from bench.serve import device_description, utc_now
-from bench.spec import chat_prompts, humaneval_prompts, mean_accepted_length, run
+from sift.bench.provenance import write_result
+from sift.bench.serve import device_description, utc_now
+from sift.bench.spec import chat_prompts, humaneval_prompts, mean_accepted_length, run
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 CELLS = (("chat", 1, "goose"), ("chat", 1, "recycling"), ("humaneval", 1, "goose"), ("chat", 8, "goose"),
@@ -32,10 +32,10 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(RESULTS, "spec_learning.json"))
     args = ap.parse_args()
 
-    from server.engine.llm import LLM
-    from server.engine.request import SamplingParams, SpecOptions
-    from server.runner.timing import measure_forward
-    from server.spec import Speculator, make_controller
+    from sift.server.engine.llm import LLM
+    from sift.server.engine.request import SamplingParams, SpecOptions
+    from sift.server.runner.timing import measure_forward
+    from sift.server.spec import Speculator, make_controller
 
     max_c = max(c for _, c, _ in CELLS)
     llm = LLM(num_blocks=4096, max_num_seqs=max_c)

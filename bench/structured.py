@@ -8,7 +8,7 @@ round by round at each stream count and medians are reported, because this machi
 drifts over minutes. Compile time: each of a few distinct schemas compiled on a fresh cache
 (cold), then looked up again (cached: what a repeated schema costs a request).
 
-    python -m bench.structured [--streams 1,32] [--rounds 3] [--out-len 64]
+    python -m sift.bench.structured [--streams 1,32] [--rounds 3] [--out-len 64]
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from bench.provenance import write_result
+from sift.bench.provenance import write_result
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -54,8 +54,8 @@ def run(llm, prompts, params) -> float:
 
 
 def compile_times(llm) -> dict:
-    from server.structured.compiler import GrammarCompiler
-    from server.structured.spec import StructuredSpec
+    from sift.server.structured.compiler import GrammarCompiler
+    from sift.server.structured.spec import StructuredSpec
 
     eng = llm.engine
     compiler = GrammarCompiler(eng.tokenizer, eng.vocab_size, eng.eos_token_ids)
@@ -81,10 +81,10 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="JSON result path (default: bench/results/structured-<host>.json)")
     args = ap.parse_args()
 
-    from bench.offline_throughput import real_prompts
-    from server.engine.llm import LLM
-    from server.engine.request import SamplingParams
-    from server.structured.spec import StructuredSpec
+    from sift.bench.offline_throughput import real_prompts
+    from sift.server.engine.llm import LLM
+    from sift.server.engine.request import SamplingParams
+    from sift.server.structured.spec import StructuredSpec
 
     streams = [int(s) for s in args.streams.split(",")]
     max_len = 512

@@ -6,16 +6,16 @@ well one layer's top tokens cover another's attention. This bench measures that 
 real long text (CPython's ``pydoc_data.topics``): in dense decode steps after a long context, for every
 pair of layers (s, l), the share of layer l's attention mass (per kv head, its query group's summed
 probabilities) that falls on the tokens a selection at layer s keeps (the ``sinks`` first, the ``recent``
-latest and the top rest of the budget, as :func:`kernels.selection.topk_token_slots` keeps them).
+latest and the top rest of the budget, as :func:`sift.kernels.selection.topk_token_slots` keeps them).
 
 From that matrix it scores schedules: the layers before the first selection layer and every selection
 layer run dense, every other layer reads the latest selection before it, and a schedule's score is the
 mean kept mass over its sparse layers. For each count of dense layers it finds the best set of selection
 layers (the paper's schedule is one selection and one re-selection layer; ``sparsity.reselection_layer``
 takes a list for more). The diagonal (each layer over its own top tokens) is the bound of per-layer
-selection (:func:`bench.long_text.oracle_topk`). Writes the matrix and the schedules as JSON.
+selection (:func:`sift.bench.long_text.oracle_topk`). Writes the matrix and the schedules as JSON.
 
-    python -m bench.tidal_layers --context 8000 --docs 4 --steps 8
+    python -m sift.bench.tidal_layers --context 8000 --docs 4 --steps 8
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from datetime import datetime, timezone
 
 import torch
 
-from bench.long_text import attention_override, haystack
-from bench.provenance import write_result
+from sift.bench.long_text import attention_override, haystack
+from sift.bench.provenance import write_result
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -36,7 +36,7 @@ RESULTS = os.path.join(os.path.dirname(__file__), "results")
 def selection_masks(scores: torch.Tensor, budget: int, sinks: int, recent: int) -> torch.Tensor:
     """[layers, Hkv, L] decode scores of one step -> [layers, Hkv, L] bool: the kv indices a selection at each
     layer keeps (the current token included)."""
-    from kernels.selection import topk_token_slots
+    from sift.kernels.selection import topk_token_slots
 
     layers, hkv, width = scores.shape
     lens = torch.full((layers,), width, dtype=torch.int32)
@@ -69,7 +69,7 @@ def reranked_mass(scores: torch.Tensor, candidates: int, budget: int, sinks: int
 def capture_scores(llm, context: list, steps: int) -> list:
     """Dense greedy decode of ``steps`` tokens after ``context``; per step the [layers, Hkv, L] attention scores
     of the step's query (each kv head's query group summed)."""
-    from server.engine.request import SamplingParams
+    from sift.server.engine.request import SamplingParams
 
     backend = llm.engine.runner.backend
     num_layers = llm.engine.arch.num_layers
@@ -128,7 +128,7 @@ def best_schedule(mass: torch.Tensor, dense: int, first: int = 1) -> list:
 
 def measure_mass(args) -> tuple:
     """(mean kept-mass matrix, decode steps measured, model name) over ``args.docs`` pydoc windows."""
-    from server.engine.llm import LLM
+    from sift.server.engine.llm import LLM
 
     longest = args.context + args.steps + 16
     llm = LLM(max_model_len=longest, num_blocks=longest // 16 + 64, max_num_batched_tokens=8192,

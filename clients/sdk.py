@@ -1,6 +1,6 @@
 """A small client for Sift (or any OpenAI-compatible server), on httpx.
 
-    from clients.sdk import Client
+    from sift.clients.sdk import Client
     client = Client("http://127.0.0.1:8000/v1")
     reply = client.chat.completions.create(model="SmolLM2-135M-Instruct",
                                            messages=[{"role": "user", "content": "Hi"}])

@@ -2,7 +2,7 @@
 
 A backend receives tensors only: per-layer KV pools, the query/key/value of the
 step's new tokens, and an :class:`AttentionMetadata` built once per step by the
-runner. ``torch`` runs :mod:`kernels.reference` (the CPU path and test oracle);
+runner. ``torch`` runs :mod:`sift.kernels.reference` (the CPU path and test oracle);
 ``triton`` runs the Triton kernels on CUDA.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Optional, Protocol
 
 import torch
 
-from kernels import reference as ref
+from sift.kernels import reference as ref
 
 Tensor = torch.Tensor
 
@@ -35,15 +35,15 @@ class AttentionMetadata:
     kv_lens_host: list[int]
     window: Optional[Tensor] = None  # int32 [B]; 0 = no window (StreamingLLM-style sinks + window)
     sinks: Optional[Tensor] = None  # int32 [B]
-    tree_mask: Optional[Tensor] = None  # bool [T, max_q_len]; see kernels.reference
+    tree_mask: Optional[Tensor] = None  # bool [T, max_q_len]; see sift.kernels.reference
     score_layers: frozenset = frozenset()  # layers that emit per-kv-head scores of each request's last query
     sparse: Optional["SparsePlan"] = None  # per-step sparse decode plan (TidalDecode, Quest); None = dense
     scores: dict = field(default_factory=dict)  # layer -> (sum, max) [B, Hkv, max_kv_len], filled by the backend
     # per request: how many trailing queries of its chunk the emitted scores aggregate (None = 1 each);
-    # > 1 only at the end of a prefill, for SnapKV's observation window (see kernels.reference.window_scores)
+    # > 1 only at the end of a prefill, for SnapKV's observation window (see sift.kernels.reference.window_scores)
     score_queries: Optional[list] = None
     # requests (batch indices) whose draft tree's per-query scores score layers also emit into ``tree_scores``:
-    # layer -> {b: (sum, max) [n, Hkv, kv_len]} (see kernels.reference.tree_scores)
+    # layer -> {b: (sum, max) [n, Hkv, kv_len]} (see sift.kernels.reference.tree_scores)
     score_trees: Optional[list] = None
     tree_scores: dict = field(default_factory=dict)
     softcap: float = 0.0  # > 0: attention logits soft-capped as cap * tanh(x / cap) (Gemma 2); set per layer
@@ -236,7 +236,7 @@ def select_backend(name: str, device: torch.device) -> AttentionBackend:
         return TorchBackend()
     if name in ("triton", "flash-attn"):
         try:
-            from kernels.triton_backend import TritonBackend
+            from sift.kernels.triton_backend import TritonBackend
         except ImportError as e:  # pragma: no cover - depends on the install
             raise ValueError(f"attention backend {name!r} is unavailable: {e}") from e
         return TritonBackend(use_flash_attn=(name == "flash-attn"))

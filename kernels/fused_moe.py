@@ -5,7 +5,7 @@ Two kernels: ``_gate_up_kernel`` computes a tile's gate and up projections toget
 ``act(gate) * up`` (the [P, I] intermediate never exists unactivated); ``_down_kernel`` projects back and
 scales each row by its routing weight. The per-token sum over its k experts is one ``index_add_``.
 Tiles are laid out without a host sync: an upper bound of ``cdiv(P, BLOCK_M) + E`` tiles, the unused ones
-empty. Same contract as :func:`kernels.moe.grouped_experts` (the torch reference and CPU path).
+empty. Same contract as :func:`sift.kernels.moe.grouped_experts` (the torch reference and CPU path).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.moe import sort_by_expert
+from sift.kernels.moe import sort_by_expert
 
 Tensor = torch.Tensor
 ACTS = {"silu": 0, "gelu_tanh": 1}

@@ -1,6 +1,6 @@
 """KV pool writes in Triton: store by slot mapping, copy-on-write block copies, per-head compaction.
 
-Same contracts as :mod:`kernels.reference` (pool layout [num_slots, Hkv, D] per layer).
+Same contracts as :mod:`sift.kernels.reference` (pool layout [num_slots, Hkv, D] per layer).
 """
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def _move_rows(src_k, src_v, dst_k, dst_v, src_idx, dst_idx, n_rows):
 
 
 def gather_compact(k_cache: Tensor, v_cache: Tensor, src_slots: Tensor, dst_slots: Tensor) -> None:
-    """Per-head compaction in one layer's pool; same contract as :func:`kernels.reference.gather_compact`.
+    """Per-head compaction in one layer's pool; same contract as :func:`sift.kernels.reference.gather_compact`.
 
     Sources and destinations may overlap: the kept entries are gathered into a temporary first (one
     launch), then scattered (a second launch), because programs of one launch run in no fixed order.

@@ -1,6 +1,6 @@
 """Paged attention in Triton: varlen prefill/extend, and split-K decode with optional score emission.
 
-Layout and masking rules are those of :mod:`kernels.reference` (the test oracle).
+Layout and masking rules are those of :mod:`sift.kernels.reference` (the test oracle).
 Both kernels walk a request's *visible* kv indices as one list, the sinks
 ``[0, sink_end)`` followed by the window ``[win_lo, last query]``, so a windowed
 request never touches K/V outside its window. Softmax is online, in the log2
@@ -344,7 +344,7 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
                     kv_lens: Tensor, block_size: int, scale: float, window: Optional[Tensor] = None,
                     sinks: Optional[Tensor] = None, tree_mask: Optional[Tensor] = None, *,
                     max_q_len: Optional[int] = None, softcap: float = 0.0) -> Tensor:
-    """Varlen prefill/extend attention; same contract as :func:`kernels.reference.paged_attention`.
+    """Varlen prefill/extend attention; same contract as :func:`sift.kernels.reference.paged_attention`.
 
     ``max_q_len`` (host int) sizes the grid; without it, it is read from ``cu_seqlens_q`` (a device sync).
     """
@@ -362,7 +362,7 @@ def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tens
                  block_size: int, scale: float, window: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
                  return_scores: bool = False, *, max_kv_len: Optional[int] = None, splits: Optional[int] = None,
                  softcap: float = 0.0):
-    """Decode attention, one query per request; same contract as :func:`kernels.reference.paged_decode`.
+    """Decode attention, one query per request; same contract as :func:`sift.kernels.reference.paged_decode`.
 
     Returns (out [B, Hq, D], scores or None), scores = (sum, max) each [B, Hkv, max_kv_len] float32.
     ``max_kv_len`` (host int) avoids a device sync; ``splits`` forces the split-K count (default: chosen

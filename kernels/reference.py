@@ -1,5 +1,5 @@
 """Plain-torch references of the attention, KV-pool and token-gather kernels (speculative verification's
-is in :mod:`kernels.reference_spec`).
+is in :mod:`sift.kernels.reference_spec`).
 
 These are the test oracle for the Triton kernels and, on CPU, the runtime path.
 They take tensors and return tensors; they know nothing of requests or batches.

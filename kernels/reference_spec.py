@@ -1,5 +1,5 @@
-"""Plain-torch reference of speculative tree verification: the test oracle of :mod:`kernels.spec_verify`
-and, on CPU, the runtime path (the attention and KV-pool references are in :mod:`kernels.reference`)."""
+"""Plain-torch reference of speculative tree verification: the test oracle of :mod:`sift.kernels.spec_verify`
+and, on CPU, the runtime path (the attention and KV-pool references are in :mod:`sift.kernels.reference`)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -12,7 +12,7 @@ Tensor = torch.Tensor
 def spec_verify(probs: Optional[Tensor], target: Tensor, draft: Tensor, first_child: Tensor, num_children: Tensor,
                 uniforms: Tensor, roots: Tensor, greedy: Tensor, relax_k: Tensor, delta: Tensor, lam: Tensor,
                 nearest: Optional[Tensor], max_depth: int):
-    """Speculative tree verification over a batch of trees (the oracle of ``kernels.spec_verify``).
+    """Speculative tree verification over a batch of trees (the oracle of ``sift.kernels.spec_verify``).
 
     Flat nodes of all trees: probs [N, V] float32 (each node's next-token distribution; only read for
     sampling or relaxed trees, may be None when there are none; sampling trees' rows become their

@@ -2,7 +2,7 @@
 key sketches.
 
 Tensors in, slot lists out ([B, Hkv, N] physical slots, -1 = padding), ready for
-:func:`kernels.sparse_attention.sparse_decode`. These are plain torch on every device: the work is
+:func:`sift.kernels.sparse_attention.sparse_decode`. These are plain torch on every device: the work is
 one top-k over at most a context's worth of scores (or pages) per (request, kv head), which
 ``torch.topk`` already runs as a single fused kernel on CUDA; a hand-written Triton top-k would not
 read less memory. Quest's per-page bound reads the page metadata once ([B, pages, Hkv, D]).
@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from kernels.reference import head_rows
+from sift.kernels.reference import head_rows
 
 Tensor = torch.Tensor
 

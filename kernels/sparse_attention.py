@@ -2,12 +2,12 @@
 
 TidalDecode and Quest both end in the same read: for request b and kv head h, a list of physical
 slots of the paged pool (``slots[b, h, :]``, -1 = padding) holds the tokens that head attends to.
-Quest's page lists are expanded to slot lists by :func:`kernels.selection.pages_to_slots`, so one
-kernel serves both. The torch reference is :func:`kernels.reference.sparse_decode`.
+Quest's page lists are expanded to slot lists by :func:`sift.kernels.selection.pages_to_slots`, so one
+kernel serves both. The torch reference is :func:`sift.kernels.reference.sparse_decode`.
 
 One program per (request, kv head) handles every query head of the group as the rows of one tile,
 so each selected K/V entry is read once; online softmax in the log2 domain with float32 statistics,
-as in :mod:`kernels.paged_attention`. Budgets are a few hundred slots, so there is no split-K.
+as in :mod:`sift.kernels.paged_attention`. Budgets are a few hundred slots, so there is no split-K.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_attention import LOG2E, tile_dot, online_softmax_step, needs_upcast
+from sift.kernels.paged_attention import LOG2E, tile_dot, online_softmax_step, needs_upcast
 
 Tensor = torch.Tensor
 

@@ -1,6 +1,6 @@
 """Speculative tree verification in Triton: one program per tree walks the accepted path.
 
-Same contract as :func:`kernels.reference_spec.spec_verify` (greedy / lossless sampling, LANTERN delta and
+Same contract as :func:`sift.kernels.reference_spec.spec_verify` (greedy / lossless sampling, LANTERN delta and
 LANTERN++ lambda relaxation, residuals written in place into ``probs``). Per tried child it gathers
 the draft's nearest neighbours' probabilities, prefix-sums them under the limit, runs the accept test
 and, on rejection, zeroes the tried mass; the walk itself is sequential, the gathers are vectorised.
@@ -82,7 +82,7 @@ def _spec_verify_kernel(probs_ptr, stride_p, target_ptr, draft_ptr, first_ptr, c
 def spec_verify(probs: Tensor, target: Tensor, draft: Tensor, first_child: Tensor, num_children: Tensor,
                 uniforms: Tensor, roots: Tensor, greedy: Tensor, relax_k: Tensor, delta: Tensor, lam: Tensor,
                 nearest: Optional[Tensor], max_depth: int):
-    """See :func:`kernels.reference_spec.spec_verify`; ``probs`` is required here (rows of strict greedy trees
+    """See :func:`sift.kernels.reference_spec.spec_verify`; ``probs`` is required here (rows of strict greedy trees
     are never read). Returns (path, num_accepted, last, relaxed) on ``probs``' device."""
     assert probs.dtype == torch.float32 and probs.stride(-1) == 1
     dev = probs.device

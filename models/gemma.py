@@ -8,7 +8,7 @@
 * Gemma 2: attention logit soft-capping in the attention kernels and final logit soft-capping;
 * Gemma 3: q/k norms, and a rope base of its own for the local layers.
 
-Which of these a checkpoint has comes from its config (:mod:`models.hf_config`), not from the class.
+Which of these a checkpoint has comes from its config (:mod:`sift.models.hf_config`), not from the class.
 """
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kernels.reference import soft_cap
-from models.layers import GemmaRMSNorm, RotaryEmbedding
-from models.llama import LlamaDecoderLayer, LlamaForCausalLM
-from models.qwen3 import QKNormAttention
-from models.registry import ArchConfig
+from sift.kernels.reference import soft_cap
+from sift.models.layers import GemmaRMSNorm, RotaryEmbedding
+from sift.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from sift.models.qwen3 import QKNormAttention
+from sift.models.registry import ArchConfig
 
 if TYPE_CHECKING:  # the runner's contract; not imported at run time (models stay below server/)
-    from server.runner.forward_batch import ForwardBatch
+    from sift.server.runner.forward_batch import ForwardBatch
 
 Tensor = torch.Tensor
 

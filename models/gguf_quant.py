@@ -1,4 +1,4 @@
-"""GGUF quantized blocks -> :class:`models.quant.GroupQuant`, without dequantizing when the kernels can take
+"""GGUF quantized blocks -> :class:`sift.models.quant.GroupQuant`, without dequantizing when the kernels can take
 the block's own numbers.
 
 Per ggml type (w: what ``gguf.quants.dequantize`` computes in float32; d, m, dmin float16):
@@ -24,7 +24,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf.quants import Q4_K, dequantize
 
-from models.quant import GroupQuant, is_quantizable, quantize_int8_blocks, quantize_tensor
+from sift.models.quant import GroupQuant, is_quantizable, quantize_int8_blocks, quantize_tensor
 
 logger = logging.getLogger(__name__)
 

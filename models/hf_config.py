@@ -1,4 +1,4 @@
-"""Reading the family-specific parts of a Hugging Face ``config.json`` into :class:`models.registry.ArchConfig`
+"""Reading the family-specific parts of a Hugging Face ``config.json`` into :class:`sift.models.registry.ArchConfig`
 fields: rope scaling in either the transformers 4 (``rope_theta`` + ``rope_scaling``) or 5 (``rope_parameters``,
 per layer type for Gemma 3) layout, per-layer sliding windows, q/k norms, soft-capping, MoE shape.
 

@@ -1,7 +1,7 @@
 """Building blocks shared by the decoder families: RMSNorm, rotary embedding, gated MLP.
 
 Linear layers are created on the ``meta`` device: their weights always come from a checkpoint
-(:meth:`models.llama.LlamaForCausalLM.load_weights`), so initializing them would be wasted time.
+(:meth:`sift.models.llama.LlamaForCausalLM.load_weights`), so initializing them would be wasted time.
 """
 from __future__ import annotations
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, empty_linear, linear
-from models.quant import GroupQuant, hold_quantized
-from models.registry import ArchConfig, ModelLoadError
-from server.runner.forward_batch import ForwardBatch
+from sift.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, empty_linear, linear
+from sift.models.quant import GroupQuant, hold_quantized
+from sift.models.registry import ArchConfig, ModelLoadError
+from sift.server.runner.forward_batch import ForwardBatch
 
 Tensor = torch.Tensor
 
@@ -185,7 +185,7 @@ def _place(module: nn.Module, name: str, tensor: Tensor) -> None:
     if tensor.shape != expected:
         raise ModelLoadError(f"tensor for {type(module).__name__}.{name} has shape {tuple(tensor.shape)}, "
                              f"expected {tuple(expected)}")
-    if isinstance(tensor, GroupQuant):  # kept quantized: the loader swaps the module (models.quant)
+    if isinstance(tensor, GroupQuant):  # kept quantized: the loader swaps the module (sift.models.quant)
         hold_quantized(module, name, tensor)
         return
     setattr(module, name, nn.Parameter(tensor, requires_grad=False))

@@ -2,7 +2,7 @@
 
 GGUF files are dequantized at load (``gguf.quants.dequantize``) into the target dtype, except the
 tensors ``quantization`` keeps quantized (models/gguf_quant.py, models/quant.py), which reach the model
-as :class:`models.quant.GroupQuant` in HF layout. The GGUF container itself is parsed here with
+as :class:`sift.models.quant.GroupQuant` in HF layout. The GGUF container itself is parsed here with
 ``struct`` over an ``mmap`` rather than with ``gguf.GGUFReader``, which builds a numpy view per
 vocabulary string and spends ~4 s on the embedded model's metadata alone.
 """
@@ -24,12 +24,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from models.checkpoint import CheckpointWeights, find_weight_files
-from models.embedded import EMBEDDED_NAME, embedded_model_path
-from models.layers import Linear, calibrate_linear
-from models.quant import METHODS, GroupQuant, install_quantized, is_quantizable, quantize_linears, quantize_tensor
-from models.registry import ArchConfig, ModelLoadError, model_class
-from models.tokenizer import Tokenizer, read_chat_template
+from sift.models.checkpoint import CheckpointWeights, find_weight_files
+from sift.models.embedded import EMBEDDED_NAME, embedded_model_path
+from sift.models.layers import Linear, calibrate_linear
+from sift.models.quant import METHODS, GroupQuant, install_quantized, is_quantizable, quantize_linears, quantize_tensor
+from sift.models.registry import ArchConfig, ModelLoadError, model_class
+from sift.models.tokenizer import Tokenizer, read_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def _read_tokenizer(path: str, gguf_file: Optional["GGUFFile"] = None) -> Tokeni
 
 def _calibrate_products(model: nn.Module) -> None:
     """On CPU in float32, measure which product form each few-row linear runs faster in on this host
-    (:func:`models.layers.calibrate_linear`), over the weights a decode step reads: every linear layer in
+    (:func:`sift.models.layers.calibrate_linear`), over the weights a decode step reads: every linear layer in
     forward order, then the logits head (the embedding, when tied)."""
     weights = [m.weight for m in model.modules() if isinstance(m, Linear)]
     if getattr(model, "lm_head", True) is None:
@@ -329,7 +329,7 @@ def gguf_weights(gf: GGUFFile, dtype, device, quantization: str = "none",
     :class:`GroupQuant`), under HF names and in HF layout."""
     from gguf import GGMLQuantizationType
 
-    from models.gguf_quant import gguf_quantized
+    from sift.models.gguf_quant import gguf_quantized
 
     path, md, tensors = gf.path, gf.metadata, dict(gf.tensors)
     arch = gguf_arch(gf)

@@ -1,17 +1,17 @@
 """Qwen3-MoE: the Qwen3 block with a sparse mixture of experts in place of the MLP (in the layers the
 config names): a linear router, top-k experts per token renormalised as ``norm_topk_prob`` says, experts run
-grouped: on CUDA through the fused Triton kernels (:mod:`kernels.fused_moe`), elsewhere through the torch
-grouped matmul (:mod:`kernels.moe`), which is also their test oracle."""
+grouped: on CUDA through the fused Triton kernels (:mod:`sift.kernels.fused_moe`), elsewhere through the torch
+grouped matmul (:mod:`sift.kernels.moe`), which is also their test oracle."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from kernels.moe import grouped_experts, route
-from models.layers import ACTIVATIONS, GatedMLP, empty_linear
-from models.llama import _place
-from models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM
-from models.registry import ArchConfig
+from sift.kernels.moe import grouped_experts, route
+from sift.models.layers import ACTIVATIONS, GatedMLP, empty_linear
+from sift.models.llama import _place
+from sift.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM
+from sift.models.registry import ArchConfig
 
 Tensor = torch.Tensor
 
@@ -30,7 +30,7 @@ class SparseMoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)
         if x.is_cuda:
-            from kernels.fused_moe import fused_experts  # Triton: imported only where it runs
+            from sift.kernels.fused_moe import fused_experts  # Triton: imported only where it runs
 
             return fused_experts(x, self.w13, self.w2, weights, ids, self.act_name)
         return grouped_experts(x, self.w13, self.w2, weights, ids, self.act)

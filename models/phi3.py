@@ -1,11 +1,11 @@
 """Phi-3 / Phi-4 (mini): the Llama block as checkpoints store it already fused (``qkv_proj``,
 ``gate_up_proj``), with LongRoPE scaling and, in Phi-4-mini, rotary over part of each head
-(``partial_rotary_factor``); both handled by :mod:`models.layers`."""
+(``partial_rotary_factor``); both handled by :mod:`sift.models.layers`."""
 from __future__ import annotations
 
 from torch import nn
 
-from models.llama import LlamaAttention, LlamaForCausalLM, _place
+from sift.models.llama import LlamaAttention, LlamaForCausalLM, _place
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):

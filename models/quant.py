@@ -293,7 +293,7 @@ def quantized_linear(q: GroupQuant, dtype: torch.dtype, device: torch.device,
         return Int8BlockLinear(q, dtype, device, bias) if q.bits == 8 else Int4Linear(q, dtype, device, bias)
     logger.info("no packed kernel for a [%d, %d] %d-bit group-%d weight on %s %s: dequantized", n, k, q.bits,
                 q.group_size, device.type, str(dtype).removeprefix("torch."))
-    from models.layers import Linear
+    from sift.models.layers import Linear
 
     layer = Linear(k, n, bias=bias is not None, device="meta")
     layer.weight = nn.Parameter(q.dequantize(dtype).to(device), requires_grad=False)
@@ -377,7 +377,7 @@ def hold_quantized(module: nn.Module, name: str, q: GroupQuant) -> None:
 def quantize_linears(model: nn.Module, method: str, group_size: int, dtype: torch.dtype,
                      device: torch.device) -> int:
     """Quantize a loaded model's float linear layers in place (for random-weight ``dummy`` loads)."""
-    from models.layers import Linear
+    from sift.models.layers import Linear
 
     for module in model.modules():
         if isinstance(module, Linear) and module.weight.device.type != "meta":

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from models.layers import RMSNorm
-from models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
-from models.registry import ArchConfig
+from sift.models.layers import RMSNorm
+from sift.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
+from sift.models.registry import ArchConfig
 
 Tensor = torch.Tensor
 

@@ -15,20 +15,20 @@ class ModelLoadError(ValueError):
 
 # HF architecture name -> (module, class). Imported lazily so the registry is cheap to import.
 _ARCHITECTURES = {
-    "LlamaForCausalLM": ("models.llama", "LlamaForCausalLM"),
-    "MistralForCausalLM": ("models.llama", "LlamaForCausalLM"),
-    "Qwen2ForCausalLM": ("models.llama", "LlamaForCausalLM"),
-    "Qwen3ForCausalLM": ("models.qwen3", "Qwen3ForCausalLM"),
-    "Qwen3MoeForCausalLM": ("models.moe", "Qwen3MoeForCausalLM"),
-    "Gemma2ForCausalLM": ("models.gemma", "GemmaForCausalLM"),
-    "Gemma3ForCausalLM": ("models.gemma", "GemmaForCausalLM"),
-    "Phi3ForCausalLM": ("models.phi3", "Phi3ForCausalLM"),
+    "LlamaForCausalLM": ("sift.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("sift.models.llama", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("sift.models.llama", "LlamaForCausalLM"),
+    "Qwen3ForCausalLM": ("sift.models.qwen3", "Qwen3ForCausalLM"),
+    "Qwen3MoeForCausalLM": ("sift.models.moe", "Qwen3MoeForCausalLM"),
+    "Gemma2ForCausalLM": ("sift.models.gemma", "GemmaForCausalLM"),
+    "Gemma3ForCausalLM": ("sift.models.gemma", "GemmaForCausalLM"),
+    "Phi3ForCausalLM": ("sift.models.phi3", "Phi3ForCausalLM"),
 }
 
 # llama.cpp's architecture name -> the HF one (SmolLM and Mistral files say "llama").
 _GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
-_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")  # models.layers.rope_cos_sin
+_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")  # sift.models.layers.rope_cos_sin
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class ArchConfig:
         arch = archs[0]
         if arch not in _ARCHITECTURES:  # before reading keys an unknown model may not have
             raise ModelLoadError(f"unknown architecture {arch!r}; supported: {', '.join(sorted(_ARCHITECTURES))}")
-        from models import hf_config
+        from sift.models import hf_config
 
         heads = cfg["num_attention_heads"]
         rope = hf_config.rope_fields(cfg)

@@ -12,7 +12,7 @@ import logging
 from functools import lru_cache
 from typing import Optional
 
-from models.registry import ModelLoadError
+from sift.models.registry import ModelLoadError
 
 logger = logging.getLogger(__name__)
 

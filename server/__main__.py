@@ -1,6 +1,6 @@
-"""``python -m server serve | generate | bench``."""
+"""``python -m sift.server serve | generate | bench``."""
 import sys
 
-from server.cli import main
+from sift.server.cli import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-"""``sift serve | generate | bench`` (also ``python -m server ...``).
+"""``sift serve | generate | bench`` (also ``python -m sift.server ...``).
 
 Every engine/server flag maps onto one field of the frozen config dataclasses and has an
 environment twin ``SIFT_<FLAG>`` (``--max-model-len`` <-> ``SIFT_MAX_MODEL_LEN``); the flag
@@ -14,8 +14,8 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
-from server.config import EngineConfig
-from server.engine.request import SPARSITY_METHODS
+from sift.server.config import EngineConfig
+from sift.server.engine.request import SPARSITY_METHODS
 
 
 @dataclass(frozen=True)
@@ -165,13 +165,13 @@ def config_from_args(args: argparse.Namespace, flags: tuple) -> EngineConfig:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from server.api.app import run_server
+    from sift.server.api.app import run_server
     return run_server(config_from_args(args, ENGINE_FLAGS + SERVER_FLAGS + LOG_FLAGS))
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from server.engine.llm import LLM
-    from server.engine.request import SamplingParams
+    from sift.server.engine.llm import LLM
+    from sift.server.engine.request import SamplingParams
 
     llm = LLM(config=config_from_args(args, ENGINE_FLAGS))
     prompt = args.prompt
@@ -185,9 +185,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_bench(rest: list) -> int:
     try:
-        bench = importlib.import_module("bench.serve")
+        bench = importlib.import_module("sift.bench.serve")
     except ModuleNotFoundError as e:
-        if e.name not in ("bench", "bench.serve"):
+        if e.name not in ("bench", "sift.bench.serve"):
             raise
         print("sift bench: the serving benchmark (bench/serve.py) is not installed in this build", file=sys.stderr)
         return 2

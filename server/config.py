@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from server.engine.request import SPARSITY_METHODS, SkipOptions
+from sift.server.engine.request import SPARSITY_METHODS, SkipOptions
 
 
 def _check(cond: bool, msg: str) -> None:

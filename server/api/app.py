@@ -21,10 +21,10 @@ from fastapi import FastAPI
 from prometheus_client import Counter
 from starlette.datastructures import Headers
 
-from server.api.errors import error_response, install_error_handlers
-from server.api.routes import api_key_error, protected, public
-from server.config import EngineConfig
-from server.engine.async_engine import AsyncEngine, EngineNotReadyError
+from sift.server.api.errors import error_response, install_error_handlers
+from sift.server.api.routes import api_key_error, protected, public
+from sift.server.config import EngineConfig
+from sift.server.engine.async_engine import AsyncEngine, EngineNotReadyError
 
 logger = logging.getLogger("sift.api")
 access_logger = logging.getLogger("sift.access")

@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 
 from pydantic import BaseModel
 
-from server.api.errors import APIError
+from sift.server.api.errors import APIError
 
 INT64_MAX = 2**63 - 1
 INT32_MAX = 2**31 - 1

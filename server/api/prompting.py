@@ -4,8 +4,8 @@ admission checks the engine would otherwise fail later. Routes call these off th
 CPU work."""
 from __future__ import annotations
 
-from server.api.errors import APIError
-from server.engine.async_engine import AsyncEngine
+from sift.server.api.errors import APIError
+from sift.server.engine.async_engine import AsyncEngine
 
 
 def check_admissible(engine: AsyncEngine, prompts: list, params) -> None:

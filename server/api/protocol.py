@@ -3,7 +3,7 @@
 Extensions follow vLLM (``top_k``, ``min_p``, ``repetition_penalty``, ``priority``,
 ``ignore_eos``, ``min_tokens``) plus one object per token-efficiency technique
 (``speculative``, ``kv_eviction``, ``sparsity``, ``token_skipping``). Each technique
-object maps field-for-field onto its option dataclass in ``server.engine.request``; the
+object maps field-for-field onto its option dataclass in ``sift.server.engine.request``; the
 defaults live there, so only the fields a client sets are passed on.
 
 Unknown fields are rejected everywhere (400 naming the field), so nothing a client asks for is
@@ -18,10 +18,10 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.api.protocol_structured import (MessageToolCall, ResponseFormat, ScreenedFields, StructuredOutputs, Tool,
+from sift.server.api.protocol_structured import (MessageToolCall, ResponseFormat, ScreenedFields, StructuredOutputs, Tool,
                                             ToolChoice, check_tools, constraint_of)
-from server.engine.request import EvictionOptions, SamplingParams, SkipOptions, SparsityOptions, SpecOptions
-from server.structured.tools import forced_call_spec
+from sift.server.engine.request import EvictionOptions, SamplingParams, SkipOptions, SparsityOptions, SpecOptions
+from sift.server.structured.tools import forced_call_spec
 
 
 class _Strict(BaseModel):

@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from server.structured.spec import StructuredSpec
+from sift.server.structured.spec import StructuredSpec
 
 # accepted and ignored: they do not change what is generated
 IGNORED = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier")

@@ -17,18 +17,18 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.api.bounds import Limits, check_request
-from server.api.errors import APIError, error_body
-from server.api.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+from sift.server.api.bounds import Limits, check_request
+from sift.server.api.errors import APIError, error_body
+from sift.server.api.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                  CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse, ModelCard,
                                  ModelList, TokenizeRequest, TokenizeResponse)
-from server.api.prompting import (check_admissible, checked, encode_chat, encode_prompts,
+from sift.server.api.prompting import (check_admissible, checked, encode_chat, encode_prompts,
                                   reject_if_surely_too_long, sampling_params)
-from server.api.serving import (ChoiceState, LogprobFormatter, SSEResponse, abort_error_event,
+from sift.server.api.serving import (ChoiceState, LogprobFormatter, SSEResponse, abort_error_event,
                                 api_finish_reason, collect_unless_disconnected, merged, sse, submit, usage)
-from server.api.tool_calls import ToolOutput
-from server.engine.async_engine import AsyncEngine
-from server.structured.tools import render_messages
+from sift.server.api.tool_calls import ToolOutput
+from sift.server.engine.async_engine import AsyncEngine
+from sift.server.structured.tools import render_messages
 
 # Status 499 (client closed request): never seen by the client, only in the access log.
 CLIENT_CLOSED = 499

@@ -14,11 +14,11 @@ from typing import AsyncIterator, Optional
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from server.api.errors import APIError
-from server.engine.async_engine import AsyncEngine, EngineDrainingError, EngineNotReadyError, RequestStream
-from server.engine.llm_engine import QueueFullError
-from server.engine.outputs import RequestOutput
-from server.engine.request import SamplingParams
+from sift.server.api.errors import APIError
+from sift.server.engine.async_engine import AsyncEngine, EngineDrainingError, EngineNotReadyError, RequestStream
+from sift.server.engine.llm_engine import QueueFullError
+from sift.server.engine.outputs import RequestOutput
+from sift.server.engine.request import SamplingParams
 
 RETRY_AFTER_S = "1"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from server.structured.tool_parsers import ToolCall, ToolCallStream, calls_from_json, parse
+from sift.server.structured.tool_parsers import ToolCall, ToolCallStream, calls_from_json, parse
 
 
 class ToolOutput:

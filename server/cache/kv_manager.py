@@ -19,7 +19,7 @@ from typing import Hashable, Optional, Sequence
 
 import numpy as np
 
-from server.cache.block_pool import NULL_BLOCK, BlockPool
+from sift.server.cache.block_pool import NULL_BLOCK, BlockPool
 
 BlockCopy = tuple[int, int]  # (src_block, dst_block): copy every slot of src into dst
 

@@ -23,12 +23,12 @@ from typing import AsyncIterator, Callable, Optional
 
 from prometheus_client import CollectorRegistry
 
-from server.config import EngineConfig
-from server.engine.core_loop import STOP, Abort, Add, Batch, CoreLoop, final_output
-from server.engine.metrics import EngineMetrics
-from server.engine.outputs import RequestOutput
-from server.engine.request import SamplingParams
-from server.structured.spec import StructuredSpec
+from sift.server.config import EngineConfig
+from sift.server.engine.core_loop import STOP, Abort, Add, Batch, CoreLoop, final_output
+from sift.server.engine.metrics import EngineMetrics
+from sift.server.engine.outputs import RequestOutput
+from sift.server.engine.request import SamplingParams
+from sift.server.structured.spec import StructuredSpec
 
 logger = logging.getLogger("sift.engine")
 
@@ -116,10 +116,10 @@ class AsyncEngine:
         # grammar compilation happens here, before a request enters the engine's queue, so the core
         # thread keeps stepping while a schema compiles (one worker: compiles are short and cached)
         self._grammar_pool: Optional[ThreadPoolExecutor] = None
-        self.grammars = None  # server.structured.compiler.GrammarCompiler, built on the first constrained request
+        self.grammars = None  # sift.server.structured.compiler.GrammarCompiler, built on the first constrained request
 
     def _default_factory(self):
-        from server.engine.llm_engine import LLMEngine
+        from sift.server.engine.llm_engine import LLMEngine
         return LLMEngine(self.config)
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -257,7 +257,7 @@ class AsyncEngine:
 
     def _compile(self, spec: StructuredSpec) -> tuple:
         if self.grammars is None:  # the tokenizer info takes ~0.2 s to build: once, on this worker
-            from server.structured.compiler import GrammarCompiler
+            from sift.server.structured.compiler import GrammarCompiler
             self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.tokenizer.eos_token_ids)
         return self.grammars.get(spec)
 

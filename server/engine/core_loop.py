@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from server.engine.outputs import RequestOutput
-from server.engine.request import SamplingParams
+from sift.server.engine.outputs import RequestOutput
+from sift.server.engine.request import SamplingParams
 
 logger = logging.getLogger("sift.engine")
 

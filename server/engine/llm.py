@@ -5,9 +5,9 @@ import itertools
 from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence, Union
 
-from server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from server.engine.llm_engine import LLMEngine
-from server.engine.request import SamplingParams
+from sift.server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from sift.server.engine.llm_engine import LLMEngine
+from sift.server.engine.request import SamplingParams
 
 
 @dataclass

@@ -12,19 +12,19 @@ from typing import Optional
 
 import torch
 
-from kernels.backend import select_backend
-from server.cache.kv_manager import KVManager
-from server.config import EngineConfig
-from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.outputs import RequestOutput
-from server.engine.request import EvictionOptions, Request, RequestStatus, SamplingParams
-from server.engine.scheduler import QueueFullError, Scheduler
-from server.policies import skipping, sparsity
-from server.policies.eviction import EvictionDriver
-from server.runner.model_runner import ModelRunner
-from server.runner.sampler import check_sampling_row
-from server.runner.timing import measure_forward
-from server.spec import Speculator
+from sift.kernels.backend import select_backend
+from sift.server.cache.kv_manager import KVManager
+from sift.server.config import EngineConfig
+from sift.server.engine.detokenizer import IncrementalDetokenizer
+from sift.server.engine.outputs import RequestOutput
+from sift.server.engine.request import EvictionOptions, Request, RequestStatus, SamplingParams
+from sift.server.engine.scheduler import QueueFullError, Scheduler
+from sift.server.policies import skipping, sparsity
+from sift.server.policies.eviction import EvictionDriver
+from sift.server.runner.model_runner import ModelRunner
+from sift.server.runner.sampler import check_sampling_row
+from sift.server.runner.timing import measure_forward
+from sift.server.spec import Speculator
 
 logger = logging.getLogger("sift.engine")
 
@@ -80,7 +80,7 @@ def kv_cache_bytes(cc, device: torch.device, max_num_seqs: int, max_model_len: i
 
 class LLMEngine:
     def __init__(self, config: Optional[EngineConfig] = None):
-        from models.loader import load_model
+        from sift.models.loader import load_model
 
         self.config = config = config or EngineConfig()
         self.device = resolve_device(config.model.device)
@@ -173,13 +173,13 @@ class LLMEngine:
     def _attach_grammar(self, req: Request) -> None:
         """A matcher for the request's grammar. The API compiles grammars before admission (off this thread);
         offline callers (``LLM.generate``) hand in an uncompiled spec, compiled here once and cached."""
-        from server.structured.masks import GrammarState
+        from sift.server.structured.masks import GrammarState
 
         spec = req.params.structured
         compiled = spec.compiled
         if compiled is None:
             if self._grammars is None:
-                from server.structured.compiler import GrammarCompiler
+                from sift.server.structured.compiler import GrammarCompiler
                 self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
             compiled = self._grammars.get(spec)[0]
         req.state["grammar"] = GrammarState(compiled)

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from server.structured.spec import StructuredSpec
+from sift.server.structured.spec import StructuredSpec
 
 # Below this temperature sampling is greedy: dividing logits by a tinier one overflows float32 (vLLM's rule).
 SAMPLING_EPS = 1e-5

@@ -15,11 +15,11 @@ import itertools
 import time
 from typing import Callable, Iterable, Optional
 
-from server.cache.kv_manager import KVManager
-from server.config import SchedulerConfig
-from server.engine.outputs import ScheduledRequest, SchedulerOutput
-from server.engine.request import Request, RequestStatus
-from server.spec.tree import depths, limit_depth
+from sift.server.cache.kv_manager import KVManager
+from sift.server.config import SchedulerConfig
+from sift.server.engine.outputs import ScheduledRequest, SchedulerOutput
+from sift.server.engine.request import Request, RequestStatus
+from sift.server.spec.tree import depths, limit_depth
 
 
 # options that change how a prompt's KV is computed: requests share prompt KV only if these match
@@ -45,7 +45,7 @@ class Scheduler:
         # leading tokens whose KV a request computes exactly as a dense request would: only those may enter
         # the prefix cache, and a request with none (windowed or token-skipping prefill) never reads it
         self.exact_kv_of = exact_kv_of or (lambda req: req.num_tokens)
-        self.speculator = speculator  # server.spec.Speculator: draft trees for decoding requests, or None
+        self.speculator = speculator  # sift.server.spec.Speculator: draft trees for decoding requests, or None
         # deepest draft a request may take this step (None = any): an eviction policy must not see a decision
         # point inside a tree, so that speculation stays lossless with respect to the same eviction without it
         self.draft_depth_of = draft_depth_of or (lambda req: None)

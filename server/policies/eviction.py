@@ -31,7 +31,7 @@ from typing import Optional, Protocol
 import torch
 import torch.nn.functional as F
 
-from server.engine.request import EvictionOptions
+from sift.server.engine.request import EvictionOptions
 
 Tensor = torch.Tensor
 SNAPKV_POOL = 7  # SnapKV's 1-D pooling kernel over the observation-window scores
@@ -333,7 +333,7 @@ class EvictionDriver:
             policy = self._policy(requests[s.request_id])
             if policy is None:
                 continue
-            if s.draft_parents is not None:  # per-query tree scores (kernels.reference.tree_scores)
+            if s.draft_parents is not None:  # per-query tree scores (sift.kernels.reference.tree_scores)
                 needs |= policy.needs_scores
                 continue
             q = policy.score_queries(self._completes_prompt(requests[s.request_id], s), len(s.token_ids))

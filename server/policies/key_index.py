@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.selection import key_basis, sketch_scores
+from sift.kernels.selection import key_basis, sketch_scores
 
 Tensor = torch.Tensor
 

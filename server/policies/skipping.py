@@ -2,7 +2,7 @@
 
 A block Y = X + F(X) (F = attention or MLP) is computed only for an *active* subset of a prefill
 chunk's tokens; the others pass through bit-identically. The paper's internals are not public; the
-choices made here, each a knob of :class:`server.engine.request.SkipOptions`:
+choices made here, each a knob of :class:`sift.server.engine.request.SkipOptions`:
 
 * Where: prefill chunks of requests whose prompt has >= ``min_prompt_len`` tokens, in layers
   ``start_layer`` and deeper. Each chunk is treated on its own (with chunked prefill, the chunk's last
@@ -32,7 +32,7 @@ choices made here, each a knob of :class:`server.engine.request.SkipOptions`:
   stages; 29.0 with a stage per layer). The MLP probe ranks update sizes well (close to the true update:
   26.8 vs 23.0 for MLP-only skipping) but a small update is no sign that later tokens can do without
   a token's K/V: pruning by it costs 91.2.
-* Long prompts, from `bench.long_context` at 8,000 tokens (dense perplexity 6.12 over 4 pydoc documents):
+* Long prompts, from `sift.bench.long_context` at 8,000 tokens (dense perplexity 6.12 over 4 pydoc documents):
   the loss there comes from the latest tokens, which the next ones read most: with ``recent=512``, 0.95
   from layer 1 costs +1.8% instead of +2.9%, and 0.95 from layer 0 prefills 2.15x faster at +1.8%. The
   same settings cost +12% at 2,000 tokens, where the deepest layers keep 5% of the other 1,488 tokens,
@@ -58,9 +58,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kernels import reference as ref
-from server.engine.request import Request, SkipOptions
-from server.policies.sparsity import reads_every_token
+from sift.kernels import reference as ref
+from sift.server.engine.request import Request, SkipOptions
+from sift.server.policies.sparsity import reads_every_token
 
 Tensor = torch.Tensor
 QUERY_TILE = 512  # active queries per attention call in skipping layers (see _Segment.attention)
@@ -290,7 +290,7 @@ class SkipPlan:
     def run(self, layers, h: Tensor, cos: Tensor, sin: Tensor, batch) -> Tensor:
         ops = ref
         if h.is_cuda:
-            from kernels import token_skip as ops
+            from sift.kernels import token_skip as ops
         for i, layer in enumerate(layers):
             h = layer(h, cos, sin, batch) if i < self.first_layer else self._layer(i, layer, h, cos, sin, batch, ops)
         return h

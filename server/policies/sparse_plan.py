@@ -1,7 +1,7 @@
 """Sparse decode, step by step: the planner that turns the scheduled requests' sparsity policies
-(:mod:`server.policies.sparsity`) into one step's plan, and the plan the attention backend runs layer by
+(:mod:`sift.server.policies.sparsity`) into one step's plan, and the plan the attention backend runs layer by
 layer (dense rows batched, selection layers, token, page and sketch-ranked reads). The key indexes the
-plans rank by live in :mod:`server.policies.key_index`."""
+plans rank by live in :mod:`sift.server.policies.key_index`."""
 from __future__ import annotations
 
 from typing import Optional
@@ -9,12 +9,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kernels import reference as ref
-from kernels.backend import AttentionBackend, AttentionMetadata
-from kernels.selection import (kept_tokens, pages_to_slots, quest_page_bounds, rerank_slots, sketch_topk,
+from sift.kernels import reference as ref
+from sift.kernels.backend import AttentionBackend, AttentionMetadata
+from sift.kernels.selection import (kept_tokens, pages_to_slots, quest_page_bounds, rerank_slots, sketch_topk,
                                top_pages, topk_token_slots)
-from server.policies.key_index import QuestIndex
-from server.policies.sparsity import DENSE, KEEP, PAGES, SELECT, SKETCH, TOKENS, pruned_reads
+from sift.server.policies.key_index import QuestIndex
+from sift.server.policies.sparsity import DENSE, KEEP, PAGES, SELECT, SKETCH, TOKENS, pruned_reads
 
 Tensor = torch.Tensor
 

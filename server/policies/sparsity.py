@@ -16,18 +16,18 @@
   1.9x. The loss is the sharing, not the budget: each layer over its own exact top-256 is +0.96% with
   the needle kept (the bench's ``oracle_topk`` bound). Re-ranking (optional, ``candidates`` C > budget, an
   addition of ours toward that bound): a selection keeps C candidates and every sparse layer attends over
-  its own top-budget of them by its own query's attention (:func:`kernels.selection.rerank_slots`: it reads
+  its own top-budget of them by its own query's attention (:func:`sift.kernels.selection.rerank_slots`: it reads
   the C candidates' keys, the budget's values). KV correction (optional, ``correction_interval``
   T): the K/V of generated tokens come out of sparse layers; every T of them the scheduler rewinds the
   request by those T tokens and re-feeds them as one dense chunk, which overwrites their K/V with exact
   values (a T-token prefill every T steps).
 * ``quest`` (Quest): per block and layer the elementwise min/max of its keys (kept by
-  :class:`server.policies.key_index.QuestIndex`, updated at every KV write once a quest request
+  :class:`sift.server.policies.key_index.QuestIndex`, updated at every KV write once a quest request
   exists); in every layer but the first two, each kv head reads the budget // block_size pages of
   highest bound sum_i max(q_i min_i, q_i max_i), the current page always included.
 * ``loki`` (Loki, 2406.02542, with TidalDecode's token granularity): in every layer but the first two each
   request ranks its whole context by approximate scores from low-rank key sketches (``rank`` principal
-  directions of its own keys, :class:`server.policies.key_index.KeySketch`) and attends exactly over its
+  directions of its own keys, :class:`sift.server.policies.key_index.KeySketch`) and attends exactly over its
   own top-budget tokens (kept first/latest tokens included, as tidal keeps them); with ``candidates`` C >
   budget the sketch picks C and the exact scores of those pick the budget (:func:`rerank_slots`). Every
   layer selects for itself, so nothing hinges on one layer's choice carrying to others (what TidalDecode
@@ -41,7 +41,7 @@ Sparse attention reads, never deletes: prefill stays dense and the full KV stays
 decode steps (one query) of tidal/quest/pruned requests are sparse, also inside a mixed batch.
 Lossy requests never feed the prefix cache beyond their exact KV (:meth:`SparsityPolicy.exact_kv_tokens`).
 Executing the policies' decisions step by step (the Quest index, the per-step plan) lives in
-:mod:`server.policies.sparse_plan`.
+:mod:`sift.server.policies.sparse_plan`.
 """
 from __future__ import annotations
 
@@ -49,9 +49,9 @@ from typing import Optional
 
 import torch
 
-from server.config import SparsityConfig
-from server.engine.request import Request, SparsityOptions
-from server.policies.key_index import KeySketch
+from sift.server.config import SparsityConfig
+from sift.server.engine.request import Request, SparsityOptions
+from sift.server.policies.key_index import KeySketch
 
 Tensor = torch.Tensor
 DENSE, SELECT, TOKENS, PAGES, KEEP, SKETCH = range(6)  # a request's role in one decode layer

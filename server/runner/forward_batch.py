@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.backend import AttentionBackend, AttentionMetadata
+from sift.kernels.backend import AttentionBackend, AttentionMetadata
 
 Tensor = torch.Tensor
 

@@ -9,14 +9,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from kernels.backend import AttentionBackend, AttentionMetadata
-from server.engine.outputs import SchedulerOutput, StepOutput
-from server.engine.request import Request
-from server.policies.skipping import SkipPlanner
-from server.policies.sparse_plan import SparsePlanner
-from server.runner.forward_batch import ForwardBatch
-from server.runner.sampler import sample, token_logprobs
-from server.spec.tree import ancestor_mask
+from sift.kernels.backend import AttentionBackend, AttentionMetadata
+from sift.server.engine.outputs import SchedulerOutput, StepOutput
+from sift.server.engine.request import Request
+from sift.server.policies.skipping import SkipPlanner
+from sift.server.policies.sparse_plan import SparsePlanner
+from sift.server.runner.forward_batch import ForwardBatch
+from sift.server.runner.sampler import sample, token_logprobs
+from sift.server.spec.tree import ancestor_mask
 
 Tensor = torch.Tensor
 
@@ -25,7 +25,7 @@ class ModelRunner:
     def __init__(self, model, num_layers: int, backend: AttentionBackend,
                  device: torch.device, dtype: torch.dtype, num_blocks: int, block_size: int, speculator=None):
         self.model = model
-        self.speculator = speculator  # server.spec.Speculator: verifies draft trees
+        self.speculator = speculator  # sift.server.spec.Speculator: verifies draft trees
         self.backend = backend
         self.device = device
         self.dtype = dtype

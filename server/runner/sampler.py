@@ -4,7 +4,7 @@ Logprobs are reported from the raw model distribution (log_softmax of the
 logits before penalties and temperature), as vLLM does by default.
 
 Grammar constraints: rows whose request carries a ``GrammarState`` (``state['grammar']``) get
-their token bitmask applied after the penalties (``server.structured.masks``), and their matcher
+their token bitmask applied after the penalties (``sift.server.structured.masks``), and their matcher
 advances by the chosen token; the other rows are untouched.
 
 Reproducibility: each request owns a CPU ``torch.Generator``; its random draw is
@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-from server.engine.request import Request
-from server.structured.masks import apply_masks
+from sift.server.engine.request import Request
+from sift.server.structured.masks import apply_masks
 
 Tensor = torch.Tensor
 

@@ -5,8 +5,8 @@ import time
 
 import torch
 
-from kernels.backend import AttentionMetadata
-from server.runner.forward_batch import ForwardBatch
+from sift.kernels.backend import AttentionMetadata
+from sift.server.runner.forward_batch import ForwardBatch
 
 
 def measure_forward(runner, num_seqs: int, q_len: int, ctx_len: int = 256) -> float:

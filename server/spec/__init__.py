@@ -3,9 +3,9 @@
 It resolves each request's options once (``attach``), asks the controller for the step's draft budgets
 and proposes trees for the scheduler (``plan`` / ``propose``), and verifies the trees' logits for the
 runner (``verify``), refreshing the Token Recycling table and the controller's statistics. Drafters live
-in :mod:`server.spec.drafters`, tree shapes in :mod:`server.spec.tree`, acceptance in
-:mod:`server.spec.verify`, the default controller in :mod:`server.spec.controller` (the adaptive one in
-:mod:`server.spec.adaptive`).
+in :mod:`sift.server.spec.drafters`, tree shapes in :mod:`sift.server.spec.tree`, acceptance in
+:mod:`sift.server.spec.verify`, the default controller in :mod:`sift.server.spec.controller` (the adaptive one in
+:mod:`sift.server.spec.adaptive`).
 """
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from server.config import SpecConfig
-from server.engine.request import Request, SpecOptions
-from server.spec.controller import SimpleController
-from server.spec.drafters import TOPK, Drafter, RecyclingTable, make_drafter
-from server.spec.tree import DraftTree, depths
-from server.spec.verify import TreeInput, Verdict, nearest_neighbours, verify_trees
+from sift.server.config import SpecConfig
+from sift.server.engine.request import Request, SpecOptions
+from sift.server.spec.controller import SimpleController
+from sift.server.spec.drafters import TOPK, Drafter, RecyclingTable, make_drafter
+from sift.server.spec.tree import DraftTree, depths
+from sift.server.spec.verify import TreeInput, Verdict, nearest_neighbours, verify_trees
 
 Tensor = torch.Tensor
 
@@ -209,6 +209,6 @@ def make_controller(name: str, measure: Optional[Callable[[int, int], float]], m
     if name == "simple":
         return SimpleController(measure, max_batch, disable_by_batch_size)
     if name == "adaptive":
-        from server.spec.adaptive import AdaptiveController
+        from sift.server.spec.adaptive import AdaptiveController
         return AdaptiveController(measure, max_batch)
     raise ValueError(f"speculative: unknown controller {name!r}")

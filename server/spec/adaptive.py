@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from server.engine.request import Request
-from server.spec.budget import DraftBudget
-from server.spec.tree import DraftTree, PathWalk
+from sift.server.engine.request import Request
+from sift.server.spec.budget import DraftBudget
+from sift.server.spec.tree import DraftTree, PathWalk
 
 # shadow trees drafted per step (plan): ~0.15 ms each for a 32-node GOOSE tree on CPU; they resolve within a
 # few steps (most at the first token), so one a step keeps every evidence key's statistics fresh
@@ -23,7 +23,7 @@ SHADOW_REALISM_EVERY = 32
 @dataclass
 class Shadow:
     """A draft tree proposed and not verified (:meth:`AdaptiveController.plan`): the tokens the request emits
-    after ``start`` walk it (:class:`server.spec.tree.PathWalk`, each token once), and once they decide its
+    after ``start`` walk it (:class:`sift.server.spec.tree.PathWalk`, each token once), and once they decide its
     path it is scored as if it had been verified."""
 
     tree: DraftTree
@@ -93,7 +93,7 @@ class AdaptiveController:
     def _draft_shadows(self, speculating: list) -> None:
         """Shadow trees: while a request runs plain, the statistics of the budget it would draft still learn.
         Its drafter proposes the tree of its full ``num_draft_tokens`` (which holds the tree of every smaller
-        budget: :mod:`server.spec.tree`), nothing is run, and the tokens the request emits next score it
+        budget: :mod:`sift.server.spec.tree`), nothing is run, and the tokens the request emits next score it
         (:meth:`_score_shadow`)."""
         idle = [r for r in speculating if r.state["spec"].step_budget == 0 and r.state["spec"].control.shadow is None]
         for j in range(min(SHADOWS_PER_STEP, len(idle))):  # the idle requests in turn

@@ -23,7 +23,7 @@ choosing the requests whose statistics look best biases the chosen ones' predict
 on chat prompts), and an unbiased rule would buy trees that do not pay. When the batch is compute-bound the
 time grows with B(1 + d) and the rule picks d = 0 (no speculation); a budget that stops paying off is
 abandoned as its EMA falls. While d = 0 wins, the statistics still learn, at no forward cost, from *shadow*
-trees (:meth:`server.spec.Speculator.plan`): a tree drafted but not run, scored against the tokens the
+trees (:meth:`sift.server.spec.Speculator.plan`): a tree drafted but not run, scored against the tokens the
 request then emits, which is what verifying it would have accepted. So a recovering acceptance rate (a new
 prompt, a code block) is noticed, and a large budget whose acceptance the prior underrates (a code prompt's
 n-gram chains: 4 accepted tokens per tree at d = 15 against the prior's 2) is measured, without buying a
@@ -116,7 +116,7 @@ class DraftBudget:
 
     def expected(self, key: str, d: int) -> float:
         """Accepted drafts per tree at budget d: its own mean (or the prior), and at least any smaller
-        budget's mean (every drafter's tree of d nodes contains the tree of fewer, :mod:`server.spec.tree`,
+        budget's mean (every drafter's tree of d nodes contains the tree of fewer, :mod:`sift.server.spec.tree`,
         so greedy acceptance of the smaller one carries over), so a few unlucky samples at one budget do
         not hide it."""
         own = self.accepted.get((key, d), self.prior(d))

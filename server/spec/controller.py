@@ -19,7 +19,7 @@ Two numbers decide a step.
   ``num_draft_tokens``.
 
 A request that does not draft runs a plain decode (Token Recycling still learns from it:
-:meth:`server.spec.Speculator.learn_plain`).
+:meth:`sift.server.spec.Speculator.learn_plain`).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from typing import Optional, Protocol
 
 import numpy as np
 
-from server.spec.tree import EMPTY, RANK_PRIOR, DraftTree, best_first, expand, template
+from sift.server.spec.tree import EMPTY, RANK_PRIOR, DraftTree, best_first, expand, template
 
 TOPK = 8  # Token Recycling keeps the top-8 next tokens of every token
 

@@ -11,7 +11,7 @@ and that order does not depend on the budget. ``DraftTree.rank`` keeps each node
 tree a smaller budget d would have built is the nodes of rank < d, and, under greedy verification, the
 accepted path of that tree is the part of this tree's accepted path with rank < d (a node's rank exceeds
 its parent's). One verified tree thus tells the draft budget what every smaller budget would have
-accepted (:meth:`server.spec.Speculator.verify`).
+accepted (:meth:`sift.server.spec.Speculator.verify`).
 
 Template shape (the paper's 80-node template is not reproduced): each edge is labelled with the
 rank r of the child among its parent's top-k candidates, and a path's prior weight is the product

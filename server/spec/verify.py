@@ -6,8 +6,8 @@ sibling is tried; when every child is rejected the bonus token is drawn from the
 when a leaf is accepted it is drawn from the leaf's own distribution. Greedy accepts a child iff
 it is its parent's argmax. LANTERN (opt-in, ``relaxed_k > 0``) first moves the probability of x's
 nearest neighbours (input-embedding cosine similarity) onto x while the moved mass stays <= delta
-(LANTERN) or <= (lambda - 1) p(x) (LANTERN++). The walk itself is :func:`kernels.reference_spec.spec_verify`
-on CPU and the Triton kernel :mod:`kernels.spec_verify` on CUDA.
+(LANTERN) or <= (lambda - 1) p(x) (LANTERN++). The walk itself is :func:`sift.kernels.reference_spec.spec_verify`
+on CPU and the Triton kernel :mod:`sift.kernels.spec_verify` on CUDA.
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from typing import Optional
 
 import torch
 
-from kernels import reference_spec
-from server.runner.sampler import draw, filter_logits, token_logprobs
-from server.spec.tree import children, depths
+from sift.kernels import reference_spec
+from sift.server.runner.sampler import draw, filter_logits, token_logprobs
+from sift.server.spec.tree import children, depths
 
 Tensor = torch.Tensor
 logger = logging.getLogger("sift.spec")
@@ -121,7 +121,7 @@ def verify_trees(logits: Tensor, trees: list, nearest: Optional[Tensor] = None) 
         lam=torch.tensor([t.lam for t in trees], dtype=torch.float32))
     args = (torch.tensor(draft), torch.tensor(first), torch.tensor(count), uniforms)
     if dev.type == "cuda":
-        from kernels.spec_verify import spec_verify as kernel
+        from sift.kernels.spec_verify import spec_verify as kernel
         out = kernel(probs, target, *(a.to(dev) for a in args), **{k: v.to(dev) for k, v in per_tree.items()},
                      nearest=nearest, max_depth=max_depth)
     else:

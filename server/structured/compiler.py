@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from server.structured.spec import StructuredSpec
+from sift.server.structured.spec import StructuredSpec
 
 # xgrammar's C++ errors read "[hh:mm:ss] /project/cpp/file.cc:123: message"
 _LOCATION = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")

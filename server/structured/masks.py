@@ -21,7 +21,7 @@ class GrammarState:
     """One request's position in its grammar."""
 
     def __init__(self, compiled) -> None:
-        """``compiled``: a ``server.structured.compiler.Compiled``."""
+        """``compiled``: a ``sift.server.structured.compiler.Compiled``."""
         import xgrammar as xgr
 
         self.matcher = xgr.GrammarMatcher(compiled.grammar)

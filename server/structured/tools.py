@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from server.structured.spec import StructuredSpec
+from sift.server.structured.spec import StructuredSpec
 
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}
 

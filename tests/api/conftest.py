@@ -1,4 +1,4 @@
-"""Real servers for the API tests: ``python -m server serve`` subprocesses on free ports,
+"""Real servers for the API tests: ``python -m sift.server serve`` subprocesses on free ports,
 serving the embedded model with a small KV pool."""
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def start_server(*extra: str, api_key: str | None = None, timeout: float = 240.0
     if api_key:
         env["SIFT_API_KEY"] = api_key  # through the env twin, to exercise it
     log = tempfile.NamedTemporaryFile("w+", prefix="sift-server-", suffix=".log", delete=False)
-    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port), *SMALL_POOL, *extra],
+    proc = subprocess.Popen([sys.executable, "-m", "sift.server", "serve", "--port", str(port), *SMALL_POOL, *extra],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     server = ServerProcess(proc, f"http://127.0.0.1:{port}", api_key, log.name)
     deadline = time.monotonic() + timeout

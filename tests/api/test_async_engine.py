@@ -9,12 +9,12 @@ import time
 
 import pytest
 
-from server.cli import ENGINE_FLAGS, LOG_FLAGS, SERVER_FLAGS, build_parser, config_from_args
-from server.config import EngineConfig
-from server.engine.async_engine import AsyncEngine, EngineDrainingError
-from server.engine.metrics import EngineMetrics
-from server.engine.outputs import RequestOutput
-from server.engine.request import SamplingParams
+from sift.server.cli import ENGINE_FLAGS, LOG_FLAGS, SERVER_FLAGS, build_parser, config_from_args
+from sift.server.config import EngineConfig
+from sift.server.engine.async_engine import AsyncEngine, EngineDrainingError
+from sift.server.engine.metrics import EngineMetrics
+from sift.server.engine.outputs import RequestOutput
+from sift.server.engine.request import SamplingParams
 
 
 class FakeEngine:

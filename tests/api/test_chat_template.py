@@ -70,10 +70,10 @@ def test_offline_llm_takes_the_template(tmp_path):
     that does not parse is refused at load, naming its line."""
     import json
 
-    from models.embedded import embedded_model_path
-    from models.registry import ModelLoadError
-    from models.tokenizer import read_chat_template
-    from server.engine.llm import LLM
+    from sift.models.embedded import embedded_model_path
+    from sift.models.registry import ModelLoadError
+    from sift.models.tokenizer import read_chat_template
+    from sift.server.engine.llm import LLM
 
     (tmp_path / "config.json").write_text(json.dumps({
         "architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 32, "intermediate_size": 64,

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from clients.sdk import AuthenticationError, Client, NotFoundError, RateLimitError
+from sift.clients.sdk import AuthenticationError, Client, NotFoundError, RateLimitError
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 

@@ -7,7 +7,7 @@ import json
 import httpx
 import openai
 
-from clients.sdk import AsyncClient, ChatCompletion, Client, Completion
+from sift.clients.sdk import AsyncClient, ChatCompletion, Client, Completion
 
 PROMPT = "The capital of France is"
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]

@@ -6,7 +6,7 @@ import asyncio
 import httpx
 import pytest
 
-from clients.sdk import (APIConnectionError, AsyncClient, BadRequestError, Client, RateLimitError,
+from sift.clients.sdk import (APIConnectionError, AsyncClient, BadRequestError, Client, RateLimitError,
                          ServiceUnavailableError)
 
 COMPLETION = {"id": "c", "object": "text_completion", "created": 1, "model": "m",
@@ -32,7 +32,7 @@ def scripted(responses: list, calls: list):
 
 def test_retries_429_honouring_retry_after_then_succeeds(monkeypatch):
     slept: list = []
-    monkeypatch.setattr("clients.sdk.time.sleep", slept.append)
+    monkeypatch.setattr("sift.clients.sdk.time.sleep", slept.append)
     calls: list = []
     transport = httpx.MockTransport(scripted([error(429, "3"), error(503), httpx.Response(200, json=COMPLETION)],
                                              calls))
@@ -46,7 +46,7 @@ def test_retries_429_honouring_retry_after_then_succeeds(monkeypatch):
 
 
 def test_errors_map_to_exceptions_and_are_not_retried_when_permanent(monkeypatch):
-    monkeypatch.setattr("clients.sdk.time.sleep", lambda s: None)
+    monkeypatch.setattr("sift.clients.sdk.time.sleep", lambda s: None)
     calls: list = []
     client = Client("http://x/v1", max_retries=3,
                     http_client=httpx.Client(transport=httpx.MockTransport(scripted([error(400)], calls))))
@@ -69,7 +69,7 @@ def test_async_client_retries_and_maps(monkeypatch):
     async def no_sleep(seconds):
         return None
 
-    monkeypatch.setattr("clients.sdk.asyncio.sleep", no_sleep)
+    monkeypatch.setattr("sift.clients.sdk.asyncio.sleep", no_sleep)
 
     async def main():
         ok = AsyncClient("http://x/v1", max_retries=1, http_client=httpx.AsyncClient(transport=httpx.MockTransport(

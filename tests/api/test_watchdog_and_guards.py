@@ -11,10 +11,10 @@ import time
 import httpx
 import pytest
 
-from server.api.app import build_app
-from server.config import EngineConfig, ServerConfig
-from server.engine.async_engine import AsyncEngine
-from server.engine.outputs import RequestOutput
+from sift.server.api.app import build_app
+from sift.server.config import EngineConfig, ServerConfig
+from sift.server.engine.async_engine import AsyncEngine
+from sift.server.engine.outputs import RequestOutput
 
 STALL_TIMEOUT = 0.5
 API_KEY = "k-123"

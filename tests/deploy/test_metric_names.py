@@ -31,7 +31,7 @@ def live_server(tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "sift.server", "serve", "--port", str(port)],
                                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
     try:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydoc_data.topics import topics
 
-from server.engine.llm import LLM
-from server.engine.request import SamplingParams
+from sift.server.engine.llm import LLM
+from sift.server.engine.request import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0)
 

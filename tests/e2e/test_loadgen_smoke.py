@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.compare import ServerSpec, free_port, launched
-from clients import loadgen
+from sift.bench.compare import ServerSpec, free_port, launched
+from sift.clients import loadgen
 
 PROSE = ("The quick brown fox jumps over the lazy dog while the cat watches from the window.",
          "In the beginning the universe was created. This has made a lot of people very angry.",
@@ -17,7 +17,7 @@ PROSE = ("The quick brown fox jumps over the lazy dog while the cat watches from
 def server(tmp_path_factory):
     import sys
 
-    spec = ServerSpec("sift", (sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", "{port}",
+    spec = ServerSpec("sift", (sys.executable, "-m", "sift.server", "serve", "--host", "127.0.0.1", "--port", "{port}",
                                "--log-level", "warning"), "/ready")
     with launched(spec, free_port(), str(tmp_path_factory.mktemp("sift") / "server.log"), timeout_s=120) as url:
         yield url

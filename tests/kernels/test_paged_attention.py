@@ -1,9 +1,9 @@
-"""Triton paged attention (prefill/extend and split-K decode with scores) against kernels.reference."""
+"""Triton paged attention (prefill/extend and split-K decode with scores) against sift.kernels.reference."""
 import pytest
 import torch
 
-from kernels import reference as ref
-from kernels.paged_attention import num_splits, paged_attention, paged_decode
+from sift.kernels import reference as ref
+from sift.kernels.paged_attention import num_splits, paged_attention, paged_decode
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=2e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 NUM_KV_HEADS = {1: 2, 3: 2, 8: 1}  # group size -> kv heads (Hq = 2, 6, 8)

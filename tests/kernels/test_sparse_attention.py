@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from kernels import reference as ref
-from kernels.selection import (key_basis, pages_to_slots, quest_page_bounds, rerank_slots, sketch_scores, sketch_topk,
+from sift.kernels import reference as ref
+from sift.kernels.selection import (key_basis, pages_to_slots, quest_page_bounds, rerank_slots, sketch_scores, sketch_topk,
                                top_pages, topk_token_slots)
-from kernels.sparse_attention import sparse_decode
-from kernels.token_skip import gather_rows, scatter_add_rows_
+from sift.kernels.sparse_attention import sparse_decode
+from sift.kernels.token_skip import gather_rows, scatter_add_rows_
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=2e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 NUM_KV_HEADS = {1: 2, 3: 2, 8: 1}  # group size -> kv heads
@@ -100,7 +100,7 @@ def test_selection_ties_do_not_depend_on_the_batch(device):
 def test_top_is_a_stable_descending_sort_cut_at_k(device):
     """The selections' top-k (an integer-keyed torch.topk) picks what a stable descending sort keeps: the
     same scores and positions in the same order, ties (+inf, 0.0 and -0.0, repeated values) by position."""
-    from kernels.selection import _top
+    from sift.kernels.selection import _top
 
     g = torch.Generator().manual_seed(5)
     for width in (1, 7, 64, 300):

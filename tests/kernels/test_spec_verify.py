@@ -4,8 +4,8 @@ import random
 import pytest
 import torch
 
-from kernels import reference_spec
-from kernels.spec_verify import spec_verify
+from sift.kernels import reference_spec
+from sift.kernels.spec_verify import spec_verify
 
 
 def _batch(seed, num_trees, vocab, k_max, greedy_mix, relax):

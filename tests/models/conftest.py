@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-from kernels.backend import AttentionMetadata, TorchBackend
-from models.embedded import embedded_model_path
-from models.loader import load_model
-from server.runner.forward_batch import ForwardBatch
+from sift.kernels.backend import AttentionMetadata, TorchBackend
+from sift.models.embedded import embedded_model_path
+from sift.models.loader import load_model
+from sift.server.runner.forward_batch import ForwardBatch
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,8 @@ import pytest
 import torch
 from tiny_models import SMALL, assert_parity, engine_matches, hf_greedy, prompts, save_random_model, sift_greedy
 
-from models.loader import load_model, read_gguf
-from models.tokenizer import Tokenizer
+from sift.models.loader import load_model, read_gguf
+from sift.models.tokenizer import Tokenizer
 
 CONFIGS = {
     "qwen3-yarn": ("Qwen3Config", "Qwen3ForCausalLM", dict(SMALL, tie_word_embeddings=False, rope_parameters=dict(
@@ -86,7 +86,7 @@ def _write_gguf(path, arch: str, state: dict, cfg: dict, tokenizer_md: dict) -> 
     """A float32 GGUF file of ``state`` (HF names), llama.cpp's names and metadata, tokenizer copied."""
     import gguf
 
-    from models.loader import _BLOCK_NAMES, _TOP_NAMES
+    from sift.models.loader import _BLOCK_NAMES, _TOP_NAMES
 
     names = {hf: g for g, hf in _TOP_NAMES.items()}
     for i in range(cfg["num_hidden_layers"]):

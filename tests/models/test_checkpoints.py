@@ -12,8 +12,8 @@ import weakref
 import pytest
 import torch
 
-from models.loader import load_model
-from models.registry import ModelLoadError
+from sift.models.loader import load_model
+from sift.models.registry import ModelLoadError
 
 CONFIG = dict(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
@@ -224,7 +224,7 @@ def test_weights_stream_one_shard_at_a_time(tmp_path, reference, monkeypatch, se
 def test_which_files_hold_the_weights(tmp_path, present, chosen):
     """The choice alone (empty files: nothing is read): HF safetensors first, Mistral's consolidated file
     never, .bin only without HF safetensors, and never a .bin that is not pytorch_model*."""
-    from models.checkpoint import find_weight_files
+    from sift.models.checkpoint import find_weight_files
 
     for name in present:
         (tmp_path / name).touch()

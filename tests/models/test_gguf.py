@@ -8,8 +8,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from models.loader import dequantize_tensor, gguf_weights, load_model, read_gguf
-from models.registry import ModelLoadError
+from sift.models.loader import dequantize_tensor, gguf_weights, load_model, read_gguf
+from sift.models.registry import ModelLoadError
 
 COLS = 256  # one K-quant super-block, eight Q4/Q8 blocks per row
 

@@ -7,9 +7,9 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize, quantize
 
-from models.gguf_quant import repack
-from models.loader import _nbytes, read_gguf
-from models.quant import Int4Linear, Int8BlockLinear, quantized_linear
+from sift.models.gguf_quant import repack
+from sift.models.loader import _nbytes, read_gguf
+from sift.models.quant import Int4Linear, Int8BlockLinear, quantized_linear
 
 CPU = torch.device("cpu")
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.loader import load_model
+from sift.models.loader import load_model
 
 spm = pytest.importorskip("sentencepiece")
 
@@ -138,8 +138,8 @@ def test_forward_matches_transformers(spm_gguf, loaded, one_sequence):
 
 
 def test_other_tokenizer_models_are_refused_by_name():
-    from models.registry import ModelLoadError
-    from models.tokenizer import Tokenizer
+    from sift.models.registry import ModelLoadError
+    from sift.models.tokenizer import Tokenizer
 
     with pytest.raises(ModelLoadError, match="GGUF tokenizer model 'bert' is not supported"):
         Tokenizer.from_gguf("unused.gguf", {"tokenizer.ggml.model": "bert"})

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from models.loader import load_model, read_gguf
-from models.registry import ModelLoadError
-from models.tokenizer import Tokenizer
+from sift.models.loader import load_model, read_gguf
+from sift.models.registry import ModelLoadError
+from sift.models.tokenizer import Tokenizer
 
 SMALL = dict(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
@@ -73,8 +73,8 @@ def test_directory_without_weights(tmp_path):
 def test_dummy_load_format_needs_only_the_shape(tmp_path, gguf_path, gguf_tokenizer):
     """--load-format dummy: a config.json alone gives a runnable model of that shape with random weights of a
     trained model's scale, the tokenizer taken from --tokenizer; two loads under one seed agree."""
-    from server.engine.llm import LLM
-    from server.engine.request import SamplingParams
+    from sift.server.engine.llm import LLM
+    from sift.server.engine.request import SamplingParams
 
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], **SMALL}))
     torch.manual_seed(3)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.quant import (GroupQuant, Int4Linear, Int8BlockLinear, Int8Linear, QuantizedEmbedding,
+from sift.models.quant import (GroupQuant, Int4Linear, Int8BlockLinear, Int8Linear, QuantizedEmbedding,
                           int4_group_size, quantize_int4, quantize_int8, quantized_linear, split_int8_blocks)
 
 # (out, in) of SmolLM2-135M's products: fused qkv, fused gate/up, down, and the LM head's input width
@@ -146,10 +146,10 @@ def test_embedding_rows_dequantize_exactly(q):
 
 def test_dummy_weights_quantize_in_place():
     """``--load-format dummy --quantization int4``: random float linears swapped for quantized ones."""
-    from models.llama import LlamaForCausalLM
-    from models.loader import _random_weights
-    from models.quant import quantize_linears
-    from models.registry import ArchConfig
+    from sift.models.llama import LlamaForCausalLM
+    from sift.models.loader import _random_weights
+    from sift.models.quant import quantize_linears
+    from sift.models.registry import ArchConfig
 
     arch = ArchConfig("LlamaForCausalLM", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
                       num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,

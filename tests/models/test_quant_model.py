@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from bench.quant_quality import gpl_text, humaneval_prompts, pydoc_text
-from models.loader import load_model
-from models.quant import Int4Linear, Int8BlockLinear, Int8Linear, QuantizedEmbedding
+from sift.bench.quant_quality import gpl_text, humaneval_prompts, pydoc_text
+from sift.models.loader import load_model
+from sift.models.quant import Int4Linear, Int8BlockLinear, Int8Linear, QuantizedEmbedding
 
 
 def _perplexity(model, ids: list, one_sequence) -> float:

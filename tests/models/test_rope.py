@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.layers import rope_cos_sin
-from models.registry import ArchConfig
+from sift.models.layers import rope_cos_sin
+from sift.models.registry import ArchConfig
 
 BASE = dict(vocab_size=128, hidden_size=128, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
             num_key_value_heads=1, max_position_embeddings=256)

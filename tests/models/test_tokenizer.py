@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from models.loader import read_gguf
-from models.tokenizer import Tokenizer
+from sift.models.loader import read_gguf
+from sift.models.tokenizer import Tokenizer
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -88,8 +88,8 @@ def engine_matches(path: str, prompt_ids: list, refs: list, **engine_kwargs):
     """All prompts at once through the offline engine (batched, chunked prefill of 64-token chunks, prefix
     cache on and hit by a second pass over the same prompts): each request's greedy tokens equal
     transformers', and each chosen token's logprob within LOGPROB_TOL. Returns the LLM."""
-    from server.engine.llm import LLM
-    from server.engine.request import SamplingParams
+    from sift.server.engine.llm import LLM
+    from sift.server.engine.request import SamplingParams
 
     llm = LLM(model=path, num_blocks=256, block_size=16, max_num_batched_tokens=64, enable_prefix_caching=True,
               **engine_kwargs)

@@ -1,6 +1,6 @@
 import pytest
 
-from server.cache.block_pool import NULL_BLOCK, BlockPool
+from sift.server.cache.block_pool import NULL_BLOCK, BlockPool
 
 
 def test_fresh_pool_never_hands_out_the_null_block():

@@ -11,10 +11,10 @@ if not torch.cuda.is_available():
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from kernels import reference as ref  # noqa: E402
-from server.cache.kv_manager import KVManager  # noqa: E402
-from server.engine.request import EvictionOptions  # noqa: E402
-from server.policies.eviction import (H2O, LazyEviction, SnapKV, StreamingLLM, lazy_scores,  # noqa: E402
+from sift.kernels import reference as ref  # noqa: E402
+from sift.server.cache.kv_manager import KVManager  # noqa: E402
+from sift.server.engine.request import EvictionOptions  # noqa: E402
+from sift.server.policies.eviction import (H2O, LazyEviction, SnapKV, StreamingLLM, lazy_scores,  # noqa: E402
                                       make_policy, resolve_capacity)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -220,7 +220,7 @@ def test_compaction_preserves_attention_over_kept_tokens(impl, shared_prefix):
     if impl == "reference":
         copy_blocks, gather, decode = ref.copy_blocks, ref.gather_compact, ref.paged_decode
     else:
-        from kernels import kv_ops, paged_attention
+        from sift.kernels import kv_ops, paged_attention
         copy_blocks, gather, decode = kv_ops.copy_blocks, kv_ops.gather_compact, paged_attention.paged_decode
     src, dst = torch.tensor([s for s, _ in plan.copies], dtype=torch.long), torch.tensor(
         [t for _, t in plan.copies], dtype=torch.long)
@@ -255,8 +255,8 @@ def test_compacted_blocks_return_to_the_pool_and_abort_leaks_nothing():
 
 
 def test_driver_peak_tokens_and_draft_depth():
-    from server.engine.request import Request, SamplingParams
-    from server.policies.eviction import EvictionDriver
+    from sift.server.engine.request import Request, SamplingParams
+    from sift.server.policies.eviction import EvictionDriver
 
     driver = EvictionDriver(EvictionOptions(method="none"), num_layers=1, num_kv_heads=1)
     plain = Request("p", list(range(40)), SamplingParams(max_tokens=200))

@@ -6,13 +6,13 @@ import re
 import pytest
 import torch
 
-from models.embedded import embedded_model_path
-from models.loader import _read_tokenizer
-from server.engine.request import Request, SamplingParams
-from server.runner.sampler import sample
-from server.structured.compiler import GrammarCompiler, GrammarError
-from server.structured.masks import GrammarState, apply_masks
-from server.structured.spec import StructuredSpec
+from sift.models.embedded import embedded_model_path
+from sift.models.loader import _read_tokenizer
+from sift.server.engine.request import Request, SamplingParams
+from sift.server.runner.sampler import sample
+from sift.server.structured.compiler import GrammarCompiler, GrammarError
+from sift.server.structured.masks import GrammarState, apply_masks
+from sift.server.structured.spec import StructuredSpec
 
 
 @pytest.fixture(scope="module")

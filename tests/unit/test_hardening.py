@@ -10,15 +10,15 @@ import typing
 import pytest
 from pydantic import BaseModel
 
-from server.api.bounds import Limits, check_request, leaves, request_bounds
-from server.api.errors import APIError
-from server.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from server.cache.kv_manager import KVManager
-from server.config import CacheConfig, SchedulerConfig, ServerConfig
-from server.engine.request import EvictionOptions, Request, RequestStatus, SamplingParams
-from server.engine.scheduler import Scheduler
-from server.policies.eviction import EvictionDriver, evicting_depth
-from server.runner.sampler import check_sampling_row
+from sift.server.api.bounds import Limits, check_request, leaves, request_bounds
+from sift.server.api.errors import APIError
+from sift.server.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from sift.server.cache.kv_manager import KVManager
+from sift.server.config import CacheConfig, SchedulerConfig, ServerConfig
+from sift.server.engine.request import EvictionOptions, Request, RequestStatus, SamplingParams
+from sift.server.engine.scheduler import Scheduler
+from sift.server.policies.eviction import EvictionDriver, evicting_depth
+from sift.server.runner.sampler import check_sampling_row
 
 LIMITS = Limits(max_model_len=512, vocab_size=1000, num_layers=30)
 REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
@@ -153,7 +153,7 @@ def test_config_limits():
 def test_cpu_kv_pool_default_is_fixed_and_capped_by_full_contexts():
     import torch
 
-    from server.engine.llm_engine import kv_cache_bytes
+    from sift.server.engine.llm_engine import kv_cache_bytes
     cpu, per_block = torch.device("cpu"), 1 << 20
     assert kv_cache_bytes(CacheConfig(), cpu, 4, 160, per_block) == 4 * (160 // 16 + 1) * per_block
     assert kv_cache_bytes(CacheConfig(), cpu, 1024, 8192, per_block) == CacheConfig.CPU_KV_CACHE_BYTES

@@ -4,8 +4,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from server.cache.block_pool import NULL_BLOCK
-from server.cache.kv_manager import KVManager
+from sift.server.cache.block_pool import NULL_BLOCK
+from sift.server.cache.kv_manager import KVManager
 
 BS = 4
 

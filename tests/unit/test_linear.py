@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models.layers as layers
-from models.layers import CALIBRATED_ROWS, calibrate_linear, linear, linear_products
+import sift.models.layers as layers
+from sift.models.layers import CALIBRATED_ROWS, calibrate_linear, linear, linear_products
 
 
 def test_row_counts_follow_the_next_calibrated_one():

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from clients import loadgen
+from sift.clients import loadgen
 
 
 @pytest.mark.parametrize("burstiness", [0.25, 1.0, 4.0])

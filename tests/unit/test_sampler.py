@@ -3,8 +3,8 @@ import math
 
 import torch
 
-from server.engine.request import Request, SamplingParams
-from server.runner.sampler import apply_penalties, draw, sample
+from sift.server.engine.request import Request, SamplingParams
+from sift.server.runner.sampler import apply_penalties, draw, sample
 
 
 def _req(params, prompt=(1, 2), output=()):

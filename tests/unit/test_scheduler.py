@@ -1,10 +1,10 @@
 """Scheduler policy with the real KV manager and no model."""
 import pytest
 
-from server.cache.kv_manager import KVManager
-from server.config import SchedulerConfig
-from server.engine.request import Request, RequestStatus, SamplingParams
-from server.engine.scheduler import QueueFullError, Scheduler
+from sift.server.cache.kv_manager import KVManager
+from sift.server.config import SchedulerConfig
+from sift.server.engine.request import Request, RequestStatus, SamplingParams
+from sift.server.engine.scheduler import QueueFullError, Scheduler
 
 
 def _sched(num_blocks=64, **kw):

@@ -5,14 +5,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kernels import reference as ref
-from kernels.backend import TorchBackend
-from models.llama import LlamaForCausalLM
-from models.registry import ArchConfig
-from server.engine.outputs import ScheduledRequest, SchedulerOutput
-from server.engine.request import Request, SamplingParams, SkipOptions
-from server.policies import skipping
-from server.runner.model_runner import ModelRunner
+from sift.kernels import reference as ref
+from sift.kernels.backend import TorchBackend
+from sift.models.llama import LlamaForCausalLM
+from sift.models.registry import ArchConfig
+from sift.server.engine.outputs import ScheduledRequest, SchedulerOutput
+from sift.server.engine.request import Request, SamplingParams, SkipOptions
+from sift.server.policies import skipping
+from sift.server.runner.model_runner import ModelRunner
 
 ARCH = ArchConfig("LlamaForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=6,
                   num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -180,7 +180,7 @@ def test_attention_probe_is_the_mean_causal_attention_of_the_probes():
 
 
 def test_mlp_probe_is_the_mlp_on_its_heaviest_neurons():
-    from models.layers import GatedMLP
+    from sift.models.layers import GatedMLP
     g = torch.Generator().manual_seed(3)
     mlp = GatedMLP(8, 12).to_empty(device="cpu")
     for p in mlp.parameters():
@@ -269,7 +269,7 @@ def test_tokens_pruned_by_attention_skip_that_layers_mlp(runner, monkeypatch):
 
 
 def test_pruned_reads_only_for_requests_that_read_plainly(runner):
-    from server.policies import sparsity
+    from sift.server.policies import sparsity
     req = Request("r", [i % 64 for i in range(100)], SamplingParams(max_tokens=4))
     _prefill(runner, PRUNING, req=req)
     assert sparsity.pruned_reads(req, ARCH.num_layers) is not None

@@ -3,15 +3,15 @@ cache with the real scheduler and KV manager (no model); the Quest index against
 import pytest
 import torch
 
-from server.cache.kv_manager import KVManager
-from server.config import SchedulerConfig, SparsityConfig
-from server.engine.outputs import ScheduledRequest, SchedulerOutput
-from server.engine.request import Request, SamplingParams, SparsityOptions
-from server.engine.scheduler import Scheduler
-from server.policies import sparsity
-from server.policies.key_index import KeySketch, QuestIndex
-from server.policies.sparse_plan import SparsePlanner
-from server.policies.sparsity import DENSE, PAGES, SELECT, SKETCH, TOKENS
+from sift.server.cache.kv_manager import KVManager
+from sift.server.config import SchedulerConfig, SparsityConfig
+from sift.server.engine.outputs import ScheduledRequest, SchedulerOutput
+from sift.server.engine.request import Request, SamplingParams, SparsityOptions
+from sift.server.engine.scheduler import Scheduler
+from sift.server.policies import sparsity
+from sift.server.policies.key_index import KeySketch, QuestIndex
+from sift.server.policies.sparse_plan import SparsePlanner
+from sift.server.policies.sparsity import DENSE, PAGES, SELECT, SKETCH, TOKENS
 
 
 def test_tidal_and_quest_roles():

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from spec_trees import random_parents
-from server.config import SpecConfig
-from server.engine.outputs import ScheduledRequest
-from server.engine.request import Request, SamplingParams, SpecOptions
-from server.spec import Speculator
-from server.spec.verify import TreeInput, relaxed_distribution, verify_trees
+from sift.server.config import SpecConfig
+from sift.server.engine.outputs import ScheduledRequest
+from sift.server.engine.request import Request, SamplingParams, SpecOptions
+from sift.server.spec import Speculator
+from sift.server.spec.verify import TreeInput, relaxed_distribution, verify_trees
 
 GREEDY = SamplingParams(temperature=0.0)
 SAMPLE = SamplingParams(temperature=1.0)
@@ -72,7 +72,7 @@ def test_lossless_sampling_with_top_k_and_temperature():
     logits = torch.randn(3, v)
     params = SamplingParams(temperature=0.7, top_k=3)
     emitted = _first_two(logits, 3000, [0, 4, 5], [-1, -1], params)
-    from server.spec.verify import target_probs
+    from sift.server.spec.verify import target_probs
     p = target_probs(logits, params)[0].numpy()
     first = np.bincount([e[0] for e in emitted], minlength=v)
     assert first[p == 0].sum() == 0
@@ -215,7 +215,7 @@ def test_recycling_table_learns_from_plain_decode_rows():
 def test_plain_learning_rows_take_turns():
     """Past PLAIN_LEARN_ROWS speculating decodes, a step teaches the table that many rows, in turn (one while
     the budget rule coasts)."""
-    from server.spec import PLAIN_LEARN_ROWS
+    from sift.server.spec import PLAIN_LEARN_ROWS
 
     v, n = 200, PLAIN_LEARN_ROWS + 3
     spec = Speculator(SpecConfig(), v)
@@ -241,7 +241,7 @@ def test_shadow_scoring_equals_greedy_verification(seed):
     """A shadow tree scored against the tokens the target emits (its PathWalk) accepts exactly the path
     greedy verification of the same tree accepts: random trees over a 6-token vocabulary, peaked logits so
     that paths go deep."""
-    from server.spec.tree import DraftTree, PathWalk
+    from sift.server.spec.tree import DraftTree, PathWalk
 
     def realized_path(tree, tokens):  # the walk's path once the tokens decide it, else None
         walk = PathWalk(tree)

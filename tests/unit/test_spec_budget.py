@@ -1,5 +1,5 @@
 """The draft-budget rule: a modelled forward cost, scaled by what decode steps really took."""
-from server.spec.budget import PLAIN_EVERY, DraftBudget
+from sift.server.spec.budget import PLAIN_EVERY, DraftBudget
 
 
 def _run(budget, steps, decodes, step_seconds, accepted=3):
@@ -58,7 +58,7 @@ def test_steps_that_measure_are_not_samples():
 
 
 def _decoding(rid, prompt, method="ngram", temperature=0.0, num_draft_tokens=7):
-    from server.engine.request import Request, SamplingParams, SpecOptions
+    from sift.server.engine.request import Request, SamplingParams, SpecOptions
 
     req = Request(rid, list(prompt), SamplingParams(temperature=temperature, speculative=SpecOptions(
         method, num_draft_tokens=num_draft_tokens)))
@@ -69,8 +69,8 @@ def _decoding(rid, prompt, method="ngram", temperature=0.0, num_draft_tokens=7):
 def test_shadow_trees_teach_every_budget_without_drafting():
     """Where no budget pays, no request drafts, yet the statistics learn: each step one plain request drafts a
     shadow tree that nothing runs, and the tokens it emits next score it as a verification would have."""
-    from server.config import SpecConfig
-    from server.spec import Speculator
+    from sift.server.config import SpecConfig
+    from sift.server.spec import Speculator
 
     spec = Speculator(SpecConfig(controller="adaptive"), 128, measure=lambda b, q: 0.001 * b * q)  # compute-bound: d = 0 wins
     req = _decoding("r0", [1, 2, 3, 4] * 8)  # the last 3-gram recurs: the n-gram chain 1 2 3 4 1 2 3
@@ -90,9 +90,9 @@ def test_shadow_trees_teach_every_budget_without_drafting():
 def test_one_shadow_a_step_the_plain_requests_in_turn():
     """A shadow waits for the tokens that decide it (none are emitted here); meanwhile the next step's shadow
     goes to another plain request."""
-    from server.config import SpecConfig
-    from server.spec import Speculator
-    from server.spec.adaptive import SHADOWS_PER_STEP
+    from sift.server.config import SpecConfig
+    from sift.server.spec import Speculator
+    from sift.server.spec.adaptive import SHADOWS_PER_STEP
 
     spec = Speculator(SpecConfig(controller="adaptive"), 128, measure=lambda b, q: 0.001 * b * q)
     reqs = [_decoding(f"r{i}", [5 + i, 6, 7, 8] * 3) for i in range(4)]  # each an undecided n-gram chain
@@ -156,7 +156,7 @@ def test_first_sample_replaces_prior_and_budgets_share_a_floor():
 
 
 def test_drafters_report_their_evidence():
-    from server.spec.drafters import RecyclingTable, make_drafter
+    from sift.server.spec.drafters import RecyclingTable, make_drafter
 
     seq = [5, 6, 7, 8, 9, 5, 6, 7]  # the last 3-gram occurred before
     assert make_drafter("ngram", None).evidence(seq) == "ngram/3"
@@ -182,10 +182,10 @@ def test_calibrate_times_every_bucket_before_serving():
 def test_a_greedy_tree_teaches_every_smaller_budget():
     """Greedy verification of a budget-d tree also gives what each smaller candidate budget would have accepted:
     the accepted path's nodes ranked below it. Sampled trees teach only the budget drafted."""
-    from server.config import SpecConfig
-    from server.engine.request import Request, SamplingParams, SpecOptions
-    from server.spec import Speculator
-    from server.spec.adaptive import AdaptiveState
+    from sift.server.config import SpecConfig
+    from sift.server.engine.request import Request, SamplingParams, SpecOptions
+    from sift.server.spec import Speculator
+    from sift.server.spec.adaptive import AdaptiveState
 
     spec = Speculator(SpecConfig(controller="adaptive"), 64, measure=lambda b, q: 0.010)
     for rid, temperature in (("g", 0.0), ("s", 1.0)):
@@ -202,7 +202,7 @@ def test_a_greedy_tree_teaches_every_smaller_budget():
 def test_clearly_losing_budgets_coast_without_scoring():
     """Where every budget is modelled clearly below the plain step, the next steps of that batch size are plain
     without scoring (up to COAST_STEPS), and another batch size is scored at once."""
-    from server.spec.budget import COAST_STEPS
+    from sift.server.spec.budget import COAST_STEPS
 
     budget = DraftBudget(_half_cost)
     budget.calibrate(32, 32)
@@ -255,7 +255,7 @@ def test_payoff_window_sums_lost_time():
     """Plain steps: 32 tokens in 160 ms. Two drafting steps that each lose more than half a plain step raise the
     margin before the window ends; small losses paid back by wins in the same window never do; and a win's
     credit ends with its window's verdict, so it does not excuse the losses after it."""
-    from server.spec.budget import MARGIN
+    from sift.server.spec.budget import MARGIN
 
     def verdict(steps):
         budget = DraftBudget(_half_cost)

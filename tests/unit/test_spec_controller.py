@@ -1,8 +1,8 @@
 """The simple speculation controller on a fake forward-timing function (no model)."""
-from server.config import SpecConfig
-from server.engine.request import Request, SamplingParams, SpecOptions
-from server.spec import Speculator
-from server.spec.controller import PRIOR_ACCEPT, SimpleController, expected_accepted
+from sift.server.config import SpecConfig
+from sift.server.engine.request import Request, SamplingParams, SpecOptions
+from sift.server.spec import Speculator
+from sift.server.spec.controller import PRIOR_ACCEPT, SimpleController, expected_accepted
 
 
 def _forward(b, q):

@@ -4,8 +4,8 @@ import random
 import numpy as np
 
 from spec_trees import check_bfs
-from server.spec.drafters import GooseDrafter, NgramDrafter, NgramIndex, RecyclingDrafter, RecyclingTable
-from server.spec.tree import depths
+from sift.server.spec.drafters import GooseDrafter, NgramDrafter, NgramIndex, RecyclingDrafter, RecyclingTable
+from sift.server.spec.tree import depths
 
 
 def _brute_continuation(tokens, budget):

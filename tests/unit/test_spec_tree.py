@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from spec_trees import check_bfs, random_parents
-from server.spec.tree import (RANK_PRIOR, ancestor_mask, best_first, children, depths, expand,
+from sift.server.spec.tree import (RANK_PRIOR, ancestor_mask, best_first, children, depths, expand,
                               template)
 
 
@@ -119,7 +119,7 @@ def test_best_first_keeps_the_heaviest_nodes_breadth_first(seed, budget):
 
 
 def test_limit_depth_keeps_the_shallow_subtree():
-    from server.spec.tree import DraftTree, depths, limit_depth
+    from sift.server.spec.tree import DraftTree, depths, limit_depth
 
     tree = DraftTree((10, 11, 12, 13, 14, 15), (-1, -1, 0, 0, 2, 4))  # depths 1 1 2 2 3 4
     cut = limit_depth(tree, 2)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from server.cache.kv_manager import KVManager
-from server.config import EngineConfig, SchedulerConfig
-from server.engine.llm_engine import LLMEngine
-from server.engine.outputs import StepOutput
-from server.engine.request import EvictionOptions, SamplingParams
-from server.engine.scheduler import Scheduler
-from server.policies.eviction import EvictionDriver
+from sift.server.cache.kv_manager import KVManager
+from sift.server.config import EngineConfig, SchedulerConfig
+from sift.server.engine.llm_engine import LLMEngine
+from sift.server.engine.outputs import StepOutput
+from sift.server.engine.request import EvictionOptions, SamplingParams
+from sift.server.engine.scheduler import Scheduler
+from sift.server.policies.eviction import EvictionDriver
 
 VOCAB = 100
 POISON_SEED = 666

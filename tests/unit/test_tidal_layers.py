@@ -1,10 +1,10 @@
-"""bench.tidal_layers' schedule search: the dynamic programme against brute force, and the kept-mass
+"""sift.bench.tidal_layers' schedule search: the dynamic programme against brute force, and the kept-mass
 bookkeeping against a direct count."""
 import itertools
 
 import torch
 
-from bench.tidal_layers import best_schedule, kept_mass, schedule_mass, selection_masks
+from sift.bench.tidal_layers import best_schedule, kept_mass, schedule_mass, selection_masks
 
 
 def test_best_schedule_is_the_brute_force_optimum():

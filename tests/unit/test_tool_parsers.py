@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from server.structured.tool_parsers import ToolCallStream, parse
-from server.structured.tools import forced_call_spec, render_messages
+from sift.server.structured.tool_parsers import ToolCallStream, parse
+from sift.server.structured.tools import forced_call_spec, render_messages
 
 NAMES = {"get_weather", "add"}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
