@@ -1,8 +1,8 @@
 """``sift serve | generate | bench`` (also ``python -m sift.server ...``).
 
-Every engine/server flag maps onto one field of the frozen config dataclasses (the technique flags are
-read off the option dataclasses in server/options.py) and has an environment twin ``SIFT_<FLAG>`` (``--max-model-len`` <-> ``SIFT_MAX_MODEL_LEN``); the flag
-wins over the environment, which wins over the dataclass default.
+Every engine/server flag maps onto one field of the frozen config dataclasses (technique flags: read off
+server/options.py) and has an environment twin ``SIFT_<FLAG>`` (``--max-model-len`` <-> ``SIFT_MAX_MODEL_LEN``);
+the flag wins over the environment, which wins over the dataclass default.
 """
 from __future__ import annotations
 

@@ -1,18 +1,10 @@
-"""Each token-saving technique's options, defined once.
-
-One frozen dataclass per technique holds its fields, their defaults and their rules. Everything else is
-derived from these classes, so adding a field is one edit here:
-
-* the request's technique object (``speculative``, ``kv_eviction``, ``sparsity``, ``token_skipping``):
-  pydantic models built from the fields (``sift.server.api.protocol``), each numeric field bounded at the
-  API by its :class:`Range` (``sift.server.api.bounds``);
-* the server-wide default: ``EngineConfig.spec / eviction / sparsity / skipping`` are instances of these
-  classes (``SpecConfig`` adds the server-only speculation fields);
-* the ``sift serve`` flags (and their ``SIFT_*`` environment twins) of the fields that have a ``flag``.
-
-Every field is declared with :func:`option`; its :class:`Meta` says where it appears. A violated rule is a
-ValueError whose message starts with the field's request path (``sparsity.recent must be >= 0``), which the
-API turns into a 400 naming that field.
+"""Each token-saving technique's options, defined once: one frozen dataclass per technique, each field declared
+with :func:`option`, whose :class:`Meta` says where else it appears. Derived from these classes, so adding a field
+is one edit here: the request's technique objects (pydantic models, sift.server.api.protocol) and their bounds
+(sift.server.api.bounds), the server-wide defaults (``EngineConfig.spec / eviction / sparsity / skipping`` are
+instances of these classes) and the ``sift serve`` flags with their ``SIFT_*`` twins (sift.server.cli).
+A violated rule is a ValueError starting with the field's request path (``sparsity.recent must be >= 0``), which
+the API turns into a 400 naming that field.
 """
 from __future__ import annotations
 
@@ -21,8 +13,7 @@ import typing
 from dataclasses import Field, dataclass, field, fields
 from typing import ClassVar, Optional, Union
 
-# The method names each technique accepts, in one place (the registries that implement them may not import
-# this module's dependents, so they are listed here, not read from the registries)
+# the method names each technique accepts, in one place
 SPEC_METHODS = ("none", "ngram", "recycling", "goose")
 SPEC_CONTROLLERS = ("simple", "adaptive")
 EVICTION_METHODS = ("none", "streaming", "h2o", "snapkv", "lazy")
@@ -34,11 +25,8 @@ MAX_RANK = 4096  # loki sketch rank and spts probe rank: clipped to the head / M
 
 @dataclass(frozen=True)
 class Range:
-    """The legal values of a numeric option: from ``lo`` to ``hi`` (ends excluded where open).
-
-    ``model`` names a limit of the served model that also caps ``hi``: ``"context"`` (its context length),
-    ``"layers"`` or ``"vocab"``. The API resolves it per model (server/api/bounds.py); the dataclass, which
-    knows no model, checks the fixed ends only."""
+    """A numeric option's legal values, lo to hi (ends excluded where open). ``model`` names a limit of the served
+    model that also caps hi (context, layers or vocab): the API resolves it, the dataclass checks the fixed ends."""
 
     lo: float = -math.inf
     hi: float = math.inf
@@ -90,8 +78,7 @@ def meta(f: Field) -> Meta:
 
 def api_path(f: Field) -> Optional[str]:
     """The field's dotted path inside the request's technique object, or None if requests cannot set it."""
-    m = meta(f)
-    return (f.name if m.api is True else m.api) or None
+    return (f.name if meta(f).api is True else meta(f).api) or None
 
 
 def scalar_type(options: type, f: Field) -> type:
@@ -132,47 +119,42 @@ def _check_number(name: str, value, m: Meta) -> None:
 
 @dataclass(frozen=True)
 class SpecOptions(Options):
-    """Speculative decoding: a training-free drafter proposes tokens the model verifies in one pass;
-    optional LANTERN relaxed acceptance."""
+    """Speculative decoding (training-free drafters), optionally with LANTERN relaxed acceptance."""
 
     SECTION = "speculative"
 
-    method: str = option("none", "speculative decoding method", required=True, flag="speculative",
-                         choices=SPEC_METHODS)
-    num_draft_tokens: int = option(8, "draft tokens per speculative step", flag="num-draft-tokens",
-                                   range=Range(1, 128))
-    relaxed_k: int = option(0, "LANTERN: embedding neighbours a draft may stand for (0: strict verification)",
-                            api="relaxed.k", required=True, range=Range(1, 1024, model="vocab"), off=0)
-    relaxed_delta: float = option(0.0, "LANTERN: probability mass the neighbours may move (TV bound)",
-                                  api="relaxed.delta", range=Range(0, 1))
-    relaxed_lambda: float = option(0.0, "LANTERN++: the relaxed probability is at most lambda times the "
-                                   "draft's (0: off)", api="relaxed.lambda", range=Range(0, 1e6))
-    private_table: bool = option(False, "Token Recycling: a per-request adjacency matrix instead of the shared "
-                                 "one", api=False)
+    method: str = option("none", "speculative decoding method", required=True, flag="speculative", choices=SPEC_METHODS)
+    num_draft_tokens: int = option(8, "draft tokens per speculative step", flag="num-draft-tokens", range=Range(1, 128))
+    relaxed_k: int = option(0, "LANTERN: neighbours a draft may stand for (0: strict)", api="relaxed.k", required=True,
+                            range=Range(1, 1024, model="vocab"), off=0)
+    relaxed_delta: float = option(0.0, "LANTERN: mass the neighbours may move", api="relaxed.delta", range=Range(0, 1))
+    relaxed_lambda: float = option(0.0, "LANTERN++: relaxed p(x) <= lambda * p(x) (0: off)", api="relaxed.lambda",
+                                   range=Range(0, 1e6))
+    private_table: bool = option(False, "Token Recycling: a table of the request's own", api=False)
 
 
 @dataclass(frozen=True)
 class SpecConfig(SpecOptions):
     """The server-wide speculation default, and how the server chooses draft budgets each step."""
 
+    # adaptive until the ablation in docs/speculation.md runs
     controller: str = option("adaptive", "how draft budgets are chosen each step", api=False,
                              flag="speculative-controller", choices=SPEC_CONTROLLERS)
-    disable_by_batch_size: Optional[int] = option(
-        None, "draft only while at most this many requests decode (default: measured at start-up)", api=False,
-        flag="speculative-disable-by-batch-size", range=Range(0))
+    disable_by_batch_size: Optional[int] = option(None, "draft only while at most this many requests decode "
+                                                  "(default: measured at start-up)", api=False,
+                                                  flag="speculative-disable-by-batch-size", range=Range(0))
 
 
 @dataclass(frozen=True)
 class EvictionOptions(Options):
-    """KV eviction: keep a budget of each request's KV entries, chosen by the method's score."""
+    """KV eviction: each request keeps a budget of KV entries, chosen by the method's score."""
 
     SECTION = "kv_eviction"
 
     method: str = option("none", "KV eviction policy", required=True, flag="kv-eviction", choices=EVICTION_METHODS)
     budget: float = option(0.5, "KV entries kept per request: tokens (> 1) or ratio (<= 1) of prompt + max_tokens",
                            flag="kv-budget", range=Range(0, lo_open=True, model="context"))
-    window: int = option(32, "recent window protected from eviction (LazyEviction's W)", flag="kv-window",
-                         range=CONTEXT_TOKENS)
+    window: int = option(32, "recent window protected from eviction", flag="kv-window", range=CONTEXT_TOKENS)
     alpha: float = option(1e-4, "LazyEviction recurrence threshold (attention probability)", flag="kv-alpha",
                           range=Range(0, 1, lo_open=True, hi_open=True))
     sinks: int = option(4, "streaming: first tokens always kept", range=CONTEXT_COUNT)
@@ -184,27 +166,22 @@ class SparsityOptions(Options):
 
     SECTION = "sparsity"
 
-    method: str = option("dense", "decode attention sparsity", required=True, flag="sparsity",
-                         choices=SPARSITY_METHODS)
+    method: str = option("dense", "decode attention sparsity", required=True, flag="sparsity", choices=SPARSITY_METHODS)
     budget: int = option(256, "tokens attended per step by quest/tidal/loki", flag="sparsity-budget",
                          range=CONTEXT_TOKENS)
     window: int = option(1024, "recent-token window of windowed sparsity", flag="window", range=CONTEXT_TOKENS)
-    sinks: int = option(4, "first tokens every query sees (window) or every selection keeps (tidal, loki)",
-                        flag="sinks", range=CONTEXT_COUNT)
-    recent: int = option(32, "tidal, loki: latest tokens every selection keeps (inside the budget)",
-                         range=CONTEXT_COUNT)
-    selection_layer: int = option(2, "tidal: the layer that selects the tokens", range=LAYER_INDEX)
-    reselection_layer: Union[int, tuple[int, ...], None] = option(
-        None, "tidal: the layer (default num_layers // 2), or the list of layers, that re-select after the "
-        "selection layer", range=LAYER_INDEX)
-    reselect_every: int = option(0, "tidal: also re-select every N layers after the selection layer (0: off)",
-                                 range=LAYER_COUNT)
-    correction_interval: int = option(0, "tidal KV correction: re-encode every N generated tokens densely (0: off)",
+    sinks: int = option(4, "first tokens always attended (window) or selected (tidal, loki)", flag="sinks",
+                        range=CONTEXT_COUNT)
+    recent: int = option(32, "tidal, loki: latest tokens every selection keeps", range=CONTEXT_COUNT)
+    selection_layer: int = option(2, "tidal: the layer that selects", range=LAYER_INDEX)
+    reselection_layer: Union[int, tuple[int, ...], None] = option(None, "tidal: the layer or layers that re-select "
+                                                                  "(default num_layers // 2)", range=LAYER_INDEX)
+    reselect_every: int = option(0, "tidal: also re-select every N layers (0: off)", range=LAYER_COUNT)
+    correction_interval: int = option(0, "tidal: re-encode every N generated tokens densely (0: off)",
                                       range=CONTEXT_COUNT)
-    candidates: int = option(0, "tidal, loki: a selection keeps this many candidates and every sparse layer "
-                             "attends over its own top-budget of them (0: off)", range=CONTEXT_COUNT)
-    rank: int = option(24, "loki: dimensions of the key sketches that rank the context (clipped to the head "
-                       "dim)", range=Range(1, MAX_RANK))
+    candidates: int = option(0, "tidal, loki: candidates a selection keeps, each sparse layer attending over its own "
+                             "top-budget of them (0: off)", range=CONTEXT_COUNT)
+    rank: int = option(24, "loki: dimensions of the key sketches (clipped to the head dim)", range=Range(1, MAX_RANK))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -218,26 +195,22 @@ class SkipOptions(Options):
 
     SECTION = "token_skipping"
 
-    method: str = option("none", "token skipping for long prefills", required=True, flag="token-skipping",
+    method: str = option("none", "token skipping of long prefills", required=True, flag="token-skipping",
                          choices=SKIP_METHODS)
-    min_prompt_len: int = option(1024, "prompts shorter than this are never skipped", flag="skip-min-prompt-len",
+    min_prompt_len: int = option(1024, "shorter prompts are never skipped", flag="skip-min-prompt-len",
                                  range=CONTEXT_TOKENS)
     start_layer: int = option(8, "first layer that skips tokens", flag="skip-start-layer", range=LAYER_COUNT)
-    ratio: float = option(0.5, "final fraction of prompt tokens skipped per block (raised in stages with depth)",
-                          flag="skip-ratio", range=Range(0, 1, hi_open=True))
-    probe_tokens: int = option(32, "last prompt tokens, always active, whose attention picks the kept tokens",
+    ratio: float = option(0.5, "final fraction of prompt tokens skipped per block", flag="skip-ratio",
+                          range=Range(0, 1, hi_open=True))
+    probe_tokens: int = option(32, "last prompt tokens whose attention picks the kept tokens",
                                flag="skip-probe-tokens", range=CONTEXT_TOKENS)
-    recent: int = option(0, "the last max(recent, probe_tokens) tokens of a chunk are never skipped",
-                         flag="skip-recent", range=CONTEXT_COUNT)
-    stages: int = option(0, "Multi-Stage Delayed Pruning: the skip ratio rises over this many stages (0: one "
-                         "per layer)", range=LAYER_COUNT)
-    probe_rank: int = option(128, "rank of the MLP probe: how many of the MLP's heaviest neurons it keeps",
-                             range=Range(1, MAX_RANK))
-    blocks: str = option("attention", "blocks that skip tokens (pruned tokens skip both)",
-                         choices=("attention", "mlp", "both"))
-    schedule: str = option("linear", "how the skip ratio rises over the stages: linear (ratio * (s + 1) / "
-                           "stages) or geometric (every stage prunes the same share of the tokens still in play)",
-                           flag="skip-schedule", choices=("linear", "geometric"))
+    recent: int = option(0, "last prompt tokens never skipped", flag="skip-recent", range=CONTEXT_COUNT)
+    stages: int = option(0, "stages the skip ratio rises over (0: one per layer)", range=LAYER_COUNT)
+    probe_rank: int = option(128, "MLP neurons the MLP probe keeps", range=Range(1, MAX_RANK))
+    blocks: str = option("attention", "blocks that skip tokens", choices=("attention", "mlp", "both"))
+    # linear: ratio * (s + 1) / stages; geometric: every stage prunes the same share of the tokens still in play
+    schedule: str = option("linear", "how the skip ratio rises over the stages", flag="skip-schedule",
+                           choices=("linear", "geometric"))
 
 
 TECHNIQUES = (SpecOptions, EvictionOptions, SparsityOptions, SkipOptions)

@@ -25,7 +25,7 @@ from typing import Iterator, Optional
 from pydantic import BaseModel
 
 from sift.server.api.errors import APIError
-from sift.server.options import TECHNIQUES, Range, api_path, meta, scalar_type
+from sift.server.options import TECHNIQUES, Range, api_path, meta
 
 INT64_MAX = 2**63 - 1
 INT32_MAX = 2**31 - 1
@@ -48,7 +48,8 @@ class Limits:
 
 @dataclass(frozen=True)
 class Bound(Range):
-    integer: bool = False  # documents an integer field (pydantic already enforced the type)
+    """A range resolved for the served model, saying where a model-derived end comes from."""
+
     why: str = ""  # where the range comes from, when it is the model's
 
     def describe(self) -> str:
@@ -58,44 +59,41 @@ class Bound(Range):
 def request_bounds(limits: Limits) -> dict[str, Bound]:
     """Dotted field path (list indices dropped, dict entries under the dict's name) -> range."""
     ctx, context = limits.max_model_len, "the model's context length"
-    tokens = Bound(1, ctx, integer=True, why=context)
-    token_id = Bound(0, limits.vocab_size, hi_open=True, integer=True, why="the model's vocabulary")
+    tokens = Bound(1, ctx, why=context)
+    token_id = Bound(0, limits.vocab_size, hi_open=True, why="the model's vocabulary")
     return {
         # sampling
-        "max_tokens": tokens, "max_completion_tokens": tokens, "min_tokens": Bound(0, ctx, integer=True, why=context),
+        "max_tokens": tokens, "max_completion_tokens": tokens, "min_tokens": Bound(0, ctx, why=context),
         "temperature": Bound(0, MAX_TEMPERATURE),
         "top_p": Bound(0, 1, lo_open=True),
-        "top_k": Bound(-1, INT32_MAX, integer=True),  # -1 and 0: off; above the vocabulary: the vocabulary
+        "top_k": Bound(-1, INT32_MAX),  # -1 and 0: off; above the vocabulary: the vocabulary
         "min_p": Bound(0, 1),
         "presence_penalty": Bound(-2, 2), "frequency_penalty": Bound(-2, 2),
         "repetition_penalty": Bound(0, 10, lo_open=True),
         "logit_bias": Bound(-100, 100),  # values; the keys are token ids, checked against the vocabulary
-        "seed": Bound(-(2**63), INT64_MAX, integer=True),
-        "n": Bound(1, MAX_N, integer=True), "best_of": Bound(1, MAX_N, integer=True),
-        "priority": Bound(-MAX_PRIORITY - 1, MAX_PRIORITY, integer=True),
-        "logprobs": Bound(0, MAX_LOGPROBS, integer=True), "top_logprobs": Bound(0, MAX_LOGPROBS, integer=True),
+        "seed": Bound(-(2**63), INT64_MAX),
+        "n": Bound(1, MAX_N), "best_of": Bound(1, MAX_N),
+        "priority": Bound(-MAX_PRIORITY - 1, MAX_PRIORITY),
+        "logprobs": Bound(0, MAX_LOGPROBS), "top_logprobs": Bound(0, MAX_LOGPROBS),
         "stop_token_ids": token_id, "prompt": token_id, "tokens": token_id,
         **technique_bounds(limits),
     }
 
 
-# (request path, range, integer?) of every technique option a request may set (server/options.py)
-_TECHNIQUE_RANGES = tuple((f"{options.SECTION}.{api_path(f)}", meta(f).range, scalar_type(options, f) is int)
-                          for options in TECHNIQUES for f in fields(options)
-                          if api_path(f) is not None and meta(f).range is not None)
-
-
 def technique_bounds(limits: Limits) -> dict[str, Bound]:
-    """The technique options' ranges, their model limits resolved for ``limits``."""
+    """The ranges of the technique options a request may set (server/options.py), model limits resolved."""
     ends = {"context": (limits.max_model_len, "the model's context length"),
             "layers": (max(limits.num_layers, 1), "the model's layers"),
             "vocab": (limits.vocab_size, "the model's vocabulary")}
     table = {}
-    for path, rule, integer in _TECHNIQUE_RANGES:
-        hi, why = rule.hi, ""
-        if rule.model is not None and ends[rule.model][0] <= hi:
-            hi, why = ends[rule.model]
-        table[path] = Bound(rule.lo, hi, rule.lo_open, rule.hi_open, integer=integer, why=why)
+    for options in TECHNIQUES:
+        for f in fields(options):
+            if (rule := meta(f).range) is None or api_path(f) is None:
+                continue
+            hi, why = rule.hi, ""
+            if rule.model is not None and ends[rule.model][0] <= hi:
+                hi, why = ends[rule.model]
+            table[f"{options.SECTION}.{api_path(f)}"] = Bound(rule.lo, hi, rule.lo_open, rule.hi_open, why=why)
     return table
 
 

@@ -46,43 +46,35 @@ class _TechniqueBody(_Strict):
     def to_options(self):
         """The option dataclass of the fields the client set (the rest keep the dataclass defaults)."""
         names = {api_path(f): f.name for f in fields(self.options) if api_path(f) is not None}
-        return self.options(**{names[path]: value for path, value in _flat(self.model_dump(exclude_unset=True,
-                                                                                           by_alias=True))
-                               if path in names})
+        values = _flat(self.model_dump(exclude_unset=True, by_alias=True))
+        return self.options(**{names[path]: value for path, value in values if path in names})
 
 
 def _flat(values: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
     for key, value in values.items():
-        if isinstance(value, dict):
-            yield from _flat(value, f"{prefix}{key}.")
-        else:
-            yield prefix + key, value
+        yield from _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else [(prefix + key, value)]
 
 
 def _json_type(t):
-    """The JSON form of an option's type: a tuple arrives as a list."""
-    if typing.get_origin(t) is tuple:
-        return list[typing.get_args(t)[0]]
-    if typing.get_origin(t) is Union:
-        return Union[tuple(_json_type(a) for a in typing.get_args(t))]
-    return t
+    """An option's type as JSON carries it: a tuple arrives as a list."""
+    args = typing.get_args(t)
+    return list[args[0]] if typing.get_origin(t) is tuple else Union[tuple(map(_json_type, args))] if args else t
 
 
 def technique_model(name: str, options: type) -> type[_TechniqueBody]:
     """The request object of one technique: a field per option the API exposes (nested objects for dotted
-    paths such as ``relaxed.k``), each optional unless the option is ``required``, typed as the dataclass."""
+    paths such as ``relaxed.k``), optional unless ``required``, typed and documented as in the dataclass."""
     hints, groups = typing.get_type_hints(options), {}
     for f in fields(options):
-        path, m = api_path(f), meta(f)
-        if path is None:
+        if (path := api_path(f)) is None:
             continue
         *parents, leaf = path.split(".")
+        m, kind = meta(f), _json_type(hints[f.name])
         doc = m.help + (f" ({' | '.join(m.choices)})" if m.choices else "")
-        kind = _json_type(hints[f.name])
-        spec = (kind, Field(..., description=doc)) if m.required else (Optional[kind], Field(None, description=doc))
-        if keyword.iskeyword(leaf):  # "lambda": a Python name with the JSON name as its alias
-            leaf, spec = leaf + "_", (spec[0], Field(spec[1].default, alias=leaf, description=doc))
-        groups.setdefault(".".join(parents), {})[leaf] = spec
+        alias = leaf if keyword.iskeyword(leaf) else None  # "lambda": a Python name with the JSON name as alias
+        groups.setdefault(".".join(parents), {})[leaf + "_" * bool(alias)] = (
+            (kind, Field(..., alias=alias, description=doc)) if m.required
+            else (Optional[kind], Field(None, alias=alias, description=doc)))
     nested = {group: (Optional[create_model(name + group.title(), __base__=_Strict, **specs)], None)
               for group, specs in groups.items() if group}
     model = create_model(name, __base__=_TechniqueBody, __doc__=options.__doc__, **groups[""], **nested)
