@@ -44,11 +44,13 @@ def _bool(text: str) -> bool:
 def technique_flags() -> tuple:
     """The flags of the technique options that declare one (server/options.py): each sets that field of the
     server-wide default in EngineConfig."""
-    hints = typing.get_type_hints(EngineConfig)
-    return tuple(_Flag(meta(f).flag, f"{section.name}.{f.name}", scalar_type(options, f),
-                       meta(f).help.replace("%", "%%"), meta(f).choices)
-                 for section in fields(EngineConfig) if isinstance(options := hints[section.name], type)
-                 and issubclass(options, Options) for f in fields(options) if meta(f).flag)
+    hints, flags = typing.get_type_hints(EngineConfig), []
+    for section in fields(EngineConfig):
+        options = hints[section.name]
+        if isinstance(options, type) and issubclass(options, Options):
+            flags += [_Flag(meta(f).flag, f"{section.name}.{f.name}", scalar_type(options, f),
+                            meta(f).help.replace("%", "%%"), meta(f).choices) for f in fields(options) if meta(f).flag]
+    return tuple(flags)
 
 
 ENGINE_FLAGS = (

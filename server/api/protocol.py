@@ -57,8 +57,9 @@ def _flat(values: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 def _json_type(t):
     """An option's type as JSON carries it: a tuple arrives as a list."""
-    args = typing.get_args(t)
-    return list[args[0]] if typing.get_origin(t) is tuple else Union[tuple(map(_json_type, args))] if args else t
+    if typing.get_origin(t) is tuple:
+        return list[typing.get_args(t)[0]]
+    return Union[tuple(map(_json_type, typing.get_args(t)))] if typing.get_args(t) else t
 
 
 def technique_model(name: str, options: type) -> type[_TechniqueBody]:
