@@ -31,7 +31,8 @@ import torch
 from pydoc_data.topics import topics
 
 from sift.bench.provenance import write_result
-from sift.server.engine.request import EvictionOptions, SamplingParams
+from sift.server.engine.request import SamplingParams
+from sift.server.options import EvictionOptions
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 NEEDLE = " The secret code of the archive is {code}. "

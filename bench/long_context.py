@@ -38,7 +38,7 @@ def skip_configs(spec: str) -> list:
     skipping from layer 8, rising linearly to half the tokens; 2:0.9:geo = from layer 2 to 90%, every layer
     pruning the same share of the tokens still in play, the ``geometric`` schedule; 1:0.95:recent=512 = the
     last 512 tokens always active; any integer field of SkipOptions may follow)."""
-    from sift.server.engine.request import SkipOptions
+    from sift.server.options import SkipOptions
 
     out = []
     for item in (x for x in spec.split(",") if x):
@@ -70,7 +70,7 @@ def timed_methods(budgets: list) -> list:
     """(name, sparsity, None) of the methods whose decode speed is timed: dense, TidalDecode, Quest and Loki
     (24-dimensional key sketches) at each budget, and at the largest TidalDecode re-selecting every 4
     layers (``-r4``), re-ranking 4x the budget in candidates in every sparse layer (``-c``), and both."""
-    from sift.server.engine.request import SparsityOptions
+    from sift.server.options import SparsityOptions
 
     out = [("dense", None, None)]
     for b in budgets:
@@ -90,7 +90,7 @@ def tidal_configs(spec: str, budget: int) -> list:
     the selection layer, then any re-selection layers, joined by "/" (12 = select at 12, re-select at the
     default; 1/3/15 = select at 1, re-select at 3 and 15); any integer field of SparsityOptions may follow
     (e.g. 1/2/3/7/15/23:candidates=2048)."""
-    from sift.server.engine.request import SparsityOptions
+    from sift.server.options import SparsityOptions
 
     out = []
     for item in (x for x in spec.split(",") if x):
@@ -105,7 +105,7 @@ def tidal_configs(spec: str, budget: int) -> list:
 def loki_configs(spec: str, budget: int) -> list:
     """(name, SparsityOptions) of Loki settings "rank[:field=value...],..." at ``budget`` (16 = key sketches of
     16 dimensions; 8:candidates=1024 = 8 dimensions pick 1,024 candidates, exact scores the budget)."""
-    from sift.server.engine.request import SparsityOptions
+    from sift.server.options import SparsityOptions
 
     out = []
     for item in (x for x in spec.split(",") if x):
@@ -121,7 +121,7 @@ def methods(budgets: list, tidal: str = "", skips: str = "", loki: str = "") -> 
     as the paper has it (no kept first/latest tokens), the optional KV correction (every 32 generated
     tokens), the TidalDecode settings ``tidal`` (:func:`tidal_configs`), the Loki settings ``loki``
     (:func:`loki_configs`), a window, and the Probe-and-Skip settings ``skips``."""
-    from sift.server.engine.request import SparsityOptions
+    from sift.server.options import SparsityOptions
 
     top = max(budgets)
     out = timed_methods(budgets)
@@ -212,7 +212,8 @@ def prefill_time(llm, prompt: list, skipping) -> float:
 
 
 def window_peak_blocks(llm, n: int, window: int) -> int:
-    from sift.server.engine.request import SamplingParams, SparsityOptions
+    from sift.server.engine.request import SamplingParams
+    from sift.server.options import SparsityOptions
 
     eng = llm.engine
     eng.add_request("w", list(range(100, 140)), SamplingParams(

@@ -32,7 +32,8 @@ import torch
 from sift.bench.provenance import write_result
 from sift.bench.serve import device_description
 from sift.server.engine.llm import LLM
-from sift.server.engine.request import SamplingParams, SpecOptions
+from sift.server.engine.request import SamplingParams
+from sift.server.options import SpecOptions
 from sift.server.runner.timing import measure_forward
 from sift.server.spec import CONTROLLERS, make_controller
 from sift.server.spec.controller import SimpleController

@@ -33,7 +33,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from sift.server.engine.llm import LLM
-    from sift.server.engine.request import SamplingParams, SpecOptions
+    from sift.server.engine.request import SamplingParams
+    from sift.server.options import SpecOptions
     from sift.server.runner.timing import measure_forward
     from sift.server.spec import Speculator, make_controller
 

@@ -1,8 +1,8 @@
 """``sift serve | generate | bench`` (also ``python -m sift.server ...``).
 
-Every engine/server flag maps onto one field of the frozen config dataclasses and has an
-environment twin ``SIFT_<FLAG>`` (``--max-model-len`` <-> ``SIFT_MAX_MODEL_LEN``); the flag
-wins over the environment, which wins over the dataclass default.
+Every engine/server flag maps onto one field of the frozen config dataclasses (technique flags: read off
+server/options.py) and has an environment twin ``SIFT_<FLAG>`` (``--max-model-len`` <-> ``SIFT_MAX_MODEL_LEN``);
+the flag wins over the environment, which wins over the dataclass default.
 """
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import importlib
 import logging
 import os
 import sys
-from dataclasses import dataclass, replace
+import typing
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Optional
 
 from sift.server.config import EngineConfig
-from sift.server.engine.request import SPARSITY_METHODS
+from sift.server.options import Options, meta, scalar_type
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,18 @@ def _bool(text: str) -> bool:
     if text.lower() in ("0", "false", "no", "off", ""):
         return False
     raise ValueError(f"not a boolean: {text!r}")
+
+
+def technique_flags() -> tuple:
+    """The flags of the technique options that declare one (server/options.py): each sets that field of the
+    server-wide default in EngineConfig."""
+    hints, flags = typing.get_type_hints(EngineConfig), []
+    for section in fields(EngineConfig):
+        options = hints[section.name]
+        if isinstance(options, type) and issubclass(options, Options):
+            flags += [_Flag(meta(f).flag, f"{section.name}.{f.name}", scalar_type(options, f),
+                            meta(f).help.replace("%", "%%"), meta(f).choices) for f in fields(options) if meta(f).flag]
+    return tuple(flags)
 
 
 ENGINE_FLAGS = (
@@ -76,31 +89,7 @@ ENGINE_FLAGS = (
     _Flag("admission", "scheduler.admission", str, "admit requests while this step's KV fits (optimistic, "
           "preempting when the pool runs dry) or while every running request's peak KV fits (reserve)",
           ("optimistic", "reserve")),
-    _Flag("speculative", "spec.method", str, "default speculative decoding method",
-          ("none", "ngram", "recycling", "goose")),
-    _Flag("num-draft-tokens", "spec.num_draft_tokens", int, "draft tokens per speculative step"),
-    _Flag("speculative-controller", "spec.controller", str, "how draft budgets are chosen each step",
-          ("simple", "adaptive")),
-    _Flag("speculative-disable-by-batch-size", "spec.disable_by_batch_size", int,
-          "draft only while at most this many requests decode (default: measured at start-up)"),
-    _Flag("sparsity", "sparsity.method", str, "default decode attention sparsity",
-          SPARSITY_METHODS),
-    _Flag("sparsity-budget", "sparsity.budget", int, "tokens attended per step by quest/tidal/loki"),
-    _Flag("window", "sparsity.window", int, "recent-token window of windowed sparsity"),
-    _Flag("sinks", "sparsity.sinks", int, "attention-sink tokens always kept by windowed, tidal and loki sparsity"),
-    _Flag("kv-eviction", "eviction.method", str, "default KV eviction policy",
-          ("none", "streaming", "h2o", "snapkv", "lazy")),
-    _Flag("kv-budget", "eviction.budget", float, "KV entries kept per request: tokens (> 1) or ratio (<= 1) of prompt + max_tokens"),
-    _Flag("kv-window", "eviction.window", int, "recent window protected from eviction"),
-    _Flag("kv-alpha", "eviction.alpha", float, "LazyEviction recurrence threshold (attention probability)"),
-    _Flag("token-skipping", "skipping.method", str, "default Probe-and-Skip token skipping for long prefills",
-          ("none", "spts")),
-    _Flag("skip-ratio", "skipping.ratio", float, "final fraction of prompt tokens skipped per block"),
-    _Flag("skip-start-layer", "skipping.start_layer", int, "first layer that skips tokens"),
-    _Flag("skip-min-prompt-len", "skipping.min_prompt_len", int, "prompts shorter than this are never skipped"),
-    _Flag("skip-schedule", "skipping.schedule", str, "how the skip ratio rises with depth", ("linear", "geometric")),
-    _Flag("skip-probe-tokens", "skipping.probe_tokens", int, "last prompt tokens whose attention picks the kept tokens"),
-    _Flag("skip-recent", "skipping.recent", int, "last prompt tokens never skipped"),
+    *technique_flags(),
     _Flag("attention-backend", "attention_backend", str, "attention kernels (auto: best for the device)",
           ("auto", "torch", "triton", "flash-attn")),
 )
@@ -199,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
                            description="Serve the OpenAI-compatible HTTP API (default: the embedded model "
-                                       "on 127.0.0.1:8000).")
+                                       "on 127.0.0.1:8000). Technique flags set the server-wide defaults; a "
+                                       "request's own options override them.")
     _add_flags(serve, ENGINE_FLAGS + SERVER_FLAGS + LOG_FLAGS)
     gen = sub.add_parser("generate", help="run one prompt offline and print the completion")
     gen.add_argument("prompt", help="the prompt text")

@@ -5,10 +5,10 @@ computes it from the config, it never writes it back.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Optional
 
-from sift.server.engine.request import SPARSITY_METHODS, SkipOptions
+from sift.server.options import EvictionOptions, SkipOptions, SparsityOptions, SpecConfig
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -90,73 +90,6 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
-class SpecConfig:
-    """Server-wide default for speculative decoding (requests may override)."""
-
-    method: str = "none"  # none | ngram | recycling | goose
-    num_draft_tokens: int = 8
-    # simple | adaptive (server/spec/controller.py, adaptive.py); adaptive until the ablation in docs/speculation.md runs
-    controller: str = "adaptive"
-    disable_by_batch_size: Optional[int] = None  # draft only while at most this many decodes run (None: measured)
-
-    def __post_init__(self) -> None:
-        _check(self.method in ("none", "ngram", "recycling", "goose"), f"speculative: unknown method {self.method!r}")
-        _check(1 <= self.num_draft_tokens <= 128, "num_draft_tokens must be in [1, 128]")
-        _check(self.controller in ("simple", "adaptive"), f"speculative: unknown controller {self.controller!r}")
-        _check(self.disable_by_batch_size is None or self.disable_by_batch_size >= 0,
-               "speculative_disable_by_batch_size must be >= 0")
-
-
-@dataclass(frozen=True)
-class SparsityConfig:
-    """Server-wide default for decode sparsity (requests may override)."""
-
-    method: str = "dense"  # dense | window | quest | tidal | loki
-    window: int = 1024
-    sinks: int = 4
-    budget: int = 256
-
-    def __post_init__(self) -> None:
-        _check(self.method in SPARSITY_METHODS, f"sparsity: unknown method {self.method!r}")
-        _check(self.window >= 1 and self.sinks >= 0 and self.budget >= 1, "sparsity window/budget must be >= 1, sinks >= 0")
-
-
-@dataclass(frozen=True)
-class EvictionConfig:
-    """Server-wide default for KV eviction (requests may override)."""
-
-    method: str = "none"  # none | streaming | h2o | snapkv | lazy
-    budget: float = 0.5  # tokens (> 1) or ratio of the sequence (<= 1)
-    window: int = 32  # LazyEviction's W / recent window
-    alpha: float = 1e-4
-
-    def __post_init__(self) -> None:
-        _check(self.method in ("none", "streaming", "h2o", "snapkv", "lazy"), f"eviction: unknown method {self.method!r}")
-        _check(self.budget > 0, "kv_budget must be > 0")
-        _check(self.window >= 1, "eviction window must be >= 1")
-
-
-@dataclass(frozen=True)
-class SkippingConfig:
-    """Server-wide default for Probe-and-Skip token skipping of long prefills (requests may override)."""
-
-    method: str = "none"  # none | spts
-    ratio: float = 0.5
-    start_layer: int = 8
-    min_prompt_len: int = 1024
-    schedule: str = "linear"
-    probe_tokens: int = 32
-    recent: int = 0
-
-    def __post_init__(self) -> None:
-        self.options()  # the per-request rules (ValueError names the field)
-
-    def options(self) -> SkipOptions:
-        """The default as a request's options (every field here is one of SkipOptions')."""
-        return SkipOptions(**asdict(self))
-
-
-@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -183,10 +116,11 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # the server-wide technique defaults (server/options.py); requests may override each
     spec: SpecConfig = field(default_factory=SpecConfig)
-    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
-    eviction: EvictionConfig = field(default_factory=EvictionConfig)
-    skipping: SkippingConfig = field(default_factory=SkippingConfig)
+    sparsity: SparsityOptions = field(default_factory=SparsityOptions)
+    eviction: EvictionOptions = field(default_factory=EvictionOptions)
+    skipping: SkipOptions = field(default_factory=SkipOptions)
     server: ServerConfig = field(default_factory=ServerConfig)
     attention_backend: str = "auto"  # auto | torch | triton | flash-attn
 

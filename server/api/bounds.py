@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Iterator, Optional
 
 from pydantic import BaseModel
 
 from sift.server.api.errors import APIError
+from sift.server.options import TECHNIQUES, Range, api_path, meta
 
 INT64_MAX = 2**63 - 1
 INT32_MAX = 2**31 - 1
@@ -32,7 +33,6 @@ MAX_N = 16  # SamplingParams' own cap on n
 MAX_LOGPROBS = 20
 MAX_PRIORITY = INT32_MAX
 MAX_TEMPERATURE = 100.0  # beyond it every distribution is uniform to float32 precision
-MAX_RANK = 4096  # loki sketch rank and spts probe rank: clipped to the head / MLP size inside
 MIN_LIST_CAP = 1024  # lists may always hold this many items, even on a short-context model
 _INDEX = re.compile(r"\.\d+(?=\.|$)")  # list indices in a dotted path ("stop_token_ids.3")
 
@@ -47,75 +47,54 @@ class Limits:
 
 
 @dataclass(frozen=True)
-class Bound:
-    lo: float
-    hi: float
-    lo_open: bool = False  # lo itself is not allowed
-    hi_open: bool = False
-    integer: bool = False  # documents an integer field (pydantic already enforced the type)
+class Bound(Range):
+    """A range resolved for the served model, saying where a model-derived end comes from."""
+
     why: str = ""  # where the range comes from, when it is the model's
 
     def describe(self) -> str:
-        left = "(" if self.lo_open else "["
-        right = ")" if self.hi_open else "]"
-        return f"in {left}{_fmt(self.lo)}, {_fmt(self.hi)}{right}" + (f" ({self.why})" if self.why else "")
-
-    def admits(self, x) -> bool:
-        above = x > self.lo if self.lo_open else x >= self.lo
-        below = x < self.hi if self.hi_open else x <= self.hi
-        return above and below
-
-
-def _fmt(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else repr(x)
+        return super().describe() + (f" ({self.why})" if self.why else "")
 
 
 def request_bounds(limits: Limits) -> dict[str, Bound]:
     """Dotted field path (list indices dropped, dict entries under the dict's name) -> range."""
-    ctx, vocab, layers = limits.max_model_len, limits.vocab_size, max(limits.num_layers, 1)
-    context = "the model's context length"
-    tokens = Bound(1, ctx, integer=True, why=context)
-    count0 = Bound(0, ctx, integer=True, why=context)
-    token_id = Bound(0, vocab, hi_open=True, integer=True, why="the model's vocabulary")
-    layer = Bound(0, layers, hi_open=True, integer=True, why="the model's layers")
+    ctx, context = limits.max_model_len, "the model's context length"
+    tokens = Bound(1, ctx, why=context)
+    token_id = Bound(0, limits.vocab_size, hi_open=True, why="the model's vocabulary")
     return {
         # sampling
-        "max_tokens": tokens, "max_completion_tokens": tokens, "min_tokens": count0,
+        "max_tokens": tokens, "max_completion_tokens": tokens, "min_tokens": Bound(0, ctx, why=context),
         "temperature": Bound(0, MAX_TEMPERATURE),
         "top_p": Bound(0, 1, lo_open=True),
-        "top_k": Bound(-1, INT32_MAX, integer=True),  # -1 and 0: off; above the vocabulary: the vocabulary
+        "top_k": Bound(-1, INT32_MAX),  # -1 and 0: off; above the vocabulary: the vocabulary
         "min_p": Bound(0, 1),
         "presence_penalty": Bound(-2, 2), "frequency_penalty": Bound(-2, 2),
         "repetition_penalty": Bound(0, 10, lo_open=True),
         "logit_bias": Bound(-100, 100),  # values; the keys are token ids, checked against the vocabulary
-        "seed": Bound(-(2**63), INT64_MAX, integer=True),
-        "n": Bound(1, MAX_N, integer=True), "best_of": Bound(1, MAX_N, integer=True),
-        "priority": Bound(-MAX_PRIORITY - 1, MAX_PRIORITY, integer=True),
-        "logprobs": Bound(0, MAX_LOGPROBS, integer=True), "top_logprobs": Bound(0, MAX_LOGPROBS, integer=True),
+        "seed": Bound(-(2**63), INT64_MAX),
+        "n": Bound(1, MAX_N), "best_of": Bound(1, MAX_N),
+        "priority": Bound(-MAX_PRIORITY - 1, MAX_PRIORITY),
+        "logprobs": Bound(0, MAX_LOGPROBS), "top_logprobs": Bound(0, MAX_LOGPROBS),
         "stop_token_ids": token_id, "prompt": token_id, "tokens": token_id,
-        # speculative decoding
-        "speculative.num_draft_tokens": Bound(1, 128, integer=True),
-        "speculative.relaxed.k": Bound(1, min(vocab, 1024), integer=True),
-        "speculative.relaxed.delta": Bound(0, 1),
-        "speculative.relaxed.lambda": Bound(0, 1e6),
-        # KV eviction: a budget <= 1 is a ratio, above 1 a token count
-        "kv_eviction.budget": Bound(0, ctx, lo_open=True, why=context),
-        "kv_eviction.window": tokens, "kv_eviction.sinks": count0,
-        "kv_eviction.alpha": Bound(0, 1, lo_open=True, hi_open=True),
-        # decode sparsity
-        "sparsity.budget": tokens, "sparsity.window": tokens, "sparsity.sinks": count0,
-        "sparsity.recent": count0, "sparsity.candidates": count0, "sparsity.correction_interval": count0,
-        "sparsity.selection_layer": layer, "sparsity.reselection_layer": layer,
-        "sparsity.reselect_every": Bound(0, layers, integer=True, why="the model's layers"),
-        "sparsity.rank": Bound(1, MAX_RANK, integer=True),
-        # token skipping
-        "token_skipping.ratio": Bound(0, 1, hi_open=True),
-        "token_skipping.start_layer": Bound(0, layers, integer=True, why="the model's layers"),
-        "token_skipping.min_prompt_len": tokens, "token_skipping.probe_tokens": tokens,
-        "token_skipping.recent": count0,
-        "token_skipping.stages": Bound(0, layers, integer=True, why="the model's layers"),
-        "token_skipping.probe_rank": Bound(1, MAX_RANK, integer=True),
+        **technique_bounds(limits),
     }
+
+
+def technique_bounds(limits: Limits) -> dict[str, Bound]:
+    """The ranges of the technique options a request may set (server/options.py), model limits resolved."""
+    ends = {"context": (limits.max_model_len, "the model's context length"),
+            "layers": (max(limits.num_layers, 1), "the model's layers"),
+            "vocab": (limits.vocab_size, "the model's vocabulary")}
+    table = {}
+    for options in TECHNIQUES:
+        for f in fields(options):
+            if (rule := meta(f).range) is None or api_path(f) is None:
+                continue
+            hi, why = rule.hi, ""
+            if rule.model is not None and ends[rule.model][0] <= hi:
+                hi, why = ends[rule.model]
+            table[f"{options.SECTION}.{api_path(f)}"] = Bound(rule.lo, hi, rule.lo_open, rule.hi_open, why=why)
+    return table
 
 
 def leaves(value, path: str = "", max_items: Optional[int] = None) -> Iterator[tuple[str, object]]:

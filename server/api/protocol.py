@@ -3,8 +3,8 @@
 Extensions follow vLLM (``top_k``, ``min_p``, ``repetition_penalty``, ``priority``,
 ``ignore_eos``, ``min_tokens``) plus one object per token-efficiency technique
 (``speculative``, ``kv_eviction``, ``sparsity``, ``token_skipping``). Each technique
-object maps field-for-field onto its option dataclass in ``sift.server.engine.request``; the
-defaults live there, so only the fields a client sets are passed on.
+object is built from its option dataclass in ``sift.server.options``; the defaults live there,
+so only the fields a client sets are passed on.
 
 Unknown fields are rejected everywhere (400 naming the field), so nothing a client asks for is
 silently dropped; OpenAI fields Sift does not implement are rejected with the reason, and a few
@@ -13,14 +13,18 @@ tool-calling schemas live in ``protocol_structured.py``.
 """
 from __future__ import annotations
 
+import keyword
 import time
-from typing import Any, Literal, Optional, Union
+import typing
+from dataclasses import fields
+from typing import Any, ClassVar, Iterator, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from sift.server.api.protocol_structured import (MessageToolCall, ResponseFormat, ScreenedFields, StructuredOutputs, Tool,
                                             ToolChoice, check_tools, constraint_of)
-from sift.server.engine.request import EvictionOptions, SamplingParams, SkipOptions, SparsityOptions, SpecOptions
+from sift.server.engine.request import SamplingParams
+from sift.server.options import EvictionOptions, SkipOptions, SparsityOptions, SpecOptions, api_path, meta
 from sift.server.structured.tools import forced_call_spec
 
 
@@ -34,72 +38,55 @@ class _Lenient(BaseModel):
 
 # ---- technique extensions --------------------------------------------------------------
 
-class RelaxedAcceptance(_Strict):
-    """LANTERN (``delta``: moved probability mass bound) or LANTERN++ (``lambda``: ratio bound)."""
+class _TechniqueBody(_Strict):
+    """A request's technique object, built by :func:`technique_model` from its option dataclass."""
 
-    k: int = Field(ge=1)
-    delta: Optional[float] = None
-    lambda_: Optional[float] = Field(None, alias="lambda")
+    options: ClassVar[type]
 
-
-class Speculative(_Strict):
-    method: str
-    num_draft_tokens: Optional[int] = None
-    relaxed: Optional[RelaxedAcceptance] = None
-
-    def to_options(self) -> SpecOptions:
-        kwargs = self.model_dump(exclude_unset=True, exclude={"relaxed"})
-        if self.relaxed is not None:
-            kwargs["relaxed_k"] = self.relaxed.k
-            if self.relaxed.delta is not None:
-                kwargs["relaxed_delta"] = self.relaxed.delta
-            if self.relaxed.lambda_ is not None:
-                kwargs["relaxed_lambda"] = self.relaxed.lambda_
-        return SpecOptions(**kwargs)
+    def to_options(self):
+        """The option dataclass of the fields the client set (the rest keep the dataclass defaults)."""
+        names = {api_path(f): f.name for f in fields(self.options) if api_path(f) is not None}
+        values = _flat(self.model_dump(exclude_unset=True, by_alias=True))
+        return self.options(**{names[path]: value for path, value in values if path in names})
 
 
-class KVEviction(_Strict):
-    method: str
-    budget: Optional[float] = None
-    window: Optional[int] = None
-    alpha: Optional[float] = None
-    sinks: Optional[int] = None
-
-    def to_options(self) -> EvictionOptions:
-        return EvictionOptions(**self.model_dump(exclude_unset=True))
+def _flat(values: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in values.items():
+        yield from _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else [(prefix + key, value)]
 
 
-class Sparsity(_Strict):
-    method: str
-    budget: Optional[int] = None
-    window: Optional[int] = None
-    sinks: Optional[int] = None
-    recent: Optional[int] = None
-    selection_layer: Optional[int] = None
-    reselection_layer: Union[int, list[int], None] = None
-    reselect_every: Optional[int] = None
-    correction_interval: Optional[int] = None
-    candidates: Optional[int] = None
-    rank: Optional[int] = None
-
-    def to_options(self) -> SparsityOptions:
-        return SparsityOptions(**self.model_dump(exclude_unset=True))
+def _json_type(t):
+    """An option's type as JSON carries it: a tuple arrives as a list."""
+    if typing.get_origin(t) is tuple:
+        return list[typing.get_args(t)[0]]
+    return Union[tuple(map(_json_type, typing.get_args(t)))] if typing.get_args(t) else t
 
 
-class TokenSkipping(_Strict):
-    method: str
-    ratio: Optional[float] = None
-    start_layer: Optional[int] = None
-    min_prompt_len: Optional[int] = None
-    probe_tokens: Optional[int] = None
-    recent: Optional[int] = None
-    stages: Optional[int] = None
-    probe_rank: Optional[int] = None
-    blocks: Optional[str] = None
-    schedule: Optional[str] = None
+def technique_model(name: str, options: type) -> type[_TechniqueBody]:
+    """The request object of one technique: a field per option the API exposes (nested objects for dotted
+    paths such as ``relaxed.k``), optional unless ``required``, typed and documented as in the dataclass."""
+    hints, groups = typing.get_type_hints(options), {}
+    for f in fields(options):
+        if (path := api_path(f)) is None:
+            continue
+        *parents, leaf = path.split(".")
+        m, kind = meta(f), _json_type(hints[f.name])
+        doc = m.help + (f" ({' | '.join(m.choices)})" if m.choices else "")
+        alias = leaf if keyword.iskeyword(leaf) else None  # "lambda": a Python name with the JSON name as alias
+        groups.setdefault(".".join(parents), {})[leaf + "_" * bool(alias)] = (
+            (kind, Field(..., alias=alias, description=doc)) if m.required
+            else (Optional[kind], Field(None, alias=alias, description=doc)))
+    nested = {group: (Optional[create_model(name + group.title(), __base__=_Strict, **specs)], None)
+              for group, specs in groups.items() if group}
+    model = create_model(name, __base__=_TechniqueBody, __doc__=options.__doc__, **groups[""], **nested)
+    model.options = options
+    return model
 
-    def to_options(self) -> SkipOptions:
-        return SkipOptions(**self.model_dump(exclude_unset=True))
+
+Speculative = technique_model("Speculative", SpecOptions)
+KVEviction = technique_model("KVEviction", EvictionOptions)
+Sparsity = technique_model("Sparsity", SparsityOptions)
+TokenSkipping = technique_model("TokenSkipping", SkipOptions)
 
 
 # ---- requests ----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from sift.server.cache.kv_manager import KVManager
 from sift.server.config import EngineConfig
 from sift.server.engine.detokenizer import IncrementalDetokenizer
 from sift.server.engine.outputs import RequestOutput
-from sift.server.engine.request import EvictionOptions, Request, RequestStatus, SamplingParams
+from sift.server.engine.request import Request, RequestStatus, SamplingParams
 from sift.server.engine.scheduler import QueueFullError, Scheduler
 from sift.server.policies import skipping, sparsity
 from sift.server.policies.eviction import EvictionDriver
@@ -118,9 +118,7 @@ class LLMEngine:
                                      self.model_name,
                                      measure=lambda num_seqs, q_len: measure_forward(self.runner, num_seqs, q_len),
                                      max_batch=config.scheduler.max_num_seqs)
-        ev = config.eviction
-        self.eviction = EvictionDriver(EvictionOptions(method=ev.method, budget=ev.budget, window=ev.window,
-                                                       alpha=ev.alpha), arch.num_layers, arch.num_kv_heads)
+        self.eviction = EvictionDriver(config.eviction, arch.num_layers, arch.num_kv_heads)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, window_of=sparsity.window_of,
                                    exact_kv_of=self._exact_kv_tokens, speculator=self.speculator,
                                    draft_depth_of=self.eviction.draft_depth, peak_tokens_of=self._peak_tokens,
@@ -129,7 +127,7 @@ class LLMEngine:
                                   self.device, self.dtype, num_blocks, cc.block_size, speculator=self.speculator)
         if config.spec.method != "none":  # every request speculates by default: time the forwards now
             self.speculator.calibrate(config.spec.num_draft_tokens)
-        self.default_skipping = config.skipping.options()
+        self.default_skipping = config.skipping
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._pending: list[RequestOutput] = []
         self.current_step_ids: tuple = ()  # request ids of the step being run (the watchdog names them)

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from sift.server.options import EvictionOptions, SkipOptions, SparsityOptions, SpecOptions
 from sift.server.structured.spec import StructuredSpec
 
 # Below this temperature sampling is greedy: dividing logits by a tinier one overflows float32 (vLLM's rule).
@@ -18,122 +19,6 @@ def _finite(owner: str, **values) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{owner}{name} must be a finite number")
-
-
-@dataclass(frozen=True)
-class SpecOptions:
-    """Per-request speculative decoding: method none|ngram|recycling|goose; optional LANTERN relaxation."""
-
-    method: str = "none"
-    num_draft_tokens: int = 8
-    relaxed_k: int = 0  # neighbours considered (0 = strict verification)
-    relaxed_delta: float = 0.0  # LANTERN: moved mass <= delta (TVD bound)
-    relaxed_lambda: float = 0.0  # LANTERN++: p~(x) <= lambda * p(x) (0 = off)
-    private_table: bool = False  # Token Recycling: per-request adjacency matrix instead of the shared one
-
-    def __post_init__(self) -> None:
-        _finite("speculative.relaxed.", delta=self.relaxed_delta, **{"lambda": self.relaxed_lambda})
-        if self.method not in ("none", "ngram", "recycling", "goose"):
-            raise ValueError(f"speculative.method: unknown value {self.method!r}")
-        if not 1 <= self.num_draft_tokens <= 128:
-            raise ValueError("speculative.num_draft_tokens must be in [1, 128]")
-        if self.relaxed_k < 0 or self.relaxed_delta < 0 or self.relaxed_lambda < 0:
-            raise ValueError("speculative.relaxed: k, delta and lambda must be >= 0")
-        if self.relaxed_delta > 1:
-            raise ValueError("speculative.relaxed.delta must be <= 1")
-
-
-@dataclass(frozen=True)
-class EvictionOptions:
-    """Per-request KV eviction: method none|streaming|h2o|snapkv|lazy; budget in tokens (> 1) or ratio (<= 1)."""
-
-    method: str = "none"
-    budget: float = 0.5
-    window: int = 32
-    alpha: float = 1e-4
-    sinks: int = 4
-
-    def __post_init__(self) -> None:
-        _finite("kv_eviction.", budget=self.budget, alpha=self.alpha)
-        if self.method not in ("none", "streaming", "h2o", "snapkv", "lazy"):
-            raise ValueError(f"kv_eviction.method: unknown value {self.method!r}")
-        if self.budget <= 0:
-            raise ValueError("kv_eviction.budget must be > 0")
-        if self.window < 1:
-            raise ValueError("kv_eviction.window must be >= 1")
-        if not 0 < self.alpha < 1:
-            raise ValueError("kv_eviction.alpha must be in (0, 1)")
-
-
-SPARSITY_METHODS = ("dense", "window", "quest", "tidal", "loki")
-
-
-@dataclass(frozen=True)
-class SparsityOptions:
-    """Per-request decode sparsity: dense|window|quest|tidal|loki."""
-
-    method: str = "dense"
-    budget: int = 256
-    window: int = 1024
-    sinks: int = 4  # window: first tokens every query sees; tidal: first tokens every selection keeps
-    recent: int = 32  # tidal: latest tokens every selection keeps (inside the budget)
-    selection_layer: int = 2
-    # tidal: the layer (default num_layers // 2), or the list of layers, that re-select after the selection layer
-    reselection_layer: Union[int, tuple, None] = None
-    reselect_every: int = 0  # tidal: also re-select every N layers after the selection layer (0 = off)
-    correction_interval: int = 0  # tidal KV correction: re-encode every T generated tokens densely (0 = off)
-    # tidal: a selection keeps this many candidates and every sparse layer attends over its own top-`budget`
-    # of them, ranked by its own query (0 = off: every sparse layer attends over the selection itself)
-    candidates: int = 0
-    rank: int = 24  # loki: dimensions of the key sketches that rank the context (clipped to the head dim)
-
-    def __post_init__(self) -> None:
-        if self.method not in SPARSITY_METHODS:
-            raise ValueError(f"sparsity.method: unknown value {self.method!r}")
-        if isinstance(self.reselection_layer, (list, tuple)):  # a list from JSON: hashable like the rest
-            object.__setattr__(self, "reselection_layer", tuple(self.reselection_layer))
-        if self.budget < 1 or self.window < 1 or self.sinks < 0 or self.recent < 0 or self.reselect_every < 0:
-            raise ValueError("sparsity: budget and window must be >= 1; sinks, recent and reselect_every >= 0")
-        if self.correction_interval < 0:
-            raise ValueError("sparsity.correction_interval must be >= 0")
-        if self.candidates and self.candidates <= self.budget:
-            raise ValueError("sparsity.candidates must be 0 (off) or larger than the budget")
-        if self.rank < 1:
-            raise ValueError("sparsity.rank must be >= 1")
-
-
-@dataclass(frozen=True)
-class SkipOptions:
-    """Per-request Probe-and-Skip token skipping for long prefills."""
-
-    method: str = "none"  # none | spts
-    min_prompt_len: int = 1024
-    start_layer: int = 8
-    ratio: float = 0.5  # final skip ratio (raised in stages with depth)
-    probe_tokens: int = 32  # the last r prompt tokens: always active, they probe
-    recent: int = 0  # the last max(recent, probe_tokens) tokens of a chunk are always active
-    stages: int = 0  # Multi-Stage Delayed Pruning: the skip ratio rises over this many stages (0: one per layer)
-    probe_rank: int = 128  # rank of the MLP probe: how many of the MLP's heaviest neurons it keeps
-    blocks: str = "attention"  # which blocks skip tokens: attention | mlp | both (pruned tokens skip both)
-    # how the skip ratio rises over the stages: linear (ratio * (s + 1) / stages) | geometric (every stage
-    # prunes the same share of the tokens still in play; the kept share is (1 - ratio) ** ((s + 1) / stages))
-    schedule: str = "linear"
-
-    def __post_init__(self) -> None:
-        _finite("token_skipping.", ratio=self.ratio)
-        if self.method not in ("none", "spts"):
-            raise ValueError(f"token_skipping.method: unknown value {self.method!r}")
-        if not 0 <= self.ratio < 1:
-            raise ValueError("token_skipping.ratio must be in [0, 1)")
-        if self.min_prompt_len < 1 or self.start_layer < 0 or self.probe_tokens < 1 or self.recent < 0:
-            raise ValueError("token_skipping: min_prompt_len and probe_tokens must be >= 1, start_layer and "
-                             "recent >= 0")
-        if self.stages < 0 or self.probe_rank < 1:
-            raise ValueError("token_skipping: stages must be >= 0 and probe_rank >= 1")
-        if self.blocks not in ("attention", "mlp", "both"):
-            raise ValueError(f"token_skipping.blocks: unknown value {self.blocks!r}")
-        if self.schedule not in ("linear", "geometric"):
-            raise ValueError(f"token_skipping.schedule: unknown value {self.schedule!r}")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from typing import Optional, Protocol
 import torch
 import torch.nn.functional as F
 
-from sift.server.engine.request import EvictionOptions
+from sift.server.options import EvictionOptions
 
 Tensor = torch.Tensor
 SNAPKV_POOL = 7  # SnapKV's 1-D pooling kernel over the observation-window scores

@@ -2,7 +2,7 @@
 
 A block Y = X + F(X) (F = attention or MLP) is computed only for an *active* subset of a prefill
 chunk's tokens; the others pass through bit-identically. The paper's internals are not public; the
-choices made here, each a knob of :class:`sift.server.engine.request.SkipOptions`:
+choices made here, each a knob of :class:`sift.server.options.SkipOptions`:
 
 * Where: prefill chunks of requests whose prompt has >= ``min_prompt_len`` tokens, in layers
   ``start_layer`` and deeper. Each chunk is treated on its own (with chunked prefill, the chunk's last
@@ -59,7 +59,8 @@ import torch
 import torch.nn.functional as F
 
 from sift.kernels import reference as ref
-from sift.server.engine.request import Request, SkipOptions
+from sift.server.engine.request import Request
+from sift.server.options import SkipOptions
 from sift.server.policies.sparsity import reads_every_token
 
 Tensor = torch.Tensor

@@ -49,8 +49,8 @@ from typing import Optional
 
 import torch
 
-from sift.server.config import SparsityConfig
-from sift.server.engine.request import Request, SparsityOptions
+from sift.server.engine.request import Request
+from sift.server.options import SparsityOptions
 from sift.server.policies.key_index import KeySketch
 
 Tensor = torch.Tensor
@@ -225,11 +225,9 @@ def pruned_reads(req: Request, num_layers: int) -> Optional[PrunedReads]:
     return reads
 
 
-def resolve_options(opts: Optional[SparsityOptions], default: SparsityConfig) -> SparsityOptions:
+def resolve_options(opts: Optional[SparsityOptions], default: SparsityOptions) -> SparsityOptions:
     """The request's own options, else the server default."""
-    if opts is not None:
-        return opts
-    return SparsityOptions(method=default.method, budget=default.budget, window=default.window, sinks=default.sinks)
+    return opts if opts is not None else default
 
 
 def make_policy(opts: SparsityOptions, num_layers: int) -> SparsityPolicy:

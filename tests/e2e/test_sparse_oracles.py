@@ -26,7 +26,8 @@ import torch
 from pydoc_data.topics import topics
 
 from sift.server.engine.llm import LLM
-from sift.server.engine.request import SamplingParams, SparsityOptions
+from sift.server.engine.request import SamplingParams
+from sift.server.options import SparsityOptions
 
 CONTEXT = 330
 MAX_TOKENS = 4

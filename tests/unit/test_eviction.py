@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 
 from sift.kernels import reference as ref  # noqa: E402
 from sift.server.cache.kv_manager import KVManager  # noqa: E402
-from sift.server.engine.request import EvictionOptions  # noqa: E402
+from sift.server.options import EvictionOptions  # noqa: E402
 from sift.server.policies.eviction import (H2O, LazyEviction, SnapKV, StreamingLLM, lazy_scores,  # noqa: E402
                                       make_policy, resolve_capacity)
 

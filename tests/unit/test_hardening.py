@@ -15,8 +15,9 @@ from sift.server.api.errors import APIError
 from sift.server.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from sift.server.cache.kv_manager import KVManager
 from sift.server.config import CacheConfig, SchedulerConfig, ServerConfig
-from sift.server.engine.request import EvictionOptions, Request, RequestStatus, SamplingParams
+from sift.server.engine.request import Request, RequestStatus, SamplingParams
 from sift.server.engine.scheduler import Scheduler
+from sift.server.options import EvictionOptions
 from sift.server.policies.eviction import EvictionDriver, evicting_depth
 from sift.server.runner.sampler import check_sampling_row
 

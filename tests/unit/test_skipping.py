@@ -10,7 +10,8 @@ from sift.kernels.backend import TorchBackend
 from sift.models.llama import LlamaForCausalLM
 from sift.models.registry import ArchConfig
 from sift.server.engine.outputs import ScheduledRequest, SchedulerOutput
-from sift.server.engine.request import Request, SamplingParams, SkipOptions
+from sift.server.engine.request import Request, SamplingParams
+from sift.server.options import SkipOptions
 from sift.server.policies import skipping
 from sift.server.runner.model_runner import ModelRunner
 

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from sift.server.cache.kv_manager import KVManager
-from sift.server.config import SchedulerConfig, SparsityConfig
+from sift.server.config import SchedulerConfig
 from sift.server.engine.outputs import ScheduledRequest, SchedulerOutput
-from sift.server.engine.request import Request, SamplingParams, SparsityOptions
+from sift.server.engine.request import Request, SamplingParams
 from sift.server.engine.scheduler import Scheduler
+from sift.server.options import SparsityOptions
 from sift.server.policies import sparsity
 from sift.server.policies.key_index import KeySketch, QuestIndex
 from sift.server.policies.sparse_plan import SparsePlanner
@@ -35,7 +36,7 @@ def test_tidal_and_quest_roles():
 
 
 def test_request_options_override_the_server_default():
-    default = SparsityConfig(method="window", window=64, sinks=2)
+    default = SparsityOptions(method="window", window=64, sinks=2)
     assert sparsity.resolve_options(None, default).method == "window"
     assert sparsity.resolve_options(None, default).window == 64
     assert sparsity.resolve_options(SparsityOptions(method="quest"), default).method == "quest"
@@ -48,7 +49,7 @@ def _engine_sched(num_blocks=64, block_size=4, **kw):
 
 def _req(rid, prompt, opts=None, max_tokens=8):
     req = Request(rid, list(prompt), SamplingParams(max_tokens=max_tokens, ignore_eos=True))
-    req.state["sparsity"] = sparsity.make_policy(sparsity.resolve_options(opts, SparsityConfig()), 4)
+    req.state["sparsity"] = sparsity.make_policy(sparsity.resolve_options(opts, SparsityOptions()), 4)
     return req
 
 

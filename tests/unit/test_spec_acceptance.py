@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from spec_trees import random_parents
-from sift.server.config import SpecConfig
 from sift.server.engine.outputs import ScheduledRequest
-from sift.server.engine.request import Request, SamplingParams, SpecOptions
+from sift.server.engine.request import Request, SamplingParams
+from sift.server.options import SpecConfig, SpecOptions
 from sift.server.spec import Speculator
 from sift.server.spec.verify import TreeInput, relaxed_distribution, verify_trees
 

@@ -58,7 +58,8 @@ def test_steps_that_measure_are_not_samples():
 
 
 def _decoding(rid, prompt, method="ngram", temperature=0.0, num_draft_tokens=7):
-    from sift.server.engine.request import Request, SamplingParams, SpecOptions
+    from sift.server.engine.request import Request, SamplingParams
+    from sift.server.options import SpecOptions
 
     req = Request(rid, list(prompt), SamplingParams(temperature=temperature, speculative=SpecOptions(
         method, num_draft_tokens=num_draft_tokens)))
@@ -69,7 +70,7 @@ def _decoding(rid, prompt, method="ngram", temperature=0.0, num_draft_tokens=7):
 def test_shadow_trees_teach_every_budget_without_drafting():
     """Where no budget pays, no request drafts, yet the statistics learn: each step one plain request drafts a
     shadow tree that nothing runs, and the tokens it emits next score it as a verification would have."""
-    from sift.server.config import SpecConfig
+    from sift.server.options import SpecConfig
     from sift.server.spec import Speculator
 
     spec = Speculator(SpecConfig(controller="adaptive"), 128, measure=lambda b, q: 0.001 * b * q)  # compute-bound: d = 0 wins
@@ -90,7 +91,7 @@ def test_shadow_trees_teach_every_budget_without_drafting():
 def test_one_shadow_a_step_the_plain_requests_in_turn():
     """A shadow waits for the tokens that decide it (none are emitted here); meanwhile the next step's shadow
     goes to another plain request."""
-    from sift.server.config import SpecConfig
+    from sift.server.options import SpecConfig
     from sift.server.spec import Speculator
     from sift.server.spec.adaptive import SHADOWS_PER_STEP
 
@@ -182,8 +183,8 @@ def test_calibrate_times_every_bucket_before_serving():
 def test_a_greedy_tree_teaches_every_smaller_budget():
     """Greedy verification of a budget-d tree also gives what each smaller candidate budget would have accepted:
     the accepted path's nodes ranked below it. Sampled trees teach only the budget drafted."""
-    from sift.server.config import SpecConfig
-    from sift.server.engine.request import Request, SamplingParams, SpecOptions
+    from sift.server.engine.request import Request, SamplingParams
+    from sift.server.options import SpecConfig, SpecOptions
     from sift.server.spec import Speculator
     from sift.server.spec.adaptive import AdaptiveState
 

@@ -1,6 +1,6 @@
 """The simple speculation controller on a fake forward-timing function (no model)."""
-from sift.server.config import SpecConfig
-from sift.server.engine.request import Request, SamplingParams, SpecOptions
+from sift.server.engine.request import Request, SamplingParams
+from sift.server.options import SpecConfig, SpecOptions
 from sift.server.spec import Speculator
 from sift.server.spec.controller import PRIOR_ACCEPT, SimpleController, expected_accepted
 

@@ -12,8 +12,9 @@ from sift.server.cache.kv_manager import KVManager
 from sift.server.config import EngineConfig, SchedulerConfig
 from sift.server.engine.llm_engine import LLMEngine
 from sift.server.engine.outputs import StepOutput
-from sift.server.engine.request import EvictionOptions, SamplingParams
+from sift.server.engine.request import SamplingParams
 from sift.server.engine.scheduler import Scheduler
+from sift.server.options import EvictionOptions
 from sift.server.policies.eviction import EvictionDriver
 
 VOCAB = 100
