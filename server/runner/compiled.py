@@ -126,5 +126,9 @@ def compile_decode(model, kv_caches: list, block_size: int, max_model_len: int, 
         logger.warning("no C++ compiler found: torch.compile needs one on CPU; running eagerly")
         return None
     compiled = CompiledDecode(model, kv_caches, block_size, max_model_len, max_num_seqs, device)
-    compiled.warm_up()
+    try:
+        compiled.warm_up()
+    except Exception as e:  # a model part dynamo cannot trace whole (fullgraph): serve eagerly rather than not at all
+        logger.warning("torch.compile of the decode forward failed (%s: %s); running eagerly", type(e).__name__, e)
+        return None
     return compiled

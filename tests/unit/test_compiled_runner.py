@@ -46,3 +46,17 @@ def test_without_a_cxx_compiler_the_cpu_runs_eagerly_with_one_warning(monkeypatc
     with caplog.at_level(logging.WARNING, logger="sift.runner"):
         assert compiled.compile_decode(None, [], 16, 512, 4, torch.device("cpu")) is None
     assert [r.levelname for r in caplog.records] == ["WARNING"] and "C++ compiler" in caplog.text
+
+
+def test_a_model_that_does_not_compile_whole_runs_eagerly_with_one_warning(caplog):
+    class Breaks(torch.nn.Module):
+        def forward(self, batch):
+            torch._dynamo.graph_break()  # fullgraph=True refuses it
+            return batch.input_ids.float()[:, None]
+
+        def compute_logits(self, hidden):
+            return hidden
+
+    with caplog.at_level(logging.WARNING, logger="sift.runner"):
+        assert compiled.compile_decode(Breaks(), [], 16, 64, 2, torch.device("cpu")) is None
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "running eagerly" in caplog.text
