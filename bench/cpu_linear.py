@@ -32,7 +32,8 @@ def main() -> None:
     from sift.server.engine.llm import LLM
 
     llm = LLM(device="cpu", dtype="float32", enable_prefix_caching=False)
-    calibrated = dict(layers._weight_first)
+    model = llm.engine.model
+    calibrated = dict(model.weight_first or {})
     forms = {"F.linear": {n: False for n in layers.CALIBRATED_ROWS},
              "weight @ x.T": {n: True for n in layers.CALIBRATED_ROWS}, "calibrated": calibrated}
     prompt = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(
@@ -42,8 +43,9 @@ def main() -> None:
     for _ in range(args.rounds):
         for b in batches:
             for name, choice in forms.items():
-                with layers.linear_products(choice):
-                    times.setdefault(f"{name}|{b}", []).append(decode_time(llm, prompt, None, args.steps, b))
+                model.set_linear_products(choice)
+                times.setdefault(f"{name}|{b}", []).append(decode_time(llm, prompt, None, args.steps, b))
+    model.set_linear_products(calibrated)
     rows = []
     print(f"calibrated: weight @ x.T at {[n for n, yes in calibrated.items() if yes]} rows")
     print(f"{'batch':>5} " + " ".join(f"{n:>14}" for n in forms) + "  (ms per decode step, median)")

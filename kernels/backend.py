@@ -85,6 +85,37 @@ class AttentionMetadata:
     def is_decode(self) -> bool:
         return all(n == 1 for n in self.q_lens) and self.tree_mask is None
 
+    def decode_subset(self, batch_idx: list, rows: Tensor) -> "AttentionMetadata":
+        """Decode-only metadata of requests ``batch_idx`` (host list), one query each: the flat rows ``rows``."""
+        idx = torch.tensor(batch_idx, dtype=torch.long, device=self.kv_lens.device)
+        return build_metadata([1] * len(batch_idx), [self.kv_lens_host[b] for b in batch_idx], self.block_tables[idx],
+                              self.slot_mapping[rows], self.block_size, self.kv_lens.device)
+
+
+def build_metadata(q_lens: list, kv_lens: list, block_tables, slot_mapping, block_size: int, device,
+                   window: Optional[list] = None, sinks: Optional[list] = None, tree_mask: Optional[Tensor] = None,
+                   score_layers: frozenset = frozenset(), score_queries: Optional[list] = None,
+                   score_trees: Optional[list] = None) -> AttentionMetadata:
+    """The one way an :class:`AttentionMetadata` is made: from the host lengths of the step's requests
+    (``q_lens``, ``kv_lens``), their block tables (rows of block ids, padded here to the longest, or an
+    int32 tensor), the new tokens' slots, and the optional per-request window + sinks (None: no request
+    has one) and draft-tree mask. Device tensors are built once here; every layer reads them."""
+    if not isinstance(block_tables, Tensor):
+        width = max((len(t) for t in block_tables), default=0)
+        block_tables = [list(t) + [0] * (width - len(t)) for t in block_tables]
+    cu = [0]
+    for n in q_lens:
+        cu.append(cu[-1] + n)
+    return AttentionMetadata(
+        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+        kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=device),
+        block_tables=torch.as_tensor(block_tables, dtype=torch.int32, device=device),
+        slot_mapping=torch.as_tensor(slot_mapping, dtype=torch.int64, device=device),
+        block_size=block_size, q_lens=list(q_lens), kv_lens_host=list(kv_lens),
+        window=None if window is None else torch.as_tensor(window, dtype=torch.int32, device=device),
+        sinks=None if sinks is None else torch.as_tensor(sinks, dtype=torch.int32, device=device),
+        tree_mask=tree_mask, score_layers=score_layers, score_queries=score_queries, score_trees=score_trees)
+
 
 class SparsePlan(Protocol):
     """A step's sparse decode plan (see server/policies/sparse_plan.py): it decides, per layer, which rows

@@ -12,18 +12,14 @@ Which of these a checkpoint has comes from its config (:mod:`sift.models.hf_conf
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from sift.kernels.reference import soft_cap
+from sift.models.batch import ForwardBatch
 from sift.models.layers import GemmaRMSNorm, RotaryEmbedding
 from sift.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from sift.models.qwen3 import QKNormAttention
 from sift.models.registry import ArchConfig
-
-if TYPE_CHECKING:  # the runner's contract; not imported at run time (models stay below server/)
-    from sift.server.runner.forward_batch import ForwardBatch
 
 Tensor = torch.Tensor
 
@@ -49,9 +45,11 @@ class GemmaDecoderLayer(LlamaDecoderLayer):
         self.pre_feedforward_layernorm = GemmaRMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.post_feedforward_layernorm = GemmaRMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, batch: ForwardBatch) -> Tensor:
-        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), cos, sin, batch))
-        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+    def attn_residual(self, a: Tensor) -> Tensor:
+        return self.post_attention_layernorm(a)
+
+    def mlp_residual(self, h: Tensor) -> Tensor:
+        return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
 class GemmaForCausalLM(LlamaForCausalLM):
@@ -70,6 +68,7 @@ class GemmaForCausalLM(LlamaForCausalLM):
         h = h * torch.tensor(self.arch.hidden_size ** 0.5, dtype=h.dtype)  # rounded to the dtype, as HF does
         rope = self.rotary.cos_sin(batch.positions, h.dtype)
         local = self.local_rotary.cos_sin(batch.positions, h.dtype) if self.local_rotary is not None else rope
+        assert batch.row_subsets is None, "Gemma runs no token skipping (see token_skipping_unsupported)"
         for layer in self.layers:
             h = layer(h, *(local if layer.self_attn.window else rope), batch)
         return self.norm(h[batch.logits_indices])

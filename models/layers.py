@@ -5,7 +5,6 @@ Linear layers are created on the ``meta`` device: their weights always come from
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from typing import Optional
@@ -19,8 +18,9 @@ Tensor = torch.Tensor
 
 SMALL_ROWS = 16  # up to this many rows a CPU float32 product may run as weight @ x.T (see linear)
 CALIBRATED_ROWS = (1, 2, 4, 8, 16, 32, 64)  # row counts whose product form calibrate_linear measures
-_weight_first: dict = {}  # calibrated row count -> weight @ x.T was the faster product on this host
-_calibrated_for: Optional[tuple] = None
+# what calibrate_linear measured, per (weight shapes, thread count): a measurement of this host, made once
+# per process; which form a model runs is its own (LlamaForCausalLM.set_linear_products), never read from here
+_measured: dict = {}
 
 
 def _row_point(n: int) -> Optional[int]:
@@ -46,36 +46,23 @@ def _weight_first_product(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> 
     return out.contiguous().view(*x.shape[:-1], weight.shape[0])
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, weight_first: Optional[dict] = None) -> Tensor:
     """``F.linear``, or on CPU in float32 the same product as ``weight @ x.T`` for the row counts where
-    :func:`calibrate_linear` measured that form faster on this host's BLAS.
+    ``weight_first`` ({rows: use weight @ x.T} over :data:`CALIBRATED_ROWS`, from :func:`calibrate_linear`)
+    says that form is faster on this host's BLAS.
 
     Which form wins at a few rows depends on the host, so it is measured, not assumed: on one of this
     project's 2-core machines ``weight @ x.T`` made a one-token forward 1.8x faster (65 -> 36 ms, MKL's
     gemv then ran well below memory bandwidth); on a later one (a 480 MiB L3 that nearly holds the
     model) the same form was 2.2x slower than ``F.linear`` at one row and slower at every count.
-    Before calibration, and on GPU or in other dtypes, this is ``F.linear``.
+    Without a choice, and on GPU or in other dtypes, this is ``F.linear``.
     """
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not _weight_first:
+    if not weight_first or x.device.type != "cpu" or x.dtype != torch.float32:
         return F.linear(x, weight, bias)
     point = _row_point(x.numel() // x.shape[-1] if x.shape[-1] else 0)
-    if point is None or not _weight_first[point]:
+    if point is None or not weight_first[point]:
         return F.linear(x, weight, bias)
     return _weight_first_product(x, weight, bias)
-
-
-@contextlib.contextmanager
-def linear_products(weight_first: dict):
-    """Within the block, ``weight_first`` ({rows: use weight @ x.T}, over :data:`CALIBRATED_ROWS`) instead of
-    the calibrated choice: for benchmarks that compare the two forms."""
-    saved = dict(_weight_first)
-    _weight_first.clear()
-    _weight_first.update(weight_first)
-    try:
-        yield
-    finally:
-        _weight_first.clear()
-        _weight_first.update(saved)
 
 
 @torch.inference_mode()
@@ -83,13 +70,15 @@ def calibrate_linear(weights: list, reps: int = 2, margin: float = 0.95) -> dict
     """Choose, for each of :data:`CALIBRATED_ROWS`, the faster of ``F.linear`` and ``weight @ x.T`` for a
     CPU float32 model with these ``weights`` (in forward order): each form is timed over one pass through
     all of them, as a decode step reads them (mostly from memory, not cache), interleaved, best of
-    ``reps``; ``weight @ x.T`` is kept only where it is faster by ``margin``. Once per process for a
-    given set of shapes and thread count. Returns {rows: weight @ x.T chosen}."""
-    global _calibrated_for
+    ``reps``; ``weight @ x.T`` is kept only where it is faster by ``margin``. Measured once per process for
+    a given set of shapes and thread count. Returns {rows: weight @ x.T chosen} (empty: no CPU float32
+    weights), for the model's :meth:`~sift.models.llama.LlamaForCausalLM.set_linear_products`."""
     weights = [w for w in weights if w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2]
     key = (tuple(tuple(w.shape) for w in weights), torch.get_num_threads())
-    if not weights or key == _calibrated_for:
-        return dict(_weight_first)
+    if not weights:
+        return {}
+    if key in _measured:
+        return dict(_measured[key])
     inputs = {w.shape[1]: {n: torch.randn(n, w.shape[1]) for n in CALIBRATED_ROWS} for w in weights}
     chosen = {}
     for n in CALIBRATED_ROWS:
@@ -102,17 +91,17 @@ def calibrate_linear(weights: list, reps: int = 2, margin: float = 0.95) -> dict
                     _weight_first_product(x, w, None) if weight_first else F.linear(x, w)
                 best[weight_first] = min(best[weight_first], time.perf_counter() - t)
         chosen[n] = best[True] < margin * best[False]
-    _weight_first.clear()
-    _weight_first.update(chosen)
-    _calibrated_for = key
+    _measured[key] = chosen
     return dict(chosen)
 
 
 class Linear(nn.Linear):
-    """nn.Linear computed through :func:`linear`."""
+    """nn.Linear computed through :func:`linear`, in the product form its model was given at load."""
+
+    weight_first: Optional[dict] = None  # set by LlamaForCausalLM.set_linear_products
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.weight_first)
 
 
 def empty_linear(in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
@@ -285,6 +274,33 @@ class GatedMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
+
+    def heavy_neurons(self, m: int) -> tuple[Tensor, Tensor]:
+        """The m intermediate neurons with the largest weight bound ||g_j|| ||u_j|| ||d_j||
+        (|act(g.x) u.x| <= ||g|| ||u|| ||x||^2 for SiLU): their fused gate/up rows [2m, in] and down
+        columns [out, m]."""
+        gate, up = self.gate_up_proj.weight.chunk(2, dim=0)
+        down = self.down_proj.weight
+        bound = gate.float().norm(dim=1) * up.float().norm(dim=1) * down.float().norm(dim=0)
+        idx = bound.topk(min(m, bound.numel())).indices.sort().values
+        return torch.cat([gate[idx], up[idx]]).contiguous(), down[:, idx].contiguous()
+
+    def relative_update(self, x: Tensor, h: Tensor, rank: int) -> Tensor:
+        """Low-rank Transformation Probing (token skipping): ||MLP(x)|| / ||h|| per row of x (the normed
+        input) and h (the residual), predicted by the MLP restricted to its ``rank`` heaviest neurons
+        (:meth:`heavy_neurons`, picked on first use and kept). Not a truncated SVD: at the same cost
+        (r = 128 neurons vs an SVD of rank 32) the SVD proxy ranked tokens' MLP updates little better than
+        chance on SmolLM2 (Spearman 0.23-0.52 vs 0.40-0.61 for the neurons, layers 8-26 of a pydoc prompt)
+        and MLP-only skipping with it cost nearly what random choices do (forced perplexity 44.2 vs 26.8
+        with the neurons, 23.0 with the true update, 49.5 random; dense 16.3), and the SVD proxy
+        reconstructs the full intermediate width for its activation, as much work as the MLP's own."""
+        proxies = self.__dict__.setdefault("_proxies", {})
+        if rank not in proxies:
+            proxies[rank] = self.heavy_neurons(rank)
+        gate_up, down = proxies[rank]
+        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+        update = F.linear(self.act(gate) * up, down)
+        return update.float().norm(dim=-1) / h.float().norm(dim=-1).clamp(min=1e-6)
 
 
 class GemmaRMSNorm(RMSNorm):

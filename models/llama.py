@@ -7,13 +7,17 @@ together in one op, and q/k/v and gate/up are single fused matmuls.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Optional
+
 import torch
 from torch import nn
 
-from sift.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, empty_linear, linear
+from sift.kernels import reference as ref
+from sift.models.batch import ForwardBatch, RowSubsets
+from sift.models.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, apply_rotary, empty_linear, linear
 from sift.models.quant import GroupQuant, hold_quantized
 from sift.models.registry import ArchConfig, ModelLoadError
-from sift.server.runner.forward_batch import ForwardBatch
 
 Tensor = torch.Tensor
 
@@ -48,17 +52,37 @@ class LlamaAttention(nn.Module):
         q, k = apply_rotary(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
         return q, k, qkv[:, qk_size:].view(t, self.num_kv_heads, self.head_dim)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, batch: ForwardBatch) -> Tensor:
-        t = x.shape[0]
+    def store_qkv(self, x: Tensor, cos: Tensor, sin: Tensor, batch: ForwardBatch,
+                  rows: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """Project the normed input and store the new K/V in the pool; returns q [T, Hq, D] and k [T, Hkv, D].
+        With ``rows``, x, cos and sin hold only those rows of the batch: only they are projected and stored,
+        and the other rows of q and k are zero."""
         q, k, v = self.project(x, cos, sin)
         k_cache, v_cache = batch.kv_caches[self.layer]
-        batch.backend.store_kv(k, v, k_cache, v_cache, batch.attn)
-        out = batch.backend.forward(self.layer, q, k_cache, v_cache, batch.attn, self.scale,
-                                    window=self.window, softcap=self.softcap)
-        return self.o_proj(out.reshape(t, self.q_size))
+        if rows is None:
+            batch.backend.store_kv(k, v, k_cache, v_cache, batch.attn)
+            return q, k
+        batch.backend.store_kv(k, v, k_cache, v_cache, replace(batch.attn, slot_mapping=batch.attn.slot_mapping[rows]))
+        t = batch.num_tokens
+        return (q.new_zeros((t,) + q.shape[1:]).index_copy_(0, rows, q),
+                k.new_zeros((t,) + k.shape[1:]).index_copy_(0, rows, k))
+
+    def attend(self, q: Tensor, batch: ForwardBatch) -> Tensor:
+        """Attention [T, Hq, D] of every row's query over the pool, through the batch's backend."""
+        k_cache, v_cache = batch.kv_caches[self.layer]
+        return batch.backend.forward(self.layer, q, k_cache, v_cache, batch.attn, self.scale,
+                                     window=self.window, softcap=self.softcap)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, batch: ForwardBatch) -> Tensor:
+        q, _ = self.store_qkv(x, cos, sin, batch)
+        return self.o_proj(self.attend(q, batch).reshape(x.shape[0], self.q_size))
 
 
 class LlamaDecoderLayer(nn.Module):
+    """Pre-norm attention and MLP blocks, each added to the residual stream. The two residual updates are
+    hooks (:meth:`attn_residual`, :meth:`mlp_residual`) so that families with extra norms change only them,
+    and so that the same math runs over row subsets (:meth:`forward_subsets`)."""
+
     attention_class = LlamaAttention
     norm_class = RMSNorm
 
@@ -72,9 +96,43 @@ class LlamaDecoderLayer(nn.Module):
     def make_mlp(self, arch: ArchConfig, layer: int) -> nn.Module:
         return GatedMLP(arch.hidden_size, arch.intermediate_size, arch.hidden_act)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, batch: ForwardBatch) -> Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, batch)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def attn_residual(self, a: Tensor) -> Tensor:
+        """What the attention block adds to the residual, from its output projection."""
+        return a
+
+    def mlp_residual(self, h: Tensor) -> Tensor:
+        """What the MLP block adds to the residual ``h``."""
+        return self.mlp(self.post_attention_layernorm(h))
+
+    def mlp_probe(self, h: Tensor, rank: int) -> Tensor:
+        """Each row's predicted relative MLP update ||MLP(x)|| / ||h|| from the MLP's ``rank`` heaviest neurons."""
+        return self.mlp.relative_update(self.post_attention_layernorm(h), h, rank)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, batch: ForwardBatch,
+                subsets: Optional[RowSubsets] = None) -> Tensor:
+        if subsets is not None and subsets.runs(self.self_attn.layer):
+            return self.forward_subsets(h, cos, sin, batch, subsets)
+        h = h + self.attn_residual(self.self_attn(self.input_layernorm(h), cos, sin, batch))
+        return h + self.mlp_residual(h)
+
+    def forward_subsets(self, h: Tensor, cos: Tensor, sin: Tensor, batch: ForwardBatch, plan: RowSubsets) -> Tensor:
+        """The layer with each block computed only for the rows ``plan`` picks (see :class:`RowSubsets`);
+        every other row passes through bit-identically. ``h`` is updated in place."""
+        ops = ref
+        if h.is_cuda:
+            from sift.kernels import token_skip as ops  # Triton: imported only where it runs
+        attn, i = self.self_attn, self.self_attn.layer
+        live = plan.kv_rows(i)
+        if live is None:
+            q, k = attn.store_qkv(self.input_layernorm(h), cos, sin, batch)
+        else:
+            q, k = attn.store_qkv(self.input_layernorm(h[live]), cos[live], sin[live], batch, rows=live)
+        k_cache, v_cache = batch.kv_caches[i]
+        out, rows = plan.attend(i, q, k, k_cache, v_cache, attn.scale, lambda: attn.attend(q, batch))
+        flat = ops.gather_rows(out.reshape(out.shape[0], -1), rows)
+        h = ops.scatter_add_rows_(h, rows, self.attn_residual(attn.o_proj(flat)))
+        rows = plan.mlp_rows(i, h, lambda r, rank: self.mlp_probe(h[r], rank))
+        return ops.scatter_add_rows_(h, rows, self.mlp_residual(ops.gather_rows(h, rows)))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -97,25 +155,41 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(self.layer_class(arch, i) for i in range(arch.num_layers))
         self.norm = self.norm_class(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head = None if arch.tie_word_embeddings else empty_linear(arch.hidden_size, arch.vocab_size)
+        self.weight_first: Optional[dict] = None  # the CPU product form of every linear (set_linear_products)
+
+    def set_linear_products(self, weight_first: Optional[dict]) -> None:
+        """The few-row CPU float32 product form ({rows: weight @ x.T}, from
+        :func:`sift.models.layers.calibrate_linear`) of every :class:`Linear` and of the tied logits head."""
+        self.weight_first = weight_first
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.weight_first = weight_first
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> Tensor:
         """Final-normed hidden states [N, hidden] of the rows ``batch.logits_indices``."""
         h = self.embed_tokens(batch.input_ids)
         cos, sin = self.rotary.cos_sin(batch.positions, h.dtype)
-        skip = batch.extras.get("skip")  # token skipping for long prefills (server/policies/skipping.py)
-        if skip is not None:
-            h = skip.run(self.layers, h, cos, sin, batch)
-        else:
-            for layer in self.layers:
-                h = layer(h, cos, sin, batch)
+        for layer in self.layers:
+            h = layer(h, cos, sin, batch, batch.row_subsets)
         return self.norm(h[batch.logits_indices])
+
+    def token_skipping_unsupported(self, blocks: str) -> Optional[str]:
+        """Why token skipping (:class:`RowSubsets`) cannot run on this model, or None. The skipped rows'
+        attention is exact causal attention over the kept keys: a model window or a logit soft-cap has no
+        place there; MLP skipping needs every MLP's low-rank probe (a gated MLP's, not a mixture of experts)."""
+        arch = self.arch
+        if arch.attn_softcap or any(arch.window_of(i) for i in range(arch.num_layers)):
+            return "token skipping does not support models with sliding-window layers or attention soft-capping"
+        if blocks != "attention" and not all(isinstance(layer.mlp, GatedMLP) for layer in self.layers):
+            return "token skipping of MLP blocks needs a gated MLP in every layer (use blocks='attention')"
+        return None
 
     @torch.inference_mode()
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """float32 logits [N, vocab]."""
         if self.lm_head is None:
-            return linear(hidden, self.embed_tokens.weight).float()
+            return linear(hidden, self.embed_tokens.weight, weight_first=self.weight_first).float()
         return self.lm_head(hidden).float()  # a Linear or a quantized product (models/quant.py)
 
     def make_kv_caches(self, num_blocks: int, block_size: int, dtype: torch.dtype, device) -> list:

@@ -111,12 +111,13 @@ def _read_tokenizer(path: str, gguf_file: Optional["GGUFFile"] = None) -> Tokeni
 def _calibrate_products(model: nn.Module) -> None:
     """On CPU in float32, measure which product form each few-row linear runs faster in on this host
     (:func:`sift.models.layers.calibrate_linear`), over the weights a decode step reads: every linear layer in
-    forward order, then the logits head (the embedding, when tied)."""
+    forward order, then the logits head (the embedding, when tied); the model is given the choice."""
     weights = [m.weight for m in model.modules() if isinstance(m, Linear)]
     if getattr(model, "lm_head", True) is None:
         weights.append(model.embed_tokens.weight)
     t = time.perf_counter()
     chosen = calibrate_linear(weights)
+    model.set_linear_products(chosen)
     if chosen:
         rows = [n for n, yes in chosen.items() if yes]
         logger.info("CPU linear products calibrated in %.1f s: %s", time.perf_counter() - t,

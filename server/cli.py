@@ -72,6 +72,9 @@ ENGINE_FLAGS = (
     _Flag("quantization-group-size", "model.quantization_group_size", int,
           "inputs per int4 scale when quantizing at load (a smaller divisor where a layer's width needs it)",
           (32, 64, 128, 256)),
+    _Flag("compile", "model.enforce_eager", _bool, "compile plain decode steps with torch.compile (warm-up at "
+          "start-up; docs/compiled.md)", invert=True),
+    _Flag("enforce-eager", "model.enforce_eager", _bool, "run every step eagerly (no torch.compile)"),
     _Flag("seed", "model.seed", int, "global random seed (requests without a seed draw their own)"),
     _Flag("block-size", "cache.block_size", int, "tokens per KV cache block", (8, 16, 32, 64, 128)),
     _Flag("kv-cache-memory", "cache.kv_cache_memory", float,

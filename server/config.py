@@ -39,6 +39,9 @@ class ModelConfig:
     # against the float path (issue #33's must-show); then auto
     quantization: str = "none"
     quantization_group_size: int = 32
+    # run every step eagerly: no torch.compile of plain decode steps (server/runner/compiled.py). On by default
+    # on CPU, where the compiled path does not pay yet (docs/compiled.md)
+    enforce_eager: bool = True
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"dtype: unknown value {self.dtype!r}")

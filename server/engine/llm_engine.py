@@ -125,6 +125,8 @@ class LLMEngine:
                                    rewind_of=sparsity.rewind_of, model_window=_model_window(arch))
         self.runner = ModelRunner(self.model, arch.num_layers, self.backend,
                                   self.device, self.dtype, num_blocks, cc.block_size, speculator=self.speculator)
+        if not config.model.enforce_eager:
+            self.runner.compile(self.max_model_len, config.scheduler.max_num_seqs)
         if config.spec.method != "none":  # every request speculates by default: time the forwards now
             self.speculator.calibrate(config.spec.num_draft_tokens)
         self.default_skipping = config.skipping
@@ -159,6 +161,9 @@ class LLMEngine:
                                                      self.arch.num_layers)
         skip = skipping.resolve_options(params.skipping, self.default_skipping)
         if skip is not None:
+            unsupported = self.model.token_skipping_unsupported(skip.blocks)
+            if unsupported:
+                raise ValueError(unsupported)
             req.state["skipping"] = skip
         if params.structured is not None:
             self._attach_grammar(req)

@@ -13,9 +13,9 @@ choices made here, each a knob of :class:`sift.server.options.SkipOptions`:
   chunk's keys (causal); a token's importance is the probability mass it receives, averaged over query
   heads and probes. Active queries then attend exactly (causal, over the full context).
 * MLP subset — Low-rank Transformation Probing: the MLP restricted to its r heaviest neurons (by a
-  weight bound, picked the first time a layer is probed; see :class:`LowRankMLPProbe` for why not a
-  truncated SVD) gives f~(x) = D_S(silu(G_S x) * U_S x); a token's importance is ||f~(x)|| / ||h||,
-  the predicted relative size of its update.
+  weight bound, picked the first time a layer is probed) gives f~(x) = D_S(silu(G_S x) * U_S x); a token's
+  importance is ||f~(x)|| / ||h||, the predicted relative size of its update (the layer computes it:
+  :meth:`sift.models.layers.GatedMLP.relative_update`, which says why not a truncated SVD).
 * Multi-Stage Delayed Pruning: layers [start_layer, L) are split into ``stages`` equal stages (0, the
   default: one per layer); stage s skips ratio * (s + 1) / stages (``schedule="linear"``) or
   1 - (1 - ratio) ** ((s + 1) / stages) (``"geometric"``: every stage keeps the same share of the tokens the
@@ -52,11 +52,9 @@ choices made here, each a knob of :class:`sift.server.options.SkipOptions`:
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from sift.kernels import reference as ref
 from sift.server.engine.request import Request
@@ -102,40 +100,6 @@ def stage_ends(opts: SkipOptions, num_layers: int) -> set:
     """Layers after which pruning happens (the last layer of every stage but the final one)."""
     ratios = layer_ratios(opts, num_layers)
     return {i for i in range(opts.start_layer, num_layers - 1) if ratios[i + 1] != ratios[i]}
-
-
-def heavy_neurons(mlp, m: int) -> tuple[Tensor, Tensor]:
-    """The m intermediate neurons of a gated MLP with the largest weight bound ||g_j|| ||u_j|| ||d_j||
-    (|silu(g.x) u.x| <= ||g|| ||u|| ||x||^2): their fused gate/up rows [2m, in] and down columns [out, m]."""
-    gate, up = mlp.gate_up_proj.weight.chunk(2, dim=0)
-    down = mlp.down_proj.weight
-    bound = gate.float().norm(dim=1) * up.float().norm(dim=1) * down.float().norm(dim=0)
-    idx = bound.topk(min(m, bound.numel())).indices.sort().values
-    return torch.cat([gate[idx], up[idx]]).contiguous(), down[:, idx].contiguous()
-
-
-class LowRankMLPProbe:
-    """Low-rank Transformation Probing: each layer's MLP restricted to its ``rank`` heaviest neurons
-    (:func:`heavy_neurons`, picked from the weights on first use and kept for the model's lifetime), a rank-r
-    transformation that predicts each token's update. Not a truncated SVD: at the same cost (r = 128 neurons
-    vs an SVD of rank 32) the SVD proxy ranked tokens' MLP updates little better than chance on SmolLM2
-    (Spearman 0.23-0.52 vs 0.40-0.61 for the neurons, layers 8-26 of a pydoc prompt) and MLP-only skipping
-    with it cost nearly what random choices do (forced perplexity 44.2 vs 26.8 with the neurons, 23.0 with
-    the true update, 49.5 random; dense 16.3), and the SVD proxy reconstructs the full intermediate width
-    for its SiLU, as much elementwise work as the MLP's own."""
-
-    def __init__(self):
-        self._proxies: dict = {}
-
-    def magnitude(self, layer: int, mlp, x: Tensor, h: Tensor, rank: int) -> Tensor:
-        """Predicted ||MLP(x)|| / ||h|| per row of x (the normed input) and h (the residual)."""
-        key = (layer, rank)
-        if key not in self._proxies:
-            self._proxies[key] = heavy_neurons(mlp, rank)
-        gate_up, down = self._proxies[key]
-        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-        update = F.linear(F.silu(gate) * up, down)
-        return update.float().norm(dim=-1) / h.float().norm(dim=-1).clamp(min=1e-6)
 
 
 def probe_attention(q_probe: Tensor, k: Tensor, scale: float, hidden: Optional[Tensor] = None) -> Tensor:
@@ -248,11 +212,10 @@ class _Segment:
 
 
 class SkipPlanner:
-    """Runner-level: holds the low-rank MLP proxies; turns each step into a :class:`SkipPlan` (or None)."""
+    """Runner-level: turns each step into a :class:`SkipPlan` (or None)."""
 
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
-        self.probe = LowRankMLPProbe()
         # prompt tokens prefilled with skipping, and (token, block) computations skipped (attention + MLP)
         self.counters = {"skip_prefill_tokens": 0, "skip_token_blocks": 0}
 
@@ -271,15 +234,17 @@ class SkipPlanner:
         if not segments:
             return None
         self.counters["skip_prefill_tokens"] += sum(s.n for s in segments)
-        return SkipPlan(segments, offset, self.probe, self.counters)
+        return SkipPlan(segments, offset, meta, self.counters)
 
 
 class SkipPlan:
-    """Runs the decoder layers of one step with token skipping for its segments (see the module doc)."""
+    """One step's token skipping for its segments (see the module doc), as the decoder layers' row subsets
+    (:class:`sift.models.batch.RowSubsets`): it picks rows; the layers do the math."""
 
-    def __init__(self, segments: list, num_rows: int, probe: LowRankMLPProbe, counters: dict):
+    def __init__(self, segments: list, num_rows: int, meta, counters: dict):
         self.segments = segments
-        self.probe = probe
+        self.num_rows = num_rows
+        self.meta = meta
         self.counters = counters
         self.first_layer = min(s.opts.start_layer for s in segments)
         dev = segments[0].rows.device
@@ -287,71 +252,59 @@ class SkipPlan:
         for s in segments:
             in_seg[s.rows] = True
         self.other_rows = torch.nonzero(~in_seg).flatten()
+        self._active: list = []  # this layer's segments past their start layer
+        self._attn_local: dict = {}  # this layer's attention choice per segment (read again by mlp_rows)
 
-    def run(self, layers, h: Tensor, cos: Tensor, sin: Tensor, batch) -> Tensor:
-        ops = ref
-        if h.is_cuda:
-            from sift.kernels import token_skip as ops
-        for i, layer in enumerate(layers):
-            h = layer(h, cos, sin, batch) if i < self.first_layer else self._layer(i, layer, h, cos, sin, batch, ops)
-        return h
+    def runs(self, layer: int) -> bool:
+        return layer >= self.first_layer
 
-    def _layer(self, i: int, layer, h: Tensor, cos: Tensor, sin: Tensor, batch, ops) -> Tensor:
-        attn, meta = layer.self_attn, batch.attn
-        k_cache, v_cache = batch.kv_caches[i]
+    def kv_rows(self, layer: int) -> Optional[Tensor]:
+        """Pruned tokens get no Q/K/V from here on (their q and k rows stay zero; nothing reads them)."""
         dropped = [s.rows[s.pruned] for s in self.segments if s.drops_kv and s.pruned.any()]
         if not dropped:
-            q, k, v = attn.project(layer.input_layernorm(h), cos, sin)
-            batch.backend.store_kv(k, v, k_cache, v_cache, meta)
-        else:  # pruned tokens: no Q/K/V from here on (q and k rows stay zero; nothing reads them)
-            live = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
-            live[torch.cat(dropped)] = False
-            live = torch.nonzero(live).flatten()
-            ql, kl, v = attn.project(layer.input_layernorm(h[live]), cos[live], sin[live])
-            batch.backend.store_kv(kl, v, k_cache, v_cache, replace(meta, slot_mapping=meta.slot_mapping[live]))
-            q = ql.new_zeros((h.shape[0],) + ql.shape[1:]).index_copy_(0, live, ql)
-            k = kl.new_zeros((h.shape[0],) + kl.shape[1:]).index_copy_(0, live, kl)
-        active = [s for s in self.segments if i >= s.opts.start_layer]
+            return None
+        live = torch.ones(self.num_rows, dtype=torch.bool, device=self.other_rows.device)
+        live[torch.cat(dropped)] = False
+        return torch.nonzero(live).flatten()
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, k_cache: Tensor, v_cache: Tensor, scale: float,
+               dense) -> tuple[Tensor, Tensor]:
+        meta = self.meta
+        active = self._active = [s for s in self.segments if layer >= s.opts.start_layer]
         # the backend serves the other rows; it also runs when a sparse plan or score emission must see
         # every layer (their cost on the segment rows is then wasted, never wrong)
         if self.other_rows.numel() or len(active) < len(self.segments) or meta.sparse is not None \
-                or i in meta.score_layers:
-            out = batch.backend.forward(i, q, k_cache, v_cache, meta, attn.scale)
+                or layer in meta.score_layers:
+            out = dense()
         else:
             out = torch.empty_like(q)
-        attn_rows, attn_local = [self.other_rows], {}
+        rows, self._attn_local = [self.other_rows], {}
         for s in active:
-            imp = (probe_attention(q[s.rows[-s.r:]], k[s.rows], attn.scale, s.pruned)
-                   if s.skips_attn and s.ratios[i] else None)
-            local = attn_local[s] = s.choose(i, imp, s.skips_attn)
-            out[s.rows[local]] = s.attention(i, q[s.rows[local]], k_cache, v_cache, local, attn.scale)
-            attn_rows.append(s.rows[local])
-        for s in self.segments:
-            if s not in active:
-                attn_rows.append(s.rows)
-        rows = torch.cat(attn_rows)
-        flat = ops.gather_rows(out.reshape(out.shape[0], -1), rows)
-        h = ops.scatter_add_rows_(h, rows, attn.o_proj(flat))
+            imp = (probe_attention(q[s.rows[-s.r:]], k[s.rows], scale, s.pruned)
+                   if s.skips_attn and s.ratios[layer] else None)
+            local = self._attn_local[s] = s.choose(layer, imp, s.skips_attn)
+            out[s.rows[local]] = s.attention(layer, q[s.rows[local]], k_cache, v_cache, local, scale)
+            rows.append(s.rows[local])
+        rows += [s.rows for s in self.segments if s not in active]
+        return out, torch.cat(rows)
 
-        mlp_rows = [self.other_rows] + [s.rows for s in self.segments if s not in active]
+    def mlp_rows(self, layer: int, h: Tensor, probe) -> Tensor:
+        active, attn_local = self._active, self._attn_local
+        rows = [self.other_rows] + [s.rows for s in self.segments if s not in active]
         for s in active:
             # skipping attention only, the layer's pruning is known before its MLP; a token pruned here gets
             # no MLP either when nothing reads its hidden state again (no later K/V of it is computed)
             early = not s.skips_mlp and s.drops_kv
             if early:
-                s.end_layer(i, attn_local[s], attn_local[s])
+                s.end_layer(layer, attn_local[s], attn_local[s])
             imp = None
-            if s.skips_mlp and s.ratios[i]:  # probe the tokens still in play (pruned ones stay skipped)
+            if s.skips_mlp and s.ratios[layer]:  # probe the tokens still in play (pruned ones stay skipped)
                 live = torch.nonzero(~s.pruned).flatten()
-                hs = h[s.rows[live]]
                 imp = torch.full((s.n,), float("-inf"), device=h.device)
-                imp[live] = self.probe.magnitude(i, layer.mlp, layer.post_attention_layernorm(hs), hs,
-                                                 s.opts.probe_rank)
-            local = s.choose(i, imp, s.skips_mlp)
+                imp[live] = probe(s.rows[live], s.opts.probe_rank)
+            local = s.choose(layer, imp, s.skips_mlp)
             if not early:
-                s.end_layer(i, attn_local[s], local)
+                s.end_layer(layer, attn_local[s], local)
             self.counters["skip_token_blocks"] += 2 * s.n - len(local) - len(attn_local[s])
-            mlp_rows.append(s.rows[local])
-        rows = torch.cat(mlp_rows)
-        x = layer.post_attention_layernorm(ops.gather_rows(h, rows))
-        return ops.scatter_add_rows_(h, rows, layer.mlp(x))
+            rows.append(s.rows[local])
+        return torch.cat(rows)

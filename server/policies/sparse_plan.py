@@ -93,12 +93,8 @@ class SparsePlan:
             self.layers = None
             return
         dev = meta.cu_seqlens_q.device
-        b_idx = torch.tensor([b for b, _, _ in picked], device=dev)
         self.rows = torch.tensor(rows, device=dev)
-        self.sub = AttentionMetadata(
-            cu_seqlens_q=torch.arange(n + 1, dtype=torch.int32, device=dev), kv_lens=meta.kv_lens[b_idx],
-            block_tables=meta.block_tables[b_idx], slot_mapping=meta.slot_mapping[self.rows],
-            block_size=block_size, q_lens=[1] * n, kv_lens_host=[s.kv_len for _, s, _ in picked])
+        self.sub = meta.decode_subset([b for b, _, _ in picked], self.rows)
         self.sub._cache["slots"] = ref.padded_slots(self.sub.block_tables, self.sub.kv_lens, self.sub.max_kv_len,
                                                     block_size)
         self.policies = [p for _, _, p in picked]
@@ -231,11 +227,6 @@ class SparsePlan:
         """Decode-only metadata of some sparse rows (all of them when idx covers every row)."""
         if idx.numel() == self.rows.numel():
             return self.sub
-        host = idx.tolist()
-        sub = AttentionMetadata(
-            cu_seqlens_q=self.sub.cu_seqlens_q[:len(host) + 1], kv_lens=self.sub.kv_lens[idx],
-            block_tables=self.sub.block_tables[idx], slot_mapping=self.sub.slot_mapping[idx],
-            block_size=self.block_size, q_lens=[1] * len(host),
-            kv_lens_host=[self.sub.kv_lens_host[i] for i in host])
+        sub = self.sub.decode_subset(idx.tolist(), idx)
         sub._cache["slots"] = self.sub._cache["slots"][idx][:, :sub.max_kv_len]
         return sub

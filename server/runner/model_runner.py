@@ -9,12 +9,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from sift.kernels.backend import AttentionBackend, AttentionMetadata
+from sift.kernels.backend import AttentionBackend, build_metadata
+from sift.models.batch import ForwardBatch
 from sift.server.engine.outputs import SchedulerOutput, StepOutput
 from sift.server.engine.request import Request
 from sift.server.policies.skipping import SkipPlanner
 from sift.server.policies.sparse_plan import SparsePlanner
-from sift.server.runner.forward_batch import ForwardBatch
+from sift.server.runner.compiled import CompiledDecode, compile_decode
 from sift.server.runner.sampler import sample, token_logprobs
 from sift.server.spec.tree import ancestor_mask
 
@@ -35,6 +36,12 @@ class ModelRunner:
         self.sparse_planner = SparsePlanner(self.kv_caches, block_size)
         self.skip_planner = SkipPlanner(num_layers)
         self.structured_counters = {"structured_mask_seconds": 0.0}  # grammar bitmask fill + apply time
+        self.compiled: Optional[CompiledDecode] = None  # plain decode steps, once compile() has run
+
+    def compile(self, max_model_len: int, max_num_seqs: int) -> None:
+        """Compile plain decode steps now (start-up; see server/runner/compiled.py)."""
+        self.compiled = compile_decode(self.model, self.kv_caches, self.block_size, max_model_len, max_num_seqs,
+                                       self.device)
 
     @staticmethod
     def kv_bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
@@ -65,54 +72,37 @@ class ModelRunner:
     def build_batch(self, sched: SchedulerOutput, requests: dict) -> ForwardBatch:
         """Flatten the scheduled requests. ``extras['prompt_rows']`` maps a request that asked for
         prompt logprobs to the range of logits rows covering its prompt chunk."""
-        ids, pos, slots, cu, kv_lens, q_lens = [], [], [], [0], [], []
+        ids, pos, slots, kv_lens, q_lens = [], [], [], [], []
         logits_rows, prompt_rows = [], {}
-        max_blocks = max(len(s.block_table) for s in sched.requests)
-        tables = []
         windows, sinks = [], []
         for s in sched.requests:
-            n = len(s.token_ids)
+            n, start = len(s.token_ids), len(ids)
             ids.extend(s.token_ids)
             pos.extend(s.positions)
             slots.extend(s.slot_mapping)
-            cu.append(cu[-1] + n)
             q_lens.append(n)
             kv_lens.append(s.kv_len)
-            tables.append(s.block_table + [0] * (max_blocks - len(s.block_table)))
             windows.append(s.window)
             sinks.append(s.sinks)
             req = requests[s.request_id]
             if req.params.prompt_logprobs is not None and s.positions[0] < req.num_prompt_tokens:
                 prompt_rows[s.request_id] = (len(logits_rows), n)
-                logits_rows.extend(range(cu[-2], cu[-1]))
+                logits_rows.extend(range(start, start + n))
             elif s.draft_parents is not None:  # every tree node's logits are verified
-                logits_rows.extend(range(cu[-2], cu[-1]))
+                logits_rows.extend(range(start, start + n))
             elif s.sample:
-                logits_rows.append(cu[-1] - 1)
+                logits_rows.append(start + n - 1)
         dev = self.device
         use_window = any(windows)
-        meta = AttentionMetadata(
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_size=self.block_size,
-            q_lens=q_lens,
-            kv_lens_host=kv_lens,
-            window=torch.tensor(windows, dtype=torch.int32, device=dev) if use_window else None,
-            sinks=torch.tensor(sinks, dtype=torch.int32, device=dev) if use_window else None,
-            score_layers=sched.score_layers,
-            tree_mask=self._tree_mask(sched, q_lens),
+        meta = build_metadata(
+            q_lens, kv_lens, [s.block_table for s in sched.requests], slots, self.block_size, dev,
+            window=windows if use_window else None, sinks=sinks if use_window else None,
+            tree_mask=self._tree_mask(sched, q_lens), score_layers=sched.score_layers,
             score_queries=[s.score_queries for s in sched.requests]
             if sched.score_layers and any(s.score_queries > 1 for s in sched.requests) else None,
             score_trees=[b for b, s in enumerate(sched.requests) if s.draft_parents is not None]
-            if sched.score_layers else None,
-        )
+            if sched.score_layers else None)
         meta.sparse = self.sparse_planner.plan(sched, requests, meta)
-        extras = {"prompt_rows": prompt_rows}
-        skip = self.skip_planner.plan(sched, requests, meta)
-        if skip is not None:
-            extras["skip"] = skip
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
             positions=torch.tensor(pos, dtype=torch.long, device=dev),
@@ -120,7 +110,8 @@ class ModelRunner:
             backend=self.backend,
             kv_caches=self.kv_caches,
             logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev),
-            extras=extras,
+            row_subsets=self.skip_planner.plan(sched, requests, meta),
+            extras={"prompt_rows": prompt_rows},
         )
 
     @torch.inference_mode()
@@ -130,11 +121,14 @@ class ModelRunner:
         if not sched.requests:
             return out
         batch = self.build_batch(sched, requests)
-        hidden = self.model(batch)
-        if batch.logits_indices.numel() == 0:
-            out.scores = batch.attn.scores
-            return out
-        logits = self.model.compute_logits(hidden)
+        if self.compiled is not None and self.compiled.accepts(batch):
+            logits = self.compiled.logits(batch)
+        else:
+            hidden = self.model(batch)
+            if batch.logits_indices.numel() == 0:
+                out.scores = batch.attn.scores
+                return out
+            logits = self.model.compute_logits(hidden)
         prompt_rows = batch.extras["prompt_rows"]
         sample_rows, sampling, trees = [], [], []
         row = 0

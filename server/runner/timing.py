@@ -5,8 +5,8 @@ import time
 
 import torch
 
-from sift.kernels.backend import AttentionMetadata
-from sift.server.runner.forward_batch import ForwardBatch
+from sift.kernels.backend import build_metadata
+from sift.models.batch import ForwardBatch
 
 
 def measure_forward(runner, num_seqs: int, q_len: int, ctx_len: int = 256) -> float:
@@ -16,13 +16,8 @@ def measure_forward(runner, num_seqs: int, q_len: int, ctx_len: int = 256) -> fl
     dev, bs = runner.device, runner.block_size
     kv_len = ctx_len + q_len
     n = num_seqs * q_len
-    meta = AttentionMetadata(
-        cu_seqlens_q=torch.arange(0, n + 1, q_len, dtype=torch.int32, device=dev),
-        kv_lens=torch.full((num_seqs,), kv_len, dtype=torch.int32, device=dev),
-        block_tables=torch.zeros(num_seqs, -(-kv_len // bs), dtype=torch.int32, device=dev),
-        slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=dev),
-        block_size=bs, q_lens=[q_len] * num_seqs, kv_lens_host=[kv_len] * num_seqs,
-        tree_mask=torch.ones(n, q_len, dtype=torch.bool, device=dev) if q_len > 1 else None)
+    meta = build_metadata([q_len] * num_seqs, [kv_len] * num_seqs, [[0] * -(-kv_len // bs)] * num_seqs, [-1] * n,
+                          bs, dev, tree_mask=torch.ones(n, q_len, dtype=torch.bool, device=dev) if q_len > 1 else None)
     batch = ForwardBatch(input_ids=torch.zeros(n, dtype=torch.long, device=dev),
                          positions=torch.arange(n, device=dev) % q_len + ctx_len, attn=meta, backend=runner.backend,
                          kv_caches=runner.kv_caches, logits_indices=torch.arange(n, device=dev))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sift.kernels import reference as ref
-from sift.kernels.backend import AttentionMetadata, select_backend
+from sift.kernels.backend import build_metadata, select_backend
 
 HQ, HKV, DIM, BLOCK = 6, 2, 64, 16
 
@@ -27,11 +27,8 @@ def _step(device, q_lens, kv_lens, windowed, seed=0):
     v_cache = torch.randn(num_slots, HKV, DIM, generator=g).to(device)
     t = sum(q_lens)
     q, k, v = (torch.randn(t, h, DIM, generator=g).to(device) for h in (HQ, HKV, HKV))
-    meta = AttentionMetadata(
-        cu_seqlens_q=torch.tensor([0] + q_lens).cumsum(0).to(device, torch.int32),
-        kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=device), block_tables=block_tables.to(device),
-        slot_mapping=torch.tensor(slot_mapping, device=device), block_size=BLOCK, q_lens=q_lens,
-        kv_lens_host=kv_lens, score_layers=frozenset({0}))
+    meta = build_metadata(q_lens, kv_lens, block_tables.to(device), slot_mapping, BLOCK, device,
+                          score_layers=frozenset({0}))
     if windowed:
         meta.window = torch.tensor([6, 0, 9][:len(q_lens)], dtype=torch.int32, device=device)
         meta.sinks = torch.tensor([2, 0, 0][:len(q_lens)], dtype=torch.int32, device=device)

@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-from sift.kernels.backend import AttentionMetadata, TorchBackend
+from sift.kernels.backend import TorchBackend, build_metadata
 from sift.models.embedded import embedded_model_path
 from sift.models.loader import load_model
-from sift.server.runner.forward_batch import ForwardBatch
+from sift.models.batch import ForwardBatch
 
 
 @pytest.fixture(scope="session")
@@ -50,11 +50,7 @@ class OneSequence:
         positions = torch.arange(self.kv_len, self.kv_len + n)
         self.kv_len += n
         slots = self.block_table[0, positions // self.block_size].long() * self.block_size + positions % self.block_size
-        meta = AttentionMetadata(
-            cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32),
-            kv_lens=torch.tensor([self.kv_len], dtype=torch.int32),
-            block_tables=self.block_table, slot_mapping=slots, block_size=self.block_size,
-            q_lens=[n], kv_lens_host=[self.kv_len])
+        meta = build_metadata([n], [self.kv_len], self.block_table, slots, self.block_size, "cpu")
         rows = torch.arange(n) if all_logits else torch.tensor([n - 1])
         batch = ForwardBatch(input_ids=torch.tensor(token_ids), positions=positions, attn=meta, backend=self.backend,
                              kv_caches=self.kv_caches, logits_indices=rows)

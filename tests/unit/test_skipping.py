@@ -7,7 +7,7 @@ import torch
 
 from sift.kernels import reference as ref
 from sift.kernels.backend import TorchBackend
-from sift.models.llama import LlamaForCausalLM
+from sift.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from sift.models.registry import ArchConfig
 from sift.server.engine.outputs import ScheduledRequest, SchedulerOutput
 from sift.server.engine.request import Request, SamplingParams
@@ -82,24 +82,24 @@ def _decode(runner, req, token=5):
 
 
 def _spy_layers(monkeypatch) -> list:
-    """Records (layer, hidden before, hidden after) of every skipping layer the plan runs."""
+    """Records (layer, hidden before, hidden after) of every layer that runs on the plan's row subsets."""
     seen = []
-    real_layer = skipping.SkipPlan._layer
+    real_layer = LlamaDecoderLayer.forward_subsets
 
-    def spy(self, i, layer, h, cos, sin, batch, ops):
+    def spy(self, h, cos, sin, batch, plan):
         before = h.clone()
-        after = real_layer(self, i, layer, h, cos, sin, batch, ops)
-        seen.append((i, before, after.clone()))
+        after = real_layer(self, h, cos, sin, batch, plan)
+        seen.append((self.self_attn.layer, before, after.clone()))
         return after
 
-    monkeypatch.setattr(skipping.SkipPlan, "_layer", spy)
+    monkeypatch.setattr(LlamaDecoderLayer, "forward_subsets", spy)
     return seen
 
 
 def test_ratio_zero_is_identical_to_no_skipping(runner):
     _, dense = _prefill(runner, None)
     batch, skipped = _prefill(runner, SkipOptions(method="spts", min_prompt_len=10, start_layer=1, ratio=0.0))
-    assert "skip" in batch.extras
+    assert isinstance(batch.row_subsets, skipping.SkipPlan)
     assert torch.equal(dense, skipped)
 
 
@@ -187,11 +187,11 @@ def test_mlp_probe_is_the_mlp_on_its_heaviest_neurons():
     for p in mlp.parameters():
         p.data.copy_(torch.randn(p.shape, generator=g))
     mlp.down_proj.weight.data[:, [2, 7, 9]] *= 100  # the three heaviest neurons
-    gate_up, down = skipping.heavy_neurons(mlp, 3)
+    gate_up, down = mlp.heavy_neurons(3)
     torch.testing.assert_close(down, mlp.down_proj.weight[:, [2, 7, 9]])
     torch.testing.assert_close(gate_up, mlp.gate_up_proj.weight[[2, 7, 9, 14, 19, 21]])
     x, h = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
-    full = skipping.LowRankMLPProbe().magnitude(0, mlp, x, h, 12)  # every neuron: the true relative update
+    full = mlp.relative_update(x, h, 12)  # every neuron: the true relative update
     torch.testing.assert_close(full, mlp(x).norm(dim=-1) / h.norm(dim=-1))
 
 
@@ -277,3 +277,21 @@ def test_pruned_reads_only_for_requests_that_read_plainly(runner):
     req.state.pop("pruned_reads")
     req.state["eviction_options"] = object()  # an eviction policy scores (and compacts) the full KV
     assert sparsity.pruned_reads(req, ARCH.num_layers) is None
+
+
+def test_each_architecture_runs_skipping_or_refuses_it():
+    """Llama, Qwen3, Phi-3 run skipping; a windowed or soft-capped model (Gemma) refuses it, and a mixture of
+    experts refuses MLP skipping (no low-rank probe): the engine turns the reason into a 400 at admission."""
+    from sift.models.registry import model_class
+
+    for name in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM"):
+        arch = replace(ARCH, architecture=name)
+        model = model_class(arch)(arch)
+        assert model.token_skipping_unsupported("both") is None
+    gemma = replace(ARCH, architecture="Gemma2ForCausalLM", layer_windows=(16, 0) * 3, attn_softcap=50.0)
+    assert "sliding-window" in model_class(gemma)(gemma).token_skipping_unsupported("attention")
+    moe = replace(ARCH, architecture="Qwen3MoeForCausalLM", num_experts=4, num_experts_per_tok=2,
+                  moe_intermediate_size=16, moe_layers=(1, 3))
+    model = model_class(moe)(moe)
+    assert model.token_skipping_unsupported("attention") is None
+    assert "gated MLP" in model.token_skipping_unsupported("mlp")
