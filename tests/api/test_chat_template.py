@@ -8,7 +8,6 @@ import httpx
 import openai
 import pytest
 
-from tests.api.conftest import start_server
 
 TEMPLATE = """\
 {%- for m in messages -%}<|im_start|>{{ m.role }}
@@ -26,10 +25,10 @@ NO_THINKING = PLAIN + "<think>\n\n</think>\n\n"
 
 
 @pytest.fixture(scope="module")
-def templated(tmp_path_factory):
+def templated(tmp_path_factory, launch_server):
     path = tmp_path_factory.mktemp("template") / "chat.jinja"
     path.write_text(TEMPLATE)
-    srv = start_server("--chat-template", str(path), timeout=600)  # start-up took 200-250 s on a loaded 2-core host
+    srv = launch_server("--chat-template", str(path), timeout=600)  # start-up took 200-250 s on a loaded 2-core host
     yield srv
     srv.stop()
 

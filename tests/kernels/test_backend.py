@@ -84,7 +84,7 @@ def test_flash_attn_prefill_gets_the_paged_pool(device, monkeypatch):
 def test_torch_backend_batches_short_query_runs_exactly(device, poison, q_lens, kv_lens, batched, windowed):
     """The torch backend runs several short query runs (draft trees) padded into one batched pass; each row
     equals the per-request reference's, under tree masks, windows and sinks."""
-    from tests.kernels.test_paged_attention import _ancestor_mask
+    from test_paged_attention import _ancestor_mask
 
     q, k, v, k_cache, v_cache, meta = _step(device, q_lens, kv_lens, windowed, seed=4)
     gen = torch.Generator().manual_seed(5)
