@@ -95,10 +95,6 @@ class Technique:
         return 0
 
 
-def _overrides(technique: Technique, method: str) -> bool:
-    return getattr(type(technique), method) is not getattr(Technique, method)
-
-
 class Techniques:
     """The engine's techniques, by name, in the order their hooks run; answers the scheduler's queries
     by combining theirs. Each query asks only the techniques that answer it."""
@@ -106,14 +102,11 @@ class Techniques:
     def __init__(self, *techniques: Technique):
         self.by_name = {t.name: t for t in techniques}
         self.all = list(techniques)
-        self._asks = {m: [t for t in techniques if _overrides(t, m)]
+        self._asks = {m: [t for t in techniques if getattr(type(t), m) is not getattr(Technique, m)]
                       for m in ("window", "exact_kv", "peak_tokens", "extra_tokens", "draft", "draft_depth", "rewind")}
 
     def __getitem__(self, name: str) -> Technique:
         return self.by_name[name]
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.by_name
 
     def on_admit(self, req) -> None:
         for t in self.all:

@@ -130,8 +130,8 @@ class LLMEngine:
                                    model_window=_model_window(arch))
         self.runner = ModelRunner(self.model, arch.num_layers, self.backend,
                                   self.device, self.dtype, num_blocks, cc.block_size, speculator=speculator)
-        if config.spec.method != "none":  # every request speculates by default: time the forwards now
-            speculator.calibrate(config.spec.num_draft_tokens)
+        if config.spec.method != "none":  # every request speculates by default: time the forwards now, so
+            speculator.controller.calibrate(config.spec.num_draft_tokens)  # that no serving step pauses to measure
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._pending: list[RequestOutput] = []
         self.current_step_ids: tuple = ()  # request ids of the step being run (the watchdog names them)

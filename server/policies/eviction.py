@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,50 +44,24 @@ def resolve_capacity(budget: float, max_len: int) -> int:
     return int(budget) if budget > 1 else max(1, math.ceil(budget * max_len))
 
 
-class EvictionPolicy(Protocol):
-    """One request's eviction state. The engine calls, per step of the request:
-    ``score_queries`` before the forward, ``observe`` after it, then ``select``; when the KV manager
-    could compact with the returned ``keep``, ``compacted(keep)``."""
-
-    name: str
-    capacity: int  # C
-    window: int  # W
-    num_entries: int  # resident entries the policy accounts for
-    needs_scores: bool  # whether it reads attention scores at all
-    periodic: bool  # decides at every crossing of a multiple of W (SnapKV: once, at the end of the prompt)
-    evicts_generated: bool  # whether generated tokens may be evicted (SnapKV keeps every one)
-
-    def score_queries(self, completes_prompt: bool, num_new: int) -> int:
-        """Trailing queries of this step whose attention the policy needs (0: no scores)."""
-
-    def observe(self, t: int, num_resident: int, scores: Optional[tuple]) -> None:
-        """Account for the step's new entries and fold in its scores ((sum, max) [L, Hkv, >= N] or None)."""
-
-    def select(self, completes_prompt: bool) -> Optional[Tensor]:
-        """Entries to keep, int64 [L, Hkv, C] rows strictly increasing, or None (no eviction now)."""
-
-    def compacted(self, keep: Tensor) -> None:
-        """The KV manager applied ``keep``: reorder the per-entry statistics the same way."""
-
-    def restarted(self) -> "EvictionPolicy":
-        """The same policy with no entries (a recompute after preemption starts from an empty cache)."""
-
-
-class _SlotPolicy:
-    """Shared bookkeeping: per-(layer, kv head, entry) statistics as [L, Hkv, N] tensors, the cadence,
-    and the keep rule (top C-W older entries by ``_scores`` plus the last W)."""
+class EvictionPolicy:
+    """One request's eviction state, as per-(layer, kv head, entry) statistics in [L, Hkv, N] tensors. The
+    Eviction technique calls, per step of the request: ``score_queries`` before the forward, ``observe``
+    after it, then ``select``; when the KV manager could compact with the returned ``keep``,
+    ``compacted(keep)``. Subclasses give the statistics (``_new_stats``, ``_update``) and the ranking
+    (``_scores``, ``_ties``); the cadence and the keep rule (top C-W older entries plus the last W) are here."""
 
     name = "base"
-    needs_scores = True
-    periodic = True
-    evicts_generated = True
+    needs_scores = True  # whether it reads attention scores at all
+    periodic = True  # decides at every crossing of a multiple of W (SnapKV: once, at the end of the prompt)
+    evicts_generated = True  # whether generated tokens may be evicted (SnapKV keeps every one)
 
     def __init__(self, options: EvictionOptions, capacity: int, num_layers: int, num_kv_heads: int):
         self.options = options
-        self.capacity = capacity
-        self.window = options.window
+        self.capacity = capacity  # C
+        self.window = options.window  # W
         self.shape = (num_layers, num_kv_heads)
-        self.num_entries = 0
+        self.num_entries = 0  # resident entries the policy accounts for
         self.t = 0
         self._crossed = False  # t crossed a multiple of W in the latest update
         self.stats: dict[str, Tensor] = {}
@@ -108,11 +82,13 @@ class _SlotPolicy:
         """[L, Hkv, N] that breaks ties among equal scores (higher = keep), or None: the more recent entry."""
         return None
 
-    # -- protocol --------------------------------------------------------------------------
+    # -- the technique's calls ----------------------------------------------------------------
     def score_queries(self, completes_prompt: bool, num_new: int) -> int:
+        """Trailing queries of this step whose attention the policy needs (0: no scores)."""
         return 1 if self.needs_scores else 0
 
     def observe(self, t: int, num_resident: int, scores: Optional[tuple]) -> None:
+        """Account for the step's new entries and fold in its scores ((sum, max) [L, Hkv, >= N] or None)."""
         if scores is not None and scores[0].device != self.device:
             self.device = scores[0].device
             self.stats = {k: v.to(self.device) for k, v in self.stats.items()}
@@ -129,15 +105,18 @@ class _SlotPolicy:
         self.t = t
 
     def select(self, completes_prompt: bool) -> Optional[Tensor]:
+        """Entries to keep, int64 [L, Hkv, C] rows strictly increasing, or None (no eviction now)."""
         if not self._crossed or self.num_entries <= self.capacity:
             return None
         return self._keep(self._scores(), self._ties())
 
     def compacted(self, keep: Tensor) -> None:
+        """The KV manager applied ``keep``: reorder the per-entry statistics the same way."""
         self.stats = {k: torch.gather(v, 2, keep.to(self.device)) for k, v in self.stats.items()}
         self.num_entries = keep.shape[2]
 
-    def restarted(self) -> "_SlotPolicy":
+    def restarted(self) -> "EvictionPolicy":
+        """The same policy with no entries (a recompute after preemption starts from an empty cache)."""
         return type(self)(self.options, self.capacity, *self.shape)
 
     # -- helpers ---------------------------------------------------------------------------
@@ -164,7 +143,7 @@ class _SlotPolicy:
         return torch.zeros(*self.shape, n, device=self.device)
 
 
-class StreamingLLM(_SlotPolicy):
+class StreamingLLM(EvictionPolicy):
     """Attention sinks (the first ``sinks`` entries) plus the most recent entries; needs no scores."""
 
     name = "streaming"
@@ -177,7 +156,7 @@ class StreamingLLM(_SlotPolicy):
         return s
 
 
-class H2O(_SlotPolicy):
+class H2O(EvictionPolicy):
     """Heavy hitters: attention accumulated by each entry (summed over the query group) since it was
     written; the lowest are evicted. Prompt entries start from the last W prompt queries' attention."""
 
@@ -196,7 +175,7 @@ class H2O(_SlotPolicy):
         return self.stats["acc"]
 
 
-class SnapKV(_SlotPolicy):
+class SnapKV(EvictionPolicy):
     """Prompt compression once, at the end of prefill: the last w = W prompt queries vote (summed over
     queries and group, max-pooled with kernel 7); keep the top C - w plus the window. A prompt that
     fits is not compressed; the generated tokens are never evicted."""
@@ -221,7 +200,7 @@ class SnapKV(_SlotPolicy):
         return self._keep(self._votes)
 
 
-class LazyEviction(_SlotPolicy):
+class LazyEviction(EvictionPolicy):
     """LazyEviction (2506.15969): per entry ``last`` (step of its latest recurrence, i.e. attention
     probability >= alpha) and ``mri`` (maximum recurrence interval). An entry born at step t starts with
     last = t - 1, mri = 0. Entries likely to recur again soon, relative to their own rhythm, score high:

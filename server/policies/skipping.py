@@ -70,10 +70,18 @@ QUERY_TILE = 512  # active queries per attention call in skipping layers (see _S
 MASKED_COST = 1.25
 
 
+# the skipping methods: whether each skips tokens at all
+METHODS = {"none": False, "spts": True}
+# the skip ratio of stage s + 1 of n, x = (s + 1) / n, on the way to the final ``ratio``
+SCHEDULES = {"linear": lambda ratio, x: ratio * x, "geometric": lambda ratio, x: 1.0 - (1.0 - ratio) ** x}
+# which blocks choose an active subset of tokens: (attention, MLP)
+BLOCKS = {"attention": (True, False), "mlp": (False, True), "both": (True, True)}
+
+
 def resolve_options(opts: Optional[SkipOptions], default: Optional[SkipOptions] = None) -> Optional[SkipOptions]:
     """The request's options, else the server default; None when skipping is off."""
     opts = opts if opts is not None else default
-    return opts if opts is not None and opts.method != "none" else None
+    return opts if opts is not None and METHODS[opts.method] else None
 
 
 @dataclass
@@ -127,10 +135,9 @@ def layer_ratios(opts: SkipOptions, num_layers: int) -> list:
     stage keeps the same share of the tokens the stage before kept)."""
     span = max(num_layers - opts.start_layer, 0)
     stages = opts.stages or max(span, 1)  # 0: a stage per layer
-    out = [0.0] * num_layers
+    out, ratio_at = [0.0] * num_layers, SCHEDULES[opts.schedule]
     for i in range(opts.start_layer, num_layers):
-        x = (min((i - opts.start_layer) * stages // max(span, 1), stages - 1) + 1) / stages
-        out[i] = opts.ratio * x if opts.schedule == "linear" else 1.0 - (1.0 - opts.ratio) ** x
+        out[i] = ratio_at(opts.ratio, (min((i - opts.start_layer) * stages // max(span, 1), stages - 1) + 1) / stages)
     return out
 
 
@@ -216,8 +223,7 @@ class _Segment:
             state.restart(req)
             state.prune_layer = torch.full((req.num_tokens,), num_layers, dtype=torch.int16, device=dev)
         self.prune_layer = state.prune_layer
-        self.skips_attn = opts.blocks in ("attention", "both")  # which blocks choose an active subset
-        self.skips_mlp = opts.blocks in ("mlp", "both")
+        self.skips_attn, self.skips_mlp = BLOCKS[opts.blocks]  # which blocks choose an active subset
         self.drops_kv = not reads_every_token(req)  # pruned tokens' later-layer K/V are never read: skip them
 
     def num_skipped(self, layer: int) -> int:

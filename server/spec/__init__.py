@@ -84,10 +84,6 @@ class Speculator(Technique):
         return self._shared
 
     # -- scheduling ----------------------------------------------------------------------------
-    def calibrate(self, cap: int) -> None:
-        """Time the controller's forwards now (start-up), so that no serving step pauses to measure."""
-        self.controller.calibrate(cap)
-
     def begin_step(self, running: list) -> None:
         """Each speculating decode's draft budget for this step (``SpecState.step_budget``)."""
         self._step_start = time.perf_counter()
