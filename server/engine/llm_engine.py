@@ -228,7 +228,8 @@ class LLMEngine:
         return failed
 
     def _step(self, outputs: list) -> None:
-        """Schedule -> the techniques plan -> run -> the techniques update -> outputs."""
+        """Schedule -> the techniques plan -> run -> tokens and outputs -> the techniques update (once the step's
+        tokens are final: stops applied, drafts verified)."""
         sched = self.scheduler.schedule()
         self.current_step_ids = tuple(s.request_id for s in sched.requests)
         if not sched.requests:
@@ -238,15 +239,11 @@ class LLMEngine:
         step_out = self.runner.execute(sched, requests)
         for rid, (start, lps) in step_out.prompt_logprobs.items():
             # keyed by target position, so a recompute after preemption overwrites instead of duplicating
-            req = requests[rid]
-            if req.prompt_logprob_table is None:
-                req.prompt_logprob_table = {0: None}
-            for j, lp in enumerate(lps):
-                req.prompt_logprob_table[start + j + 1] = lp
+            table = requests[rid].prompt_logprob_table = requests[rid].prompt_logprob_table or {0: None}
+            table.update((start + j + 1, lp) for j, lp in enumerate(lps))
         for req in self.scheduler.update(sched, step_out.sampled):
             outputs.append(self._process_tokens(req, step_out.sampled[req.request_id],
                                                 step_out.logprobs.get(req.request_id, [])))
-        # the step's tokens are final now (stops applied, drafts verified): techniques may evict
         for plan in self.techniques.after_step(sched, step_out, requests):
             self.scheduler.queue_compaction(plan)
         self.scheduler.suspects.difference_update(self.current_step_ids)  # a step of their own succeeded
