@@ -266,9 +266,9 @@ class Sparsity(Technique):
     def plan(self, step, requests: dict) -> None:
         # a loki request's key sketches go stale when an eviction compaction moves keys into its blocks
         moved = {int(x) // self.block_size for c in step.compactions for x in c.dst_slots}
-        for s in step.requests:
+        for s in step.requests if moved else ():
             state = requests[s.request_id].state_of(SparsityState)
-            if state is not None and moved and not moved.isdisjoint(s.block_table):
+            if state is not None and not moved.isdisjoint(s.block_table):
                 state.policy.keys_rewritten()
 
     def window(self, req: Request) -> tuple:
