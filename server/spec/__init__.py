@@ -153,12 +153,8 @@ class Speculator(Technique):
     @staticmethod
     def _learners(items: list, requests: dict) -> list:
         """The ``items`` of requests whose drafter keeps a Token Recycling table (speculating, not n-gram)."""
-        out = []
-        for s, row in items:
-            state = requests[s.request_id].state_of(SpecState)
-            if state is not None and state.drafter.table is not None:
-                out.append((s, row))
-        return out
+        return [(s, row) for s, row in items
+                if (state := requests[s.request_id].state_of(SpecState)) is not None and state.drafter.table is not None]
 
     def _learn(self, logits: Tensor, learners: list, requests: dict) -> None:
         """Token Recycling: the rows of ALL inputs of ``learners`` (:meth:`_learners`) get the top-k of their
