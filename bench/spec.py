@@ -172,7 +172,7 @@ def arms(methods, controllers):
 def use_controller(llms, name):
     """Both engines choose draft budgets with their own ``name`` controller (each keeps its statistics)."""
     for llm in llms:
-        llm.engine.speculator.controller = llm.controllers[name]
+        llm.engine.techniques["speculation"].controller = llm.controllers[name]
 
 
 def bench_drafters(llms, workloads, methods, concurrencies, max_tokens, draft_tokens, rounds, per_stream=2,
@@ -304,7 +304,7 @@ def next_token_distributions(llm, prompt):
 def bench_lantern(llm, prompts, deltas, k, max_tokens, draft_tokens):
     """Acceptance vs delta with no controller timing (every step drafts), so the sweep measures acceptance
     itself rather than how often this machine's timings let speculation run."""
-    speculator = llm.engine.speculator
+    speculator = llm.engine.techniques["speculation"]
     controller, speculator.controller = speculator.controller, SimpleController(None, 1)
     try:
         return _lantern_sweep(llm, prompts, deltas, k, max_tokens, draft_tokens)
@@ -313,7 +313,7 @@ def bench_lantern(llm, prompts, deltas, k, max_tokens, draft_tokens):
 
 
 def _lantern_sweep(llm, prompts, deltas, k, max_tokens, draft_tokens):
-    nearest = llm.engine.speculator.nearest(torch.device("cpu")).cpu()
+    nearest = llm.engine.techniques["speculation"].nearest(torch.device("cpu")).cpu()
     greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     _, base, _, _ = run(llm, prompts, len(prompts), greedy)
     dists = [(next_token_distributions(llm, p), p) for p in prompts[:4]]
@@ -383,7 +383,7 @@ def main():
         llm.controllers = {c: make_controller(c, measure, max(args.concurrency)) for c in args.controllers}
         for c in llm.controllers.values():
             c.calibrate(args.num_draft_tokens)
-        llm.engine.speculator.controller = llm.controllers[args.controllers[0]]
+        llm.engine.techniques["speculation"].controller = llm.controllers[args.controllers[0]]
     llm = llms[0]
     n = max(4, args.requests_per_stream * max(args.concurrency))  # the same prompts whichever concurrency runs
     workloads = {"humaneval": humaneval_prompts(llm.tokenizer, n), "chat": chat_prompts(llm.tokenizer, n)}

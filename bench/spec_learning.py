@@ -40,7 +40,7 @@ def main() -> None:
 
     max_c = max(c for _, c, _ in CELLS)
     llm = LLM(num_blocks=4096, max_num_seqs=max_c)
-    spec = llm.engine.speculator
+    spec = llm.engine.techniques["speculation"]
     learn = Speculator.learn_plain
     servers = {}  # setting -> [its speculation controller, its shared Token Recycling table]
     for name in ("on", "off"):

@@ -19,12 +19,14 @@ from sift.server.engine.detokenizer import IncrementalDetokenizer
 from sift.server.engine.outputs import RequestOutput
 from sift.server.engine.request import Request, RequestStatus, SamplingParams
 from sift.server.engine.scheduler import QueueFullError, Scheduler
-from sift.server.policies import skipping, sparsity
-from sift.server.policies.eviction import EvictionDriver
+from sift.server.policies.eviction import Eviction
+from sift.server.policies.skipping import Skipping
+from sift.server.policies.sparsity import Sparsity
 from sift.server.runner.model_runner import ModelRunner
 from sift.server.runner.sampler import check_sampling_row
 from sift.server.runner.timing import measure_forward
 from sift.server.spec import Speculator
+from sift.server.techniques import Techniques
 
 logger = logging.getLogger("sift.engine")
 
@@ -114,22 +116,23 @@ class LLMEngine:
                              f"request of max_model_len {self.max_model_len} (need {min_blocks})")
         self.backend = select_backend(config.attention_backend, self.device)
         self.kv = KVManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
-        self.speculator = Speculator(config.spec, self.vocab_size, lambda: self.model.embed_tokens.weight,
-                                     self.model_name,
-                                     measure=lambda num_seqs, q_len: measure_forward(self.runner, num_seqs, q_len),
-                                     max_batch=config.scheduler.max_num_seqs)
-        self.eviction = EvictionDriver(config.eviction, arch.num_layers, arch.num_kv_heads)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, window_of=sparsity.window_of,
-                                   exact_kv_of=self._exact_kv_tokens, speculator=self.speculator,
-                                   draft_depth_of=self.eviction.draft_depth, peak_tokens_of=self._peak_tokens,
-                                   rewind_of=sparsity.rewind_of, model_window=_model_window(arch))
+        speculator = Speculator(config.spec, self.vocab_size, lambda: self.model.embed_tokens.weight,
+                                self.model_name,
+                                measure=lambda num_seqs, q_len: measure_forward(self.runner, num_seqs, q_len),
+                                max_batch=config.scheduler.max_num_seqs)
+        eviction = Eviction(config.eviction, arch.num_layers, arch.num_kv_heads, self.kv)
+        # hooks run in this order: speculation last, so that the step time it observes includes the others
+        self.techniques = Techniques(Sparsity(config.sparsity, arch.num_layers, cc.block_size),
+                                     Skipping(config.skipping, self.model.token_skipping_unsupported),
+                                     eviction, speculator)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.techniques,
+                                   model_window=_model_window(arch))
         self.runner = ModelRunner(self.model, arch.num_layers, self.backend,
-                                  self.device, self.dtype, num_blocks, cc.block_size, speculator=self.speculator)
+                                  self.device, self.dtype, num_blocks, cc.block_size, speculator=speculator)
         if not config.model.enforce_eager:
             self.runner.compile(self.max_model_len, config.scheduler.max_num_seqs)
-        if config.spec.method != "none":  # every request speculates by default: time the forwards now
-            self.speculator.calibrate(config.spec.num_draft_tokens)
-        self.default_skipping = config.skipping
+        if config.spec.method != "none":  # every request speculates by default: time the forwards now, so
+            speculator.controller.calibrate(config.spec.num_draft_tokens)  # that no serving step pauses to measure
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._pending: list[RequestOutput] = []
         self.current_step_ids: tuple = ()  # request ids of the step being run (the watchdog names them)
@@ -157,18 +160,9 @@ class LLMEngine:
         gen.manual_seed(params.seed % 2**63 if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         req = Request(request_id, list(prompt_token_ids), params, priority=priority,
                       eos_token_ids=self.eos_token_ids, generator=gen)
-        req.state["sparsity"] = sparsity.make_policy(sparsity.resolve_options(params.sparsity, self.config.sparsity),
-                                                     self.arch.num_layers)
-        skip = skipping.resolve_options(params.skipping, self.default_skipping)
-        if skip is not None:
-            unsupported = self.model.token_skipping_unsupported(skip.blocks)
-            if unsupported:
-                raise ValueError(unsupported)
-            req.state["skipping"] = skip
         if params.structured is not None:
             self._attach_grammar(req)
-        self.eviction.attach(req)
-        self.speculator.attach(req)
+        self.techniques.on_admit(req)
         self.scheduler.add_request(req)
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, params.stop,
                                                          params.skip_special_tokens)
@@ -185,21 +179,10 @@ class LLMEngine:
                 from sift.server.structured.compiler import GrammarCompiler
                 self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
             compiled = self._grammars.get(spec)[0]
-        req.state["grammar"] = GrammarState(compiled)
+        req.grammar = GrammarState(compiled)
         self.counters["structured_requests"] += 1
-        if (req.params.speculative or self.speculator.default).method != "none":
+        if (req.params.speculative or self.techniques["speculation"].default).method != "none":
             self.counters["structured_spec_disabled"] += 1  # see can_speculate: constrained requests run plain
-
-    @staticmethod
-    def _exact_kv_tokens(req: Request) -> int:
-        """Leading tokens whose KV the request computes exactly as a dense request would (prefix-cache safe)."""
-        return 0 if skipping.lossy_prefill(req) else sparsity.exact_kv_of(req)
-
-    def _peak_tokens(self, req: Request) -> int:
-        """Most KV slots the request holds at once: its length, or its eviction policy's bound, plus a draft tree."""
-        peak = self.eviction.peak_tokens(req) or req.num_prompt_tokens + req.params.max_tokens
-        spec = req.state.get("spec")
-        return peak + (spec.options.num_draft_tokens if spec is not None else 0)
 
     def abort_request(self, request_id: str) -> None:
         for req in self.scheduler.abort([request_id]):
@@ -246,28 +229,24 @@ class LLMEngine:
         return failed
 
     def _step(self, outputs: list) -> None:
-        t0 = time.perf_counter()
+        """Schedule -> the techniques plan -> run -> tokens and outputs -> the techniques update (once the step's
+        tokens are final: stops applied, drafts verified)."""
         sched = self.scheduler.schedule()
         self.current_step_ids = tuple(s.request_id for s in sched.requests)
         if not sched.requests:
             return
-        sample = self.speculator.samples_step(sched, self.scheduler.requests)
-        self.eviction.prepare(sched, self.scheduler.requests)
-        step_out = self.runner.execute(sched, self.scheduler.requests)
-        prompt_lps = step_out.prompt_logprobs
-        for rid, (start, lps) in prompt_lps.items():
+        requests = self.scheduler.requests
+        self.techniques.plan(sched, requests)
+        step_out = self.runner.execute(sched, requests)
+        for rid, (start, lps) in step_out.prompt_logprobs.items():
             # keyed by target position, so a recompute after preemption overwrites instead of duplicating
-            table = self.scheduler.requests[rid].state.setdefault("prompt_logprobs", {0: None})
-            for j, lp in enumerate(lps):
-                table[start + j + 1] = lp
-        touched = self.scheduler.update(sched, step_out.sampled)
-        for req in touched:
+            table = requests[rid].prompt_logprob_table = requests[rid].prompt_logprob_table or {0: None}
+            table.update((start + j + 1, lp) for j, lp in enumerate(lps))
+        for req in self.scheduler.update(sched, step_out.sampled):
             outputs.append(self._process_tokens(req, step_out.sampled[req.request_id],
                                                 step_out.logprobs.get(req.request_id, [])))
-        # the step's tokens are final now (stops applied, drafts verified): policies may evict
-        for plan in self.eviction.after_step(sched, step_out, self.scheduler.requests, self.kv):
+        for plan in self.techniques.after_step(sched, step_out, requests):
             self.scheduler.queue_compaction(plan)
-        self.speculator.observe_step(time.perf_counter() - t0, sample, sum(map(len, step_out.sampled.values())))
         self.scheduler.suspects.difference_update(self.current_step_ids)  # a step of their own succeeded
 
     def _process_tokens(self, req: Request, new_tokens: list, new_logprobs: list) -> RequestOutput:
@@ -327,11 +306,10 @@ class LLMEngine:
             num_cached_tokens=req.num_cached_tokens,
             stop_reason=req.stop_reason,
         )
-        if "prompt_logprobs" in req.state and not req.state.get("prompt_logprobs_sent"):
-            table = req.state["prompt_logprobs"]
-            if len(table) >= req.num_prompt_tokens:
-                out.prompt_logprobs = [table[i] for i in range(req.num_prompt_tokens)]
-                req.state["prompt_logprobs_sent"] = True
+        table = req.prompt_logprob_table
+        if table is not None and not req.prompt_logprobs_sent and len(table) >= req.num_prompt_tokens:
+            out.prompt_logprobs = [table[i] for i in range(req.num_prompt_tokens)]
+            req.prompt_logprobs_sent = True
         if finished:
             self._detok.pop(req.request_id, None)
         return out
@@ -346,8 +324,7 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "prefix_cache_queries": kv.get("prefix_cache_queries", 0),
             "prefix_cache_hits": kv.get("prefix_cache_hits", 0),
-            **self.eviction.stats(self.scheduler.running, self.kv),
-            **self.speculator.stats,
+            **self.techniques.stats(self.scheduler.running),
             **self.runner.sparse_planner.counters,
             **self.runner.skip_planner.counters,
             **self.runner.structured_counters,

@@ -163,7 +163,21 @@ class Request:
     first_token_time: Optional[float] = None
     first_scheduled_time: Optional[float] = None
     generator: Any = None  # torch.Generator for seeded sampling
-    state: dict = field(default_factory=dict)  # technique state (drafter, eviction stats, ...)
+    grammar: Any = None  # sift.server.structured.masks.GrammarState of a grammar-constrained request
+    prompt_logprob_table: Optional[dict] = None  # target position -> (logprob, top), filled chunk by chunk
+    prompt_logprobs_sent: bool = False
+    # the techniques' typed states (sift.server.techniques.TechniqueState), keyed by their class: read them
+    # through state_of
+    technique_state: dict = field(default_factory=dict)
+
+    def state_of(self, kind):
+        """This request's state of type ``kind`` (None: no technique keeps one), restarted once after every
+        preemption, since its recompute starts from an empty cache."""
+        state = self.technique_state.get(kind)
+        if state is not None and state.epoch != self.num_preemptions:
+            state.epoch = self.num_preemptions
+            state.restart(self)
+        return state
 
     @property
     def token_ids(self) -> list:

@@ -20,6 +20,7 @@ from sift.server.config import SchedulerConfig
 from sift.server.engine.outputs import ScheduledRequest, SchedulerOutput
 from sift.server.engine.request import Request, RequestStatus
 from sift.server.spec.tree import depths, limit_depth
+from sift.server.techniques import Techniques
 
 
 # options that change how a prompt's KV is computed: requests share prompt KV only if these match
@@ -32,27 +33,12 @@ class QueueFullError(RuntimeError):
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVManager, max_model_len: int,
-                 window_of: Optional[Callable[[Request], tuple]] = None,
-                 exact_kv_of: Optional[Callable[[Request], int]] = None, speculator=None,
-                 draft_depth_of: Optional[Callable[[Request], Optional[int]]] = None,
-                 peak_tokens_of: Optional[Callable[[Request], int]] = None,
-                 rewind_of: Optional[Callable[[Request], int]] = None, model_window: int = 0):
+                 techniques: Optional[Techniques] = None, model_window: int = 0):
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
-        # (window, sinks) of a request: 0 window = dense. Supplied by the sparsity policy.
-        self.window_of = window_of or (lambda req: (0, 0))
-        # leading tokens whose KV a request computes exactly as a dense request would: only those may enter
-        # the prefix cache, and a request with none (windowed or token-skipping prefill) never reads it
-        self.exact_kv_of = exact_kv_of or (lambda req: req.num_tokens)
-        self.speculator = speculator  # sift.server.spec.Speculator: draft trees for decoding requests, or None
-        # deepest draft a request may take this step (None = any): an eviction policy must not see a decision
-        # point inside a tree, so that speculation stays lossless with respect to the same eviction without it
-        self.draft_depth_of = draft_depth_of or (lambda req: None)
-        # most KV entries a request holds at once (reserved admission): its whole length unless a policy bounds it
-        self.peak_tokens_of = peak_tokens_of or (lambda req: req.num_prompt_tokens + req.params.max_tokens)
-        # after a step: latest computed tokens to recompute (TidalDecode's KV correction); 0 = none
-        self.rewind_of = rewind_of or (lambda req: 0)
+        # what the techniques say of a request: its attention window, exact KV, peak, draft tree, rewind
+        self.techniques = techniques or Techniques()
         # the widest of the model's own per-layer sliding windows when EVERY layer has one (else 0): KV wholly
         # outside it is never read again by any layer, so its blocks go back to the pool
         self.model_window = model_window
@@ -155,8 +141,7 @@ class Scheduler:
         scheduled: list[tuple[Request, int]] = []
         preempted_any = False
         drafts: dict = {}  # request id -> DraftTree fed after the request's last token
-        if self.speculator is not None:
-            self.speculator.plan(self.running)
+        self.techniques.begin_step(self.running)
 
         for req in list(self.running):
             if budget <= 0:
@@ -166,7 +151,7 @@ class Scheduler:
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if n <= 0:
                 continue
-            tree = self._draft(req, budget) if n == 1 and self.speculator is not None else None
+            tree = self._draft(req, budget) if n == 1 else None
             if tree is not None:
                 n += len(tree)
                 drafts[req.request_id] = tree
@@ -194,8 +179,8 @@ class Scheduler:
     def _draft(self, req: Request, budget: int):
         """A draft tree for a decode, sized to the step budget and the context limit; None when the
         request does not speculate or its tree's blocks are not free (drafts never cause preemption)."""
-        tree = self.speculator.propose(req, min(budget - 1, self.max_model_len - req.num_tokens))
-        max_depth = self.draft_depth_of(req)
+        tree = self.techniques.draft(req, min(budget - 1, self.max_model_len - req.num_tokens))
+        max_depth = self.techniques.draft_depth(req)
         if tree is not None and max_depth is not None:
             tree = limit_depth(tree, max_depth)
         if tree is not None and self.kv.blocks_needed(req.request_id, 1 + len(tree)) > self.kv.num_free_blocks:
@@ -218,7 +203,7 @@ class Scheduler:
             if self.config.admission == "reserve" and not self._fits_reserved(req):
                 break
             blocks, num_cached = ([], 0)
-            if req.params.prompt_logprobs is None and self.exact_kv_of(req) > 0:
+            if req.params.prompt_logprobs is None and self.techniques.exact_kv(req) > 0:
                 blocks, num_cached = self.kv.get_computed_blocks(req.token_ids)
             n = min(req.num_tokens - num_cached, budget)
             if self.config.long_prefill_token_threshold > 0:
@@ -233,7 +218,7 @@ class Scheduler:
             heapq.heappush(self._waiting, entry)
 
     def _peak_blocks(self, req: Request) -> int:
-        tokens = min(self.peak_tokens_of(req), self.max_model_len)
+        tokens = min(self.techniques.peak_tokens(req), self.max_model_len)
         return -(-tokens // self.kv.block_size)
 
     def _fits_reserved(self, req: Request) -> bool:
@@ -308,7 +293,7 @@ class Scheduler:
         if tree is not None:  # root = the last token; a draft node sits at context length + depth - 1
             tokens = [req.token_ids[-1], *tree.tokens]
             positions = [start] + [start + d for d in depths(tree.parents)]
-        window, sinks = self.window_of(req)
+        window, sinks = self.techniques.window(req)
         return ScheduledRequest(
             request_id=req.request_id,
             token_ids=tokens,
@@ -344,8 +329,8 @@ class Scheduler:
                 touched.append(req)
             if self.kv.has(req.request_id):
                 self.kv.cache_blocks(req.request_id, req.token_ids,
-                                     min(req.num_computed_tokens, self.exact_kv_of(req)))
-                window, sinks = self.window_of(req)
+                                     min(req.num_computed_tokens, self.techniques.exact_kv(req)))
+                window, sinks = self.techniques.window(req)
                 if window:
                     self.kv.release_outside_window(req.request_id, sinks, window)
                 elif self.model_window and self.kv.is_pristine(req.request_id):  # kv index = position
@@ -355,7 +340,7 @@ class Scheduler:
 
     def _rewind(self, req: Request) -> None:
         """Recompute the request's latest tokens in its next step (their K/V are overwritten)."""
-        k = self.rewind_of(req)  # cheap, and 0 for almost every request: checked before the block-table scan
+        k = self.techniques.rewind(req)  # cheap, and 0 for almost every request: checked before the block-table scan
         if not k or not self.kv.is_pristine(req.request_id):
             return  # a compacted cache (a state it never leaves) no longer maps kv index = position
         copies = self.kv.truncate(req.request_id, req.num_computed_tokens - k)

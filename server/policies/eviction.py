@@ -26,12 +26,14 @@ entries once its prompt is processed, and ``budget >= prompt + max_tokens`` neve
 from __future__ import annotations
 
 import math
-from typing import Optional, Protocol
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from sift.server.options import EvictionOptions
+from sift.server.techniques import Technique, TechniqueState
 
 Tensor = torch.Tensor
 SNAPKV_POOL = 7  # SnapKV's 1-D pooling kernel over the observation-window scores
@@ -42,43 +44,24 @@ def resolve_capacity(budget: float, max_len: int) -> int:
     return int(budget) if budget > 1 else max(1, math.ceil(budget * max_len))
 
 
-class EvictionPolicy(Protocol):
-    """One request's eviction state. The engine calls, per step of the request:
-    ``score_queries`` before the forward, ``observe`` after it, then ``select``; when the KV manager
-    could compact with the returned ``keep``, ``compacted(keep)``."""
-
-    name: str
-    capacity: int  # C
-    window: int  # W
-    num_entries: int  # resident entries the policy accounts for
-
-    def score_queries(self, completes_prompt: bool, num_new: int) -> int:
-        """Trailing queries of this step whose attention the policy needs (0: no scores)."""
-
-    def observe(self, t: int, num_resident: int, scores: Optional[tuple]) -> None:
-        """Account for the step's new entries and fold in its scores ((sum, max) [L, Hkv, >= N] or None)."""
-
-    def select(self, completes_prompt: bool) -> Optional[Tensor]:
-        """Entries to keep, int64 [L, Hkv, C] rows strictly increasing, or None (no eviction now)."""
-
-    def compacted(self, keep: Tensor) -> None:
-        """The KV manager applied ``keep``: reorder the per-entry statistics the same way."""
-
-
-class _SlotPolicy:
-    """Shared bookkeeping: per-(layer, kv head, entry) statistics as [L, Hkv, N] tensors, the cadence,
-    and the keep rule (top C-W older entries by ``_scores`` plus the last W)."""
+class EvictionPolicy:
+    """One request's eviction state, as per-(layer, kv head, entry) statistics in [L, Hkv, N] tensors. The
+    Eviction technique calls, per step of the request: ``score_queries`` before the forward, ``observe``
+    after it, then ``select``; when the KV manager could compact with the returned ``keep``,
+    ``compacted(keep)``. Subclasses give the statistics (``_new_stats``, ``_update``) and the ranking
+    (``_scores``, ``_ties``); the cadence and the keep rule (top C-W older entries plus the last W) are here."""
 
     name = "base"
-    needs_scores = True
+    needs_scores = True  # whether it reads attention scores at all
     periodic = True  # decides at every crossing of a multiple of W (SnapKV: once, at the end of the prompt)
+    evicts_generated = True  # whether generated tokens may be evicted (SnapKV keeps every one)
 
     def __init__(self, options: EvictionOptions, capacity: int, num_layers: int, num_kv_heads: int):
         self.options = options
-        self.capacity = capacity
-        self.window = options.window
+        self.capacity = capacity  # C
+        self.window = options.window  # W
         self.shape = (num_layers, num_kv_heads)
-        self.num_entries = 0
+        self.num_entries = 0  # resident entries the policy accounts for
         self.t = 0
         self._crossed = False  # t crossed a multiple of W in the latest update
         self.stats: dict[str, Tensor] = {}
@@ -99,11 +82,13 @@ class _SlotPolicy:
         """[L, Hkv, N] that breaks ties among equal scores (higher = keep), or None: the more recent entry."""
         return None
 
-    # -- protocol --------------------------------------------------------------------------
+    # -- the technique's calls ----------------------------------------------------------------
     def score_queries(self, completes_prompt: bool, num_new: int) -> int:
+        """Trailing queries of this step whose attention the policy needs (0: no scores)."""
         return 1 if self.needs_scores else 0
 
     def observe(self, t: int, num_resident: int, scores: Optional[tuple]) -> None:
+        """Account for the step's new entries and fold in its scores ((sum, max) [L, Hkv, >= N] or None)."""
         if scores is not None and scores[0].device != self.device:
             self.device = scores[0].device
             self.stats = {k: v.to(self.device) for k, v in self.stats.items()}
@@ -120,13 +105,19 @@ class _SlotPolicy:
         self.t = t
 
     def select(self, completes_prompt: bool) -> Optional[Tensor]:
+        """Entries to keep, int64 [L, Hkv, C] rows strictly increasing, or None (no eviction now)."""
         if not self._crossed or self.num_entries <= self.capacity:
             return None
         return self._keep(self._scores(), self._ties())
 
     def compacted(self, keep: Tensor) -> None:
+        """The KV manager applied ``keep``: reorder the per-entry statistics the same way."""
         self.stats = {k: torch.gather(v, 2, keep.to(self.device)) for k, v in self.stats.items()}
         self.num_entries = keep.shape[2]
+
+    def restarted(self) -> "EvictionPolicy":
+        """The same policy with no entries (a recompute after preemption starts from an empty cache)."""
+        return type(self)(self.options, self.capacity, *self.shape)
 
     # -- helpers ---------------------------------------------------------------------------
     def _keep(self, scores: Tensor, tie: Optional[Tensor] = None) -> Tensor:
@@ -152,16 +143,7 @@ class _SlotPolicy:
         return torch.zeros(*self.shape, n, device=self.device)
 
 
-class NoEviction(_SlotPolicy):
-    name = "none"
-    needs_scores = False
-    periodic = False
-
-    def select(self, completes_prompt: bool) -> Optional[Tensor]:
-        return None
-
-
-class StreamingLLM(_SlotPolicy):
+class StreamingLLM(EvictionPolicy):
     """Attention sinks (the first ``sinks`` entries) plus the most recent entries; needs no scores."""
 
     name = "streaming"
@@ -174,7 +156,7 @@ class StreamingLLM(_SlotPolicy):
         return s
 
 
-class H2O(_SlotPolicy):
+class H2O(EvictionPolicy):
     """Heavy hitters: attention accumulated by each entry (summed over the query group) since it was
     written; the lowest are evicted. Prompt entries start from the last W prompt queries' attention."""
 
@@ -193,13 +175,14 @@ class H2O(_SlotPolicy):
         return self.stats["acc"]
 
 
-class SnapKV(_SlotPolicy):
+class SnapKV(EvictionPolicy):
     """Prompt compression once, at the end of prefill: the last w = W prompt queries vote (summed over
     queries and group, max-pooled with kernel 7); keep the top C - w plus the window. A prompt that
     fits is not compressed; the generated tokens are never evicted."""
 
     name = "snapkv"
     periodic = False
+    evicts_generated = False
 
     def score_queries(self, completes_prompt: bool, num_new: int) -> int:
         return self.window if completes_prompt else 0
@@ -217,7 +200,7 @@ class SnapKV(_SlotPolicy):
         return self._keep(self._votes)
 
 
-class LazyEviction(_SlotPolicy):
+class LazyEviction(EvictionPolicy):
     """LazyEviction (2506.15969): per entry ``last`` (step of its latest recurrence, i.e. attention
     probability >= alpha) and ``mri`` (maximum recurrence interval). An entry born at step t starts with
     last = t - 1, mri = 0. Entries likely to recur again soon, relative to their own rhythm, score high:
@@ -256,11 +239,14 @@ def lazy_scores(t: int, last: Tensor, mri: Tensor) -> Tensor:
     return recency + rhythm
 
 
-POLICIES = {cls.name: cls for cls in (NoEviction, StreamingLLM, H2O, SnapKV, LazyEviction)}
+POLICIES = {"none": None, **{cls.name: cls for cls in (StreamingLLM, H2O, SnapKV, LazyEviction)}}
 
 
-def make_policy(options: EvictionOptions, capacity: int, num_layers: int, num_kv_heads: int) -> EvictionPolicy:
-    return POLICIES[options.method](options, capacity, num_layers, num_kv_heads)
+def make_policy(options: EvictionOptions, capacity: int, num_layers: int,
+                num_kv_heads: int) -> Optional[EvictionPolicy]:
+    """The policy ``options`` name (None: no eviction)."""
+    cls = POLICIES[options.method]
+    return cls(options, capacity, num_layers, num_kv_heads) if cls is not None else None
 
 
 def evicting_depth(depth: int, num_entries: int, capacity: int, window: int) -> int:
@@ -271,34 +257,37 @@ def evicting_depth(depth: int, num_entries: int, capacity: int, window: int) -> 
     return depth if spare < 0 else depth + (spare // window + 1) * window
 
 
-class EvictionDriver:
-    """Engine glue. Per request: resolve its options once (``attach``); before a step, ask the backends
-    for every layer's scores when a scheduled request's policy needs them (``prepare``); after the step,
-    once its tokens are final, feed the scores to the policy and compact through the KV manager
-    (``after_step``, which returns the plans for the next SchedulerOutput)."""
+@dataclass
+class EvictionState(TechniqueState):
+    """An evicting request's policy (rebuilt after a preemption)."""
 
-    def __init__(self, default: EvictionOptions, num_layers: int, num_kv_heads: int):
+    policy: EvictionPolicy
+
+    def restart(self, req) -> None:
+        self.policy = self.policy.restarted()
+
+
+class Eviction(Technique):
+    """Per request: resolve its options once (``on_admit``); before a step, ask the backends for every layer's
+    scores when a scheduled request's policy needs them (``plan``); after the step, once its tokens are final,
+    feed the scores to the policy and compact through the KV manager (``after_step``, which returns the plans
+    for the next SchedulerOutput)."""
+
+    name = "eviction"
+
+    def __init__(self, default: EvictionOptions, num_layers: int, num_kv_heads: int, kv):
         self.default = default
         self.num_layers, self.num_kv_heads = num_layers, num_kv_heads
+        self.kv = kv  # sift.server.cache.kv_manager.KVManager
         self.all_layers = frozenset(range(num_layers))
         self.counters = {"kv_evicted_tokens": 0, "kv_compactions": 0}
 
-    def attach(self, req) -> None:
+    def on_admit(self, req) -> None:
         options = req.params.eviction or self.default
-        if options.method != "none":
-            req.state["eviction_options"] = options
-
-    def _policy(self, req) -> Optional[EvictionPolicy]:
-        """The request's policy, rebuilt after a preemption (the recompute starts from a full cache)."""
-        options = req.state.get("eviction_options")
-        if options is None:
-            return None
-        policy = req.state.get("eviction")
-        if policy is None or req.state.get("eviction_epoch") != req.num_preemptions:
-            capacity = resolve_capacity(options.budget, req.num_prompt_tokens + req.params.max_tokens)
-            policy = req.state["eviction"] = make_policy(options, capacity, self.num_layers, self.num_kv_heads)
-            req.state["eviction_epoch"] = req.num_preemptions
-        return policy
+        capacity = resolve_capacity(options.budget, req.num_prompt_tokens + req.params.max_tokens)
+        policy = make_policy(options, capacity, self.num_layers, self.num_kv_heads)
+        if policy is not None:
+            req.technique_state[EvictionState] = EvictionState(policy)
 
     @staticmethod
     def _completes_prompt(req, s) -> bool:
@@ -307,13 +296,14 @@ class EvictionDriver:
 
     def peak_tokens(self, req) -> Optional[int]:
         """Most entries the request holds at once under its policy (None: no eviction): the whole prompt until
-        its first decision, then C + W for the periodic policies, and C plus every generated token for SnapKV."""
-        options = req.state.get("eviction_options")
-        if options is None:
+        its first decision, then C + W for the policies that evict generated tokens, C plus every generated
+        token for SnapKV."""
+        state = req.state_of(EvictionState)
+        if state is None:
             return None
         full = req.num_prompt_tokens + req.params.max_tokens
-        c = resolve_capacity(options.budget, full)
-        steady = c + (req.params.max_tokens if options.method == "snapkv" else options.window)
+        policy = state.policy
+        steady = policy.capacity + (policy.window if policy.evicts_generated else req.params.max_tokens)
         return min(full, max(req.num_prompt_tokens, steady))
 
     def draft_depth(self, req) -> Optional[int]:
@@ -321,43 +311,46 @@ class EvictionDriver:
         after the step whose t is a multiple of W; a tree whose accepted path crossed that point would let the
         tokens after it attend to a cache that, decoded one token at a time, would have been compacted already.
         So the tree stops at the first decision point that will evict (one where the entries exceed C)."""
-        policy = self._policy(req)
-        if policy is None or not policy.periodic:
+        state = req.state_of(EvictionState)
+        if state is None or not state.policy.periodic:
             return None
+        policy = state.policy
         p = req.num_computed_tokens  # the root's position: decoding it alone would be step t = p + 1
         return evicting_depth(-(p + 1) % policy.window, policy.num_entries, policy.capacity, policy.window)
 
-    def prepare(self, sched, requests: dict) -> None:
+    def plan(self, step, requests: dict) -> None:
         needs = False
-        for s in sched.requests:
-            policy = self._policy(requests[s.request_id])
-            if policy is None:
+        for s in step.requests:
+            req = requests[s.request_id]
+            state = req.state_of(EvictionState)
+            if state is None:
                 continue
             if s.draft_parents is not None:  # per-query tree scores (sift.kernels.reference.tree_scores)
-                needs |= policy.needs_scores
+                needs |= state.policy.needs_scores
                 continue
-            q = policy.score_queries(self._completes_prompt(requests[s.request_id], s), len(s.token_ids))
+            q = state.policy.score_queries(self._completes_prompt(req, s), len(s.token_ids))
             if q:
                 needs, s.score_queries = True, q
         if needs:
-            sched.score_layers = sched.score_layers | self.all_layers
+            step.score_layers = step.score_layers | self.all_layers
 
-    def after_step(self, sched, step_out, requests: dict, kv) -> list:
+    def after_step(self, step, outputs, requests: dict) -> list:
         """Plans of the compactions done (already applied to the KV manager's tables)."""
         sums = maxs = None
-        if step_out.scores:
-            sums = torch.stack([step_out.scores[layer][0] for layer in range(self.num_layers)], dim=1)
-            maxs = torch.stack([step_out.scores[layer][1] for layer in range(self.num_layers)], dim=1)
-        plans = []
-        for b, s in enumerate(sched.requests):
+        if outputs.scores:
+            sums = torch.stack([outputs.scores[layer][0] for layer in range(self.num_layers)], dim=1)
+            maxs = torch.stack([outputs.scores[layer][1] for layer in range(self.num_layers)], dim=1)
+        plans, kv = [], self.kv
+        for b, s in enumerate(step.requests):
             req = requests.get(s.request_id)
             if req is None or req.status.finished or not kv.has(s.request_id):
                 continue  # finished, aborted or preempted
-            policy = req.state.get("eviction")
-            if policy is None or req.state.get("eviction_epoch") != req.num_preemptions:
+            state = req.state_of(EvictionState)
+            if state is None:
                 continue
+            policy = state.policy
             if s.draft_parents is not None:
-                self._observe_tree(policy, req, s, b, step_out)
+                self._observe_tree(policy, req, s, b, outputs)
             else:
                 policy.observe(req.num_computed_tokens, kv.num_resident(s.request_id),
                                None if sums is None else (sums[b], maxs[b]))
@@ -373,14 +366,14 @@ class EvictionDriver:
             plans.append(plan)
         return plans
 
-    def _observe_tree(self, policy: EvictionPolicy, req, s, b: int, step_out) -> None:
+    def _observe_tree(self, policy: EvictionPolicy, req, s, b: int, outputs) -> None:
         """Feed a verification step to the policy as the one-token steps it replaces: the root and each accepted
         draft, in order, each seeing the context plus the path before it (columns re-indexed to the compacted
         layout). ``draft_depth`` kept decision points out of the middle of the path."""
-        path = [0, *step_out.accepted_nodes.get(s.request_id, [])]
+        path = [0, *outputs.accepted_nodes.get(s.request_id, [])]
         ctx = s.kv_len - len(s.token_ids)
         t0 = req.num_computed_tokens - len(path)
-        layers = [step_out.tree_scores[layer][b] for layer in range(self.num_layers)] if step_out.tree_scores else None
+        layers = [outputs.tree_scores[layer][b] for layer in range(self.num_layers)] if outputs.tree_scores else None
         for j, node in enumerate(path):
             scores = None
             if layers is not None:
@@ -388,7 +381,8 @@ class EvictionDriver:
                 scores = tuple(torch.stack([lay[k][node][:, cols] for lay in layers]) for k in (0, 1))
             policy.observe(t0 + j + 1, ctx + j + 1, scores)
 
-    def stats(self, running: list, kv) -> dict:
+    def stats(self, running: list) -> dict:
+        kv = self.kv
         return {**self.counters,
                 "kv_resident_tokens": sum(kv.num_resident(r.request_id) for r in running if kv.has(r.request_id)),
                 "kv_logical_tokens": sum(r.num_computed_tokens for r in running)}

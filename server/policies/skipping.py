@@ -44,22 +44,24 @@ choices made here, each a knob of :class:`sift.server.options.SkipOptions`:
   list without the pruned tokens, through the sparse decode kernel). The paged pool keeps one KV length
   for all layers of a request, so the slots stay allocated (earlier layers read them); later layers
   compute no Q/K/V for them and leave their K/V unwritten. A request whose other options read the KV on
-  their own terms (speculation, eviction, a sparse decode policy: :func:`reads_every_token`) keeps
+  their own terms (speculation, eviction, a sparse decode policy: ``techniques.reads_every_token``) keeps
   pruned tokens visible in decode, so their K/V is still written, from the pass-through hidden state.
-  Per request, ``state["prune_layer"][i]`` is the first layer that no longer reads kv index i.
+  Per request, ``SkipState.prune_layer[i]`` is the first layer that no longer reads kv index i.
 * A skipping request computes lossy KV: it neither reads nor feeds the prefix cache
-  (:func:`lossy_prefill`).
+  (:meth:`Skipping.exact_kv`).
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
 
 import torch
 
 from sift.kernels import reference as ref
 from sift.server.engine.request import Request
 from sift.server.options import SkipOptions
-from sift.server.policies.sparsity import reads_every_token
+from sift.server.policies.sparsity import PrunedReads
+from sift.server.techniques import ALL_TOKENS, Technique, TechniqueState, reads_every_token
 
 Tensor = torch.Tensor
 QUERY_TILE = 512  # active queries per attention call in skipping layers (see _Segment.attention)
@@ -68,19 +70,68 @@ QUERY_TILE = 512  # active queries per attention call in skipping layers (see _S
 MASKED_COST = 1.25
 
 
+# the skipping methods: whether each skips tokens at all
+METHODS = {"none": False, "spts": True}
+# the skip ratio of stage s + 1 of n, x = (s + 1) / n, on the way to the final ``ratio``
+SCHEDULES = {"linear": lambda ratio, x: ratio * x, "geometric": lambda ratio, x: 1.0 - (1.0 - ratio) ** x}
+# which blocks choose an active subset of tokens: (attention, MLP)
+BLOCKS = {"attention": (True, False), "mlp": (False, True), "both": (True, True)}
+
+
 def resolve_options(opts: Optional[SkipOptions], default: Optional[SkipOptions] = None) -> Optional[SkipOptions]:
     """The request's options, else the server default; None when skipping is off."""
     opts = opts if opts is not None else default
-    return opts if opts is not None and opts.method != "none" else None
+    return opts if opts is not None and METHODS[opts.method] else None
 
 
-def applies(opts: Optional[SkipOptions], req: Request) -> bool:
-    return opts is not None and req.num_prompt_tokens >= opts.min_prompt_len
+@dataclass
+class SkipState(TechniqueState):
+    """A skipping request's options and what its prefill pruned."""
+
+    options: SkipOptions
+    prune_layer: Optional[Tensor] = None  # [prefilled tokens] int16: the first layer that no longer reads each
+    _reads: Optional[PrunedReads] = field(default=None, init=False, repr=False)
+    reads_own_kv = False
+
+    def restart(self, req) -> None:
+        self.prune_layer = self._reads = None
+
+    def applies(self, req: Request) -> bool:
+        return req.num_prompt_tokens >= self.options.min_prompt_len
+
+    def pruned_reads(self, req: Request, num_layers: int) -> Optional[PrunedReads]:
+        """The decode reads of a request whose prefill pruned tokens, or None. Requests whose other techniques
+        read the KV on their own terms (speculative trees, eviction scores, a sparse method) keep every token."""
+        if self._reads is None:
+            prune = self.prune_layer
+            if prune is None or int(prune.min()) >= num_layers or reads_every_token(req):
+                return None
+            self._reads = PrunedReads(prune, num_layers)
+        return self._reads
 
 
-def lossy_prefill(req: Request) -> bool:
-    """Whether the request's prompt KV comes out of skipped blocks (then no prefix cache either way)."""
-    return applies(req.state.get("skipping"), req)
+class Skipping(Technique):
+    """Probe-and-Skip prefills: the request's options, else the server default. ``unsupported(blocks)`` is
+    the model's reason it cannot skip those blocks (None: it can); such a request is refused at admission."""
+
+    name = "skipping"
+
+    def __init__(self, default: Optional[SkipOptions], unsupported: Callable[[str], Optional[str]]):
+        self.default = default
+        self.unsupported = unsupported
+
+    def on_admit(self, req: Request) -> None:
+        opts = resolve_options(req.params.skipping, self.default)
+        if opts is not None:
+            reason = self.unsupported(opts.blocks)
+            if reason:
+                raise ValueError(reason)
+            req.technique_state[SkipState] = SkipState(opts)
+
+    def exact_kv(self, req: Request) -> int:
+        """A skipping prefill computes lossy KV: then no prefix cache either way."""
+        state = req.state_of(SkipState)
+        return 0 if state is not None and state.applies(req) else ALL_TOKENS
 
 
 def layer_ratios(opts: SkipOptions, num_layers: int) -> list:
@@ -89,10 +140,9 @@ def layer_ratios(opts: SkipOptions, num_layers: int) -> list:
     stage keeps the same share of the tokens the stage before kept)."""
     span = max(num_layers - opts.start_layer, 0)
     stages = opts.stages or max(span, 1)  # 0: a stage per layer
-    out = [0.0] * num_layers
+    out, ratio_at = [0.0] * num_layers, SCHEDULES[opts.schedule]
     for i in range(opts.start_layer, num_layers):
-        x = (min((i - opts.start_layer) * stages // max(span, 1), stages - 1) + 1) / stages
-        out[i] = opts.ratio * x if opts.schedule == "linear" else 1.0 - (1.0 - opts.ratio) ** x
+        out[i] = ratio_at(opts.ratio, (min((i - opts.start_layer) * stages // max(span, 1), stages - 1) + 1) / stages)
     return out
 
 
@@ -139,12 +189,12 @@ class _Segment:
         self.stage_decisions = 0
         self.slots = ref.slots_for(meta.block_tables[b], kv_len, meta.block_size)
         self.q_pos = torch.arange(kv_len - n, kv_len, device=dev)
-        if kv_len == n or "prune_layer" not in req.state:  # a (re)started prefill: nothing pruned yet
-            req.state["prune_layer"] = torch.full((req.num_tokens,), num_layers, dtype=torch.int16, device=dev)
-            req.state.pop("pruned_reads", None)
-        self.prune_layer = req.state["prune_layer"]
-        self.skips_attn = opts.blocks in ("attention", "both")  # which blocks choose an active subset
-        self.skips_mlp = opts.blocks in ("mlp", "both")
+        state = req.state_of(SkipState)
+        if kv_len == n or state.prune_layer is None:  # a (re)started prefill: nothing pruned yet
+            state.restart(req)
+            state.prune_layer = torch.full((req.num_tokens,), num_layers, dtype=torch.int16, device=dev)
+        self.prune_layer = state.prune_layer
+        self.skips_attn, self.skips_mlp = BLOCKS[opts.blocks]  # which blocks choose an active subset
         self.drops_kv = not reads_every_token(req)  # pruned tokens' later-layer K/V are never read: skip them
 
     def num_skipped(self, layer: int) -> int:
@@ -223,13 +273,13 @@ class SkipPlanner:
         segments, offset = [], 0
         for b, s in enumerate(sched.requests):
             req = requests[s.request_id]
-            opts = req.state.get("skipping")
+            state = req.state_of(SkipState)
             n = len(s.token_ids)
             # a chunk too short to probe still runs here once the prompt pruned tokens: it must not read them
-            if (opts is not None and applies(opts, req) and s.window == 0 and s.draft_parents is None
-                    and (n > opts.probe_tokens or (s.kv_len > n and "prune_layer" in req.state))
-                    and s.positions[0] < req.num_prompt_tokens and opts.start_layer < self.num_layers):
-                segments.append(_Segment(b, offset, n, s.kv_len, opts, self.num_layers, meta, req))
+            if (state is not None and state.applies(req) and s.window == 0 and s.draft_parents is None
+                    and (n > state.options.probe_tokens or (s.kv_len > n and state.prune_layer is not None))
+                    and s.positions[0] < req.num_prompt_tokens and state.options.start_layer < self.num_layers):
+                segments.append(_Segment(b, offset, n, s.kv_len, state.options, self.num_layers, meta, req))
             offset += n
         if not segments:
             return None

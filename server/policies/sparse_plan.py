@@ -14,7 +14,8 @@ from sift.kernels.backend import AttentionBackend, AttentionMetadata
 from sift.kernels.selection import (kept_tokens, pages_to_slots, quest_page_bounds, rerank_slots, sketch_topk,
                                top_pages, topk_token_slots)
 from sift.server.policies.key_index import QuestIndex
-from sift.server.policies.sparsity import DENSE, KEEP, PAGES, SELECT, SKETCH, TOKENS, pruned_reads
+from sift.server.policies.skipping import SkipState
+from sift.server.policies.sparsity import DENSE, KEEP, PAGES, SELECT, SKETCH, TOKENS, SparsityState
 
 Tensor = torch.Tensor
 
@@ -31,17 +32,12 @@ class SparsePlanner:
 
     def plan(self, sched, requests: dict, meta: AttentionMetadata) -> Optional["SparsePlan"]:
         rows, picked, offset = [], [], 0
-        moved = {int(x) // self.block_size for c in sched.compactions for x in c.dst_slots}  # rewritten in place
         for b, s in enumerate(sched.requests):
             req = requests[s.request_id]
-            policy = req.state.get("sparsity")
-            if policy is None or not policy.sparse_decode:
-                policy = pruned_reads(req, len(self.kv_caches))
-            if policy is not None and policy.sparse_decode:
-                if policy.name == "quest" and self.index is None:
+            policy = self._policy(req)
+            if policy is not None:
+                if policy.uses_page_index and self.index is None:
                     self.index = QuestIndex(self.kv_caches, self.block_size)
-                if policy.name == "loki":
-                    self._check_sketch(policy, req, s, moved)
                 # a decode step, not a one-token prefill chunk (prefill stays dense)
                 if len(s.token_ids) == 1 and s.draft_parents is None and s.positions[0] >= req.num_prompt_tokens:
                     rows.append(offset)
@@ -53,17 +49,18 @@ class SparsePlanner:
         if not rows:  # no plan: the step runs the backend's dense path as if no sparse request existed
             return None
         if self.index is not None:
-            self.index.refresh([blk for _, s, p in picked if p.name == "quest" for blk in s.block_table],
+            self.index.refresh([blk for _, s, p in picked if p.uses_page_index for blk in s.block_table],
                                self.kv_caches)
         return SparsePlan(rows, picked, meta, self.index, self.block_size)
 
-    @staticmethod
-    def _check_sketch(policy, req, s, moved: set) -> None:
-        """A loki request's key sketches go stale when its keys are rewritten in place: a recompute after
-        preemption, or an eviction compaction into its blocks (``moved``: the step's compacted blocks)."""
-        if req.num_preemptions != policy.preemptions or (moved and not moved.isdisjoint(s.block_table)):
-            policy.preemptions = req.num_preemptions
-            policy.sketch.invalidate()
+    def _policy(self, req):
+        """The request's sparse-decode policy: its sparsity method's, else the reads its skipping prefill left
+        (:class:`PrunedReads`); None when it decodes densely."""
+        state = req.state_of(SparsityState)
+        if state is not None and state.policy.sparse_decode:
+            return state.policy
+        skip = req.state_of(SkipState)
+        return skip.pruned_reads(req, len(self.kv_caches)) if skip is not None else None
 
     def _note_writes(self, sched, recorded: bool) -> None:
         """Tell the Quest index what this step rewrites. ``recorded``: a plan folds the step's keys into the
@@ -104,7 +101,7 @@ class SparsePlan:
         self.selected = torch.tensor([p.selected for p in self.policies], device=dev)
         self.max_selected = min(int(max(p.selected for p in self.policies)), self.sub.max_kv_len)
         # some tidal rows keep more candidates than their budget: their sparse layers re-rank them
-        self.rerank = any(p.name == "tidal" and p.selected > p.budget for p in self.policies)
+        self.rerank = any(p.shares_selection and p.selected > p.budget for p in self.policies)
         self.forced: Optional[Tensor] = None  # [n, Hkv, max_selected]: candidates every layer keeps
         # the rows are the whole batch in order: a layer where all of them read their tidal selection is
         # one sparse decode call, without gathering rows or slot lists

@@ -45,6 +45,7 @@ Executing the policies' decisions step by step (the Quest index, the per-step pl
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -52,10 +53,10 @@ import torch
 from sift.server.engine.request import Request
 from sift.server.options import SparsityOptions
 from sift.server.policies.key_index import KeySketch
+from sift.server.techniques import ALL_TOKENS, Technique, TechniqueState
 
 Tensor = torch.Tensor
 DENSE, SELECT, TOKENS, PAGES, KEEP, SKETCH = range(6)  # a request's role in one decode layer
-ALL_TOKENS = 1 << 62
 QUEST_DENSE_LAYERS = 2  # Quest leaves the first two layers dense
 
 
@@ -64,6 +65,9 @@ class SparsityPolicy:
 
     name = "dense"
     sparse_decode = False  # whether decode steps need a SparsePlan
+    reads_own_kv = False  # whether the request's attention reads other than every token (see TechniqueState)
+    uses_page_index = False  # whether its decode ranks pages by the pool's QuestIndex
+    shares_selection = False  # whether later layers read a selection layer's tokens (re-ranked when selected > budget)
 
     def __init__(self, opts: SparsityOptions, num_layers: int):
         self.opts = opts
@@ -93,9 +97,16 @@ class SparsityPolicy:
         """After a step: how many of the latest computed tokens to re-encode densely now (0: none)."""
         return 0
 
+    def restart(self) -> None:
+        """The request was preempted: its keys are recomputed."""
+
+    def keys_rewritten(self) -> None:
+        """Some of the request's keys were rewritten in place (an eviction compaction into its blocks)."""
+
 
 class WindowPolicy(SparsityPolicy):
     name = "window"
+    reads_own_kv = True
 
     def window(self) -> tuple[int, int]:
         return self.opts.window, self.opts.sinks
@@ -108,6 +119,7 @@ class _SparseDecode(SparsityPolicy):
     """A policy whose decode steps read a selection of the KV (a SparsePlan runs them)."""
 
     sparse_decode = True
+    reads_own_kv = True
 
     def exact_kv_tokens(self, req: Request) -> int:
         return req.num_prompt_tokens  # generated tokens' KV comes out of sparse layers
@@ -128,6 +140,7 @@ class _TokenSelection(_SparseDecode):
 
 class TidalPolicy(_TokenSelection):
     name = "tidal"
+    shares_selection = True
 
     def __init__(self, opts: SparsityOptions, num_layers: int):
         super().__init__(opts, num_layers)
@@ -157,6 +170,7 @@ class TidalPolicy(_TokenSelection):
 
 class QuestPolicy(_SparseDecode):
     name = "quest"
+    uses_page_index = True
 
     def __init__(self, opts: SparsityOptions, num_layers: int):
         super().__init__(opts, num_layers)
@@ -170,7 +184,12 @@ class LokiPolicy(_TokenSelection):
         super().__init__(opts, num_layers)
         self.roles = tuple(DENSE if i < QUEST_DENSE_LAYERS else SKETCH for i in range(num_layers))
         self.sketch = KeySketch(num_layers, opts.rank)
-        self.preemptions = 0  # the request's count when its sketches were taken (a recompute rewrites keys)
+
+    def restart(self) -> None:
+        self.sketch.invalidate()
+
+    def keys_rewritten(self) -> None:
+        self.sketch.invalidate()
 
 
 POLICIES = {p.name: p for p in (SparsityPolicy, WindowPolicy, TidalPolicy, QuestPolicy, LokiPolicy)}
@@ -184,6 +203,7 @@ class PrunedReads:
 
     name = "pruned"
     sparse_decode = True
+    uses_page_index = shares_selection = False
     budget = selected = 0
 
     @staticmethod
@@ -206,25 +226,6 @@ class PrunedReads:
         return slots[idx]
 
 
-def reads_every_token(req: Request) -> bool:
-    """Whether the request's options read the KV on their own terms (speculative trees, eviction scores, a
-    sparse method): then tokens its prefill pruned stay visible, and their KV must stay written."""
-    policy = req.state.get("sparsity")
-    return "spec" in req.state or "eviction_options" in req.state or (policy is not None and policy.name != "dense")
-
-
-def pruned_reads(req: Request, num_layers: int) -> Optional[PrunedReads]:
-    """The decode reads of a request whose prefill pruned tokens, or None. Requests whose other options
-    read the KV on their own terms (speculative trees, eviction scores, a sparse method) keep every token."""
-    reads = req.state.get("pruned_reads")
-    if reads is None:
-        prune = req.state.get("prune_layer")
-        if prune is None or int(prune.min()) >= num_layers or reads_every_token(req):
-            return None
-        reads = req.state["pruned_reads"] = PrunedReads(prune, num_layers)
-    return reads
-
-
 def resolve_options(opts: Optional[SparsityOptions], default: SparsityOptions) -> SparsityOptions:
     """The request's own options, else the server default."""
     return opts if opts is not None else default
@@ -234,16 +235,48 @@ def make_policy(opts: SparsityOptions, num_layers: int) -> SparsityPolicy:
     return POLICIES[opts.method](opts, num_layers)
 
 
-def window_of(req: Request) -> tuple[int, int]:
-    policy = req.state.get("sparsity")
-    return policy.window() if policy is not None else (0, 0)
+@dataclass
+class SparsityState(TechniqueState):
+    policy: SparsityPolicy
+
+    @property
+    def reads_own_kv(self) -> bool:
+        return self.policy.reads_own_kv
+
+    def restart(self, req) -> None:
+        self.policy.restart()
 
 
-def rewind_of(req: Request) -> int:
-    policy = req.state.get("sparsity")
-    return policy.rewind(req) if policy is not None else 0
+class Sparsity(Technique):
+    """Every request's sparsity policy (its own options, else the server default)."""
 
+    name = "sparsity"
 
-def exact_kv_of(req: Request) -> int:
-    policy = req.state.get("sparsity")
-    return policy.exact_kv_tokens(req) if policy is not None else ALL_TOKENS
+    def __init__(self, default: SparsityOptions, num_layers: int, block_size: int):
+        self.default = default
+        self.num_layers = num_layers
+        self.block_size = block_size
+
+    def on_admit(self, req: Request) -> None:
+        policy = make_policy(resolve_options(req.params.sparsity, self.default), self.num_layers)
+        req.technique_state[SparsityState] = SparsityState(policy)
+
+    def plan(self, step, requests: dict) -> None:
+        # a loki request's key sketches go stale when an eviction compaction moves keys into its blocks
+        moved = {int(x) // self.block_size for c in step.compactions for x in c.dst_slots}
+        for s in step.requests if moved else ():
+            state = requests[s.request_id].state_of(SparsityState)
+            if state is not None and not moved.isdisjoint(s.block_table):
+                state.policy.keys_rewritten()
+
+    def window(self, req: Request) -> tuple:
+        state = req.state_of(SparsityState)
+        return state.policy.window() if state is not None else (0, 0)
+
+    def exact_kv(self, req: Request) -> int:
+        state = req.state_of(SparsityState)
+        return state.policy.exact_kv_tokens(req) if state is not None else ALL_TOKENS
+
+    def rewind(self, req: Request) -> int:
+        state = req.state_of(SparsityState)
+        return state.policy.rewind(req) if state is not None else 0

@@ -3,7 +3,7 @@
 Logprobs are reported from the raw model distribution (log_softmax of the
 logits before penalties and temperature), as vLLM does by default.
 
-Grammar constraints: rows whose request carries a ``GrammarState`` (``state['grammar']``) get
+Grammar constraints: rows whose request carries a ``GrammarState`` (``req.grammar``) get
 their token bitmask applied after the penalties (``sift.server.structured.masks``), and their matcher
 advances by the chosen token; the other rows are untouched.
 
@@ -98,10 +98,10 @@ def sample(logits: Tensor, reqs: list[Request], penalties: bool = True) -> Sampl
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in want_lp) else None
     if penalties:
         logits = apply_penalties(logits, reqs)
-    constrained = [i for i, r in enumerate(reqs) if "grammar" in r.state]
+    constrained = [i for i, r in enumerate(reqs) if r.grammar is not None]
     mask_seconds = 0.0
     if constrained:
-        mask_seconds = apply_masks(logits, constrained, [reqs[i].state["grammar"] for i in constrained])
+        mask_seconds = apply_masks(logits, constrained, [reqs[i].grammar for i in constrained])
     greedy = torch.tensor([r.params.greedy for r in reqs], device=logits.device)
     tokens = logits.argmax(dim=-1)
     if not bool(greedy.all()):
@@ -120,7 +120,7 @@ def sample(logits: Tensor, reqs: list[Request], penalties: bool = True) -> Sampl
             tokens[rows[j]] = draw(probs[j], req.generator)
     token_list = tokens.tolist()
     for i in constrained:
-        reqs[i].state["grammar"].accept(token_list[i])
+        reqs[i].grammar.accept(token_list[i])
     lps = None
     if raw_logprobs is not None:
         lps = []

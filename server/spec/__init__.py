@@ -1,15 +1,16 @@
-"""Speculative decoding: the engine-facing :class:`Speculator`.
+"""Speculative decoding: the engine-facing :class:`Speculator`, the speculation technique.
 
-It resolves each request's options once (``attach``), asks the controller for the step's draft budgets
-and proposes trees for the scheduler (``plan`` / ``propose``), and verifies the trees' logits for the
-runner (``verify``), refreshing the Token Recycling table and the controller's statistics. Drafters live
+It resolves each request's options once (``on_admit``), asks the controller for the step's draft budgets
+and proposes trees for the scheduler (``begin_step`` / ``draft``), verifies the trees' logits for the
+runner (``verify``), refreshing the Token Recycling table and the controller's statistics, and reports
+each step's time to the controller (``plan`` / ``after_step``). Drafters live
 in :mod:`sift.server.spec.drafters`, tree shapes in :mod:`sift.server.spec.tree`, acceptance in
 :mod:`sift.server.spec.verify`, the default controller in :mod:`sift.server.spec.controller` (the adaptive one in
 :mod:`sift.server.spec.adaptive`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
 from typing import Callable, Optional, Union
 
 import torch
@@ -17,22 +18,12 @@ import torch
 from sift.server.engine.request import Request
 from sift.server.options import SpecConfig, SpecOptions
 from sift.server.spec.controller import SimpleController
-from sift.server.spec.drafters import TOPK, Drafter, RecyclingTable, make_drafter
+from sift.server.spec.drafters import DRAFTERS, TOPK, RecyclingTable, SpecState, make_drafter
 from sift.server.spec.tree import DraftTree, depths
 from sift.server.spec.verify import TreeInput, Verdict, nearest_neighbours, verify_trees
+from sift.server.techniques import Technique
 
 Tensor = torch.Tensor
-
-
-@dataclass
-class SpecState:
-    """Per-request speculation state, kept in ``Request.state['spec']``."""
-
-    options: SpecOptions
-    drafter: Drafter
-    step_budget: int = 0  # the draft budget the controller chose for this request this step (0: a plain decode)
-    budget: int = 0  # the budget the current tree was built under (step_budget, capped by room)
-    control: object = None  # the controller's own per-request state, if it keeps any
 
 
 def can_speculate(params) -> bool:
@@ -48,10 +39,11 @@ def can_speculate(params) -> bool:
 # taking turns still refresh it every few steps. While the controller lets nobody draft (``off``), one row
 # a step keeps the table warm for when the batch shrinks
 PLAIN_LEARN_ROWS = 8
-CONTROLLERS = ("simple", "adaptive")
 
 
-class Speculator:
+class Speculator(Technique):
+    name = "speculation"
+
     def __init__(self, config: SpecConfig, vocab_size: int,
                  embedding: Optional[Union[Tensor, Callable[[], Tensor]]] = None, model_name: str = "model",
                  measure: Optional[Callable[[int, int], float]] = None, max_batch: int = 64):
@@ -66,17 +58,24 @@ class Speculator:
                          "spec_relaxed_accepts": 0}
         self.accepted_per_pos: list = []
         self._learn_turn = 0  # learn_plain: whose rows teach the table next
+        self._step_start = 0.0  # when the step being run began to be scheduled
+        self._sample = False  # whether that step is a sample of step cost for the controller
 
     # -- requests ------------------------------------------------------------------------------
-    def attach(self, req: Request) -> None:
+    def on_admit(self, req: Request) -> None:
         """Resolve the request's options (its own, else the server default) once, at admission."""
         opts = req.params.speculative or self.default
-        if opts.method == "none" or not can_speculate(req.params):
+        drafter = DRAFTERS[opts.method]
+        if drafter is None or not can_speculate(req.params):
             return
         table = None
-        if opts.method != "ngram":
+        if drafter.uses_table:
             table = RecyclingTable(self.vocab_size) if opts.private_table else self.shared_table
-        req.state["spec"] = SpecState(opts, make_drafter(opts.method, table))
+        req.technique_state[SpecState] = SpecState(opts, make_drafter(opts.method, table))
+
+    def extra_tokens(self, req: Request) -> int:
+        state = req.state_of(SpecState)
+        return state.options.num_draft_tokens if state is not None else 0
 
     @property
     def shared_table(self) -> RecyclingTable:
@@ -85,29 +84,28 @@ class Speculator:
         return self._shared
 
     # -- scheduling ----------------------------------------------------------------------------
-    def calibrate(self, cap: int) -> None:
-        """Time the controller's forwards now (start-up), so that no serving step pauses to measure."""
-        self.controller.calibrate(cap)
-
-    def plan(self, running: list) -> None:
+    def begin_step(self, running: list) -> None:
         """Each speculating decode's draft budget for this step (``SpecState.step_budget``)."""
+        self._step_start = time.perf_counter()
         self.controller.plan(running)
 
-    def samples_step(self, sched, requests: dict) -> bool:
-        """Whether the step about to run is a sample of step cost for the controller (ask before the step)."""
+    def plan(self, step, requests: dict) -> None:
+        """Whether the step about to run is a sample of step cost for the controller (asked before the step:
+        finished requests leave ``requests`` during it)."""
         sample = getattr(self.controller, "samples_step", None)
-        return sample is not None and sample(sched, requests)
+        self._sample = sample is not None and sample(step, requests)
 
-    def observe_step(self, seconds: float, sample: bool, tokens: int = 0) -> None:
-        """The engine's wall time for the step just run and the tokens it emitted."""
+    def after_step(self, step, outputs, requests: dict) -> list:
+        """The step's wall time (from scheduling to its techniques' updates) and the tokens it emitted."""
         observe = getattr(self.controller, "observe_step", None)
         if observe is not None:
-            observe(seconds, sample, tokens)
+            observe(time.perf_counter() - self._step_start, self._sample, sum(map(len, outputs.sampled.values())))
+        return []
 
-    def propose(self, req: Request, max_nodes: int) -> Optional[DraftTree]:
+    def draft(self, req: Request, max_nodes: int) -> Optional[DraftTree]:
         """A draft tree for a decoding request, or None when it does not speculate this step.
         An empty tree still goes through verification, so Token Recycling learns from the root."""
-        state = req.state.get("spec")
+        state = req.state_of(SpecState)
         if state is None or state.step_budget == 0:
             return None
         state.budget = min(state.step_budget, state.options.num_draft_tokens, max_nodes)
@@ -125,7 +123,7 @@ class Speculator:
         trees = []
         for s, row in items:
             req = requests[s.request_id]
-            opts = req.state["spec"].options
+            opts = req.state_of(SpecState).options
             trees.append(TreeInput(row, list(s.token_ids), list(s.draft_parents), req.params, req.generator,
                                    opts.relaxed_k, opts.relaxed_delta, opts.relaxed_lambda))
         nearest = self.nearest(logits.device) if any(t.relax_k > 0 for t in trees) else None
@@ -135,7 +133,7 @@ class Speculator:
         for (s, _), v in zip(items, verdicts):
             out[s.request_id] = v
             req = requests[s.request_id]
-            self._record(req.state["spec"], s, v, req.params.greedy)
+            self._record(req.state_of(SpecState), s, v, req.params.greedy)
         return out
 
     def learn_plain(self, logits: Tensor, items: list, requests: dict) -> None:
@@ -155,12 +153,8 @@ class Speculator:
     @staticmethod
     def _learners(items: list, requests: dict) -> list:
         """The ``items`` of requests whose drafter keeps a Token Recycling table (speculating, not n-gram)."""
-        out = []
-        for s, row in items:
-            state = requests[s.request_id].state.get("spec")
-            if state is not None and state.drafter.table is not None:
-                out.append((s, row))
-        return out
+        return [(s, row) for s, row in items
+                if (state := requests[s.request_id].state_of(SpecState)) is not None and state.drafter.table is not None]
 
     def _learn(self, logits: Tensor, learners: list, requests: dict) -> None:
         """Token Recycling: the rows of ALL inputs of ``learners`` (:meth:`_learners`) get the top-k of their
@@ -172,7 +166,7 @@ class Speculator:
         at = 0
         for s, _ in learners:
             n = len(s.token_ids)
-            requests[s.request_id].state["spec"].drafter.table.update(s.token_ids, topk[at:at + n])
+            requests[s.request_id].state_of(SpecState).drafter.table.update(s.token_ids, topk[at:at + n])
             at += n
 
     def _record(self, state: SpecState, s, v: Verdict, greedy: bool) -> None:
@@ -198,17 +192,21 @@ class Speculator:
             self._nearest = nearest_neighbours(embedding, self.model_name).to(device)
         return self._nearest
 
-    @property
-    def stats(self) -> dict:
+    def stats(self, running: list) -> dict:
         return {**self.counters, "spec_accepted_per_pos": list(self.accepted_per_pos)}
+
+
+def _adaptive(measure: Optional[Callable[[int, int], float]], max_batch: int, disable_by_batch_size=None):
+    from sift.server.spec.adaptive import AdaptiveController  # its cost model loads only when chosen
+    return AdaptiveController(measure, max_batch)
+
+
+CONTROLLERS = {"simple": SimpleController, "adaptive": _adaptive}
 
 
 def make_controller(name: str, measure: Optional[Callable[[int, int], float]], max_batch: int,
                     disable_by_batch_size: Optional[int] = None):
     """The draft-budget controller named ``name`` (:data:`CONTROLLERS`)."""
-    if name == "simple":
-        return SimpleController(measure, max_batch, disable_by_batch_size)
-    if name == "adaptive":
-        from sift.server.spec.adaptive import AdaptiveController
-        return AdaptiveController(measure, max_batch)
-    raise ValueError(f"speculative: unknown controller {name!r}")
+    if name not in CONTROLLERS:
+        raise ValueError(f"speculative: unknown controller {name!r}")
+    return CONTROLLERS[name](measure, max_batch, disable_by_batch_size)

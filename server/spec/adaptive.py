@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 from sift.server.engine.request import Request
 from sift.server.spec.budget import DraftBudget
+from sift.server.spec.drafters import SpecState
 from sift.server.spec.tree import DraftTree, PathWalk
 
 # shadow trees drafted per step (plan): ~0.15 ms each for a 32-node GOOSE tree on CPU; they resolve within a
@@ -65,7 +66,7 @@ class AdaptiveController:
 
     @staticmethod
     def _state(req: Request) -> AdaptiveState:
-        spec = req.state["spec"]
+        spec = req.state_of(SpecState)
         if spec.control is None:
             spec.control = AdaptiveState()
         return spec.control
@@ -73,14 +74,14 @@ class AdaptiveController:
     def plan(self, running: list) -> None:
         decodes = [r for r in running if r.num_tokens - r.num_computed_tokens == 1]
         for r in running:
-            state = r.state.get("spec")
+            state = r.state_of(SpecState)
             if state is not None:
                 state.step_budget = 0  # a prefill chunk (or one cut to a single token) drafts nothing
                 if self._state(r).shadow is not None:
                     self._score_shadow(r, state)
-        speculating = [r for r in decodes if "spec" in r.state]
+        speculating = [r for r in decodes if r.state_of(SpecState) is not None]
         if not self.budget.coast(len(decodes), len(speculating)):
-            states = [r.state["spec"] for r in speculating]
+            states = [r.state_of(SpecState) for r in speculating]
             for r, s in zip(speculating, states):
                 s.control.evidence = s.drafter.evidence(r.token_ids)
             cap = max((s.options.num_draft_tokens for s in states), default=0)
@@ -95,10 +96,11 @@ class AdaptiveController:
         Its drafter proposes the tree of its full ``num_draft_tokens`` (which holds the tree of every smaller
         budget: :mod:`sift.server.spec.tree`), nothing is run, and the tokens the request emits next score it
         (:meth:`_score_shadow`)."""
-        idle = [r for r in speculating if r.state["spec"].step_budget == 0 and r.state["spec"].control.shadow is None]
+        idle = [r for r in speculating
+                if r.state_of(SpecState).step_budget == 0 and r.state_of(SpecState).control.shadow is None]
         for j in range(min(SHADOWS_PER_STEP, len(idle))):  # the idle requests in turn
             r = idle[(self._shadow_turn + j) % len(idle)]
-            s = r.state["spec"]
+            s = r.state_of(SpecState)
             d = s.options.num_draft_tokens
             key = s.drafter.evidence(r.token_ids)
             tree = s.drafter.propose(r.token_ids, d)

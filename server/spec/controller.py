@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+from sift.server.spec.drafters import SpecState
+
 CANDIDATES = (0, 1, 2, 3, 7, 15, 31, 63, 127)  # 1 + d a power of two (whole tiles), and the cheap short chains
 PRIOR_ACCEPT = 0.5  # per-level acceptance assumed for N and before a method's first trees
 PRIOR_LEVELS = 4.0  # the prior weighs as much as this many tried levels
@@ -112,10 +114,10 @@ class SimpleController:
     def plan(self, running: list) -> None:
         """Set ``step_budget`` of every speculating request in ``running`` (0: a plain step)."""
         decodes = [r for r in running if r.num_tokens - r.num_computed_tokens == 1]
-        states = [r.state["spec"] for r in running if "spec" in r.state]
+        states = [s for r in running if (s := r.state_of(SpecState)) is not None]
         for s in states:
             s.step_budget = 0  # a prefill chunk (or one cut to a single token) drafts nothing
-        drafting = [r.state["spec"] for r in decodes if "spec" in r.state]
+        drafting = [s for r in decodes if (s := r.state_of(SpecState)) is not None]
         if drafting and not self.times:
             self.calibrate(max(s.options.num_draft_tokens for s in drafting))
         self.off = not drafting or (self.limit is not None and len(decodes) > self.limit)

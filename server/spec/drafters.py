@@ -6,11 +6,14 @@ request (its n-gram index is per request); the Token Recycling table it reads ma
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Protocol
 
 import numpy as np
 
+from sift.server.options import SpecOptions
 from sift.server.spec.tree import EMPTY, RANK_PRIOR, DraftTree, best_first, expand, template
+from sift.server.techniques import TechniqueState
 
 TOPK = 8  # Token Recycling keeps the top-8 next tokens of every token
 
@@ -77,6 +80,7 @@ class Drafter(Protocol):
     Recycling matrix whose rows the verifier refreshes after every pass over this drafter's trees."""
 
     table: Optional[RecyclingTable]
+    uses_table: bool  # whether the drafter is built over a Token Recycling table
 
     def propose(self, tokens: list, budget: int) -> DraftTree:
         """At most ``budget`` draft nodes, breadth-first; ``tokens`` = prompt + output so far."""
@@ -94,6 +98,7 @@ class NgramDrafter:
     """Prompt lookup: the continuation of the last matching n-gram, as a chain."""
 
     table = None
+    uses_table = False
 
     def __init__(self):
         self.index = NgramIndex()
@@ -108,6 +113,8 @@ class NgramDrafter:
 
 class RecyclingDrafter:
     """Token Recycling: the static template (scaled to the budget) filled breadth-first from M."""
+
+    uses_table = True
 
     def __init__(self, table: RecyclingTable):
         self.table = table
@@ -141,6 +148,8 @@ class GooseDrafter:
     SPINE_ACCEPT = 0.8
     SPINE_LOOKAHEAD = 64  # the spine is read this far (at least) whatever the budget: see DraftTree.rank
 
+    uses_table = True
+
     def __init__(self, table: RecyclingTable):
         self.table = table
         self.index = NgramIndex()
@@ -168,15 +177,21 @@ class GooseDrafter:
         return f"goose/{self.index.match(tokens)[0]}"
 
 
-METHODS = ("ngram", "recycling", "goose")
+DRAFTERS = {"none": None, "ngram": NgramDrafter, "recycling": RecyclingDrafter, "goose": GooseDrafter}
 
 
 def make_drafter(method: str, table: Optional[RecyclingTable]) -> Drafter:
-    """A fresh per-request drafter; ``table`` is required by recycling and goose."""
-    if method == "ngram":
-        return NgramDrafter()
-    if method == "recycling":
-        return RecyclingDrafter(table)
-    if method == "goose":
-        return GooseDrafter(table)
-    raise ValueError(f"speculative: unknown method {method!r}")
+    """A fresh per-request drafter; ``table`` is required by the drafters that read one (``uses_table``)."""
+    cls = DRAFTERS[method]
+    return cls(table) if cls.uses_table else cls()
+
+
+@dataclass
+class SpecState(TechniqueState):
+    """A speculating request's options, drafter and draft budgets."""
+
+    options: SpecOptions
+    drafter: Drafter
+    step_budget: int = 0  # the draft budget the controller chose for this request this step (0: a plain decode)
+    budget: int = 0  # the budget the current tree was built under (step_budget, capped by room)
+    control: object = None  # the controller's own per-request state, if it keeps any

@@ -1,6 +1,6 @@
 """Per-request grammar matchers and the batched bitmask step of the sampler.
 
-Each constrained request owns one :class:`GrammarState` (``Request.state['grammar']``). Per
+Each constrained request owns one :class:`GrammarState` (``Request.grammar``). Per
 sampling step the sampler calls :func:`apply_masks` on the rows that carry one: each matcher
 fills its row of one int32 bitmask (a bit per token, CPU), the bitmask goes to the logits'
 device once, and ``xgrammar.apply_token_bitmask_inplace`` sets the disallowed logits to -inf for

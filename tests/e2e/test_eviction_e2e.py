@@ -103,8 +103,9 @@ def test_speculation_with_eviction_is_lossless(llm, method):
     evict = EvictionOptions(method=method, budget=64, window=8)
     params = dict(max_tokens=72, temperature=0.0, ignore_eos=True, eviction=evict)
     want = [o.token_ids for o in llm.generate(prompts, SamplingParams(**params))]
+    speculator = llm.engine.techniques["speculation"]
     engine = llm.engine
-    controller, engine.speculator.controller = engine.speculator.controller, SimpleController(None, 64)  # every step
+    controller, speculator.controller = speculator.controller, SimpleController(None, 64)  # every step
     try:
         before = dict(engine.stats())
         for drafter in ("ngram", "recycling"):
@@ -113,7 +114,7 @@ def test_speculation_with_eviction_is_lossless(llm, method):
             assert got == want, drafter
         after = engine.stats()
     finally:
-        engine.speculator.controller = controller
+        speculator.controller = controller
     assert after["spec_num_accepted_tokens"] > before["spec_num_accepted_tokens"]
     assert after["kv_compactions"] > before["kv_compactions"]
     assert engine.kv.num_requests == 0

@@ -95,7 +95,7 @@ def test_server_default_skipping_and_technique_counters():
                           skipping=SkipOptions(method="spts", ratio=0.5, start_layer=4, min_prompt_len=256,
                                                schedule="geometric", probe_tokens=16, recent=64))
     llm = LLM(config=config)
-    opts = llm.engine.default_skipping
+    opts = llm.engine.techniques["skipping"].default
     assert (opts.schedule, opts.probe_tokens, opts.recent) == ("geometric", 16, 64)
     prompt = llm.tokenizer.encode(topics["assignment"], add_special_tokens=False)[:400]
     llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0.0,

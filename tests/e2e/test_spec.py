@@ -22,7 +22,7 @@ def llm():
     # float32 on every device: these exactness checks compare batch shapes, which bfloat16 rounds differently
     llm = LLM(dtype="float32", num_blocks=600)
     # no timing: every step speculates up to num_draft_tokens, so the tree path is always exercised
-    llm.engine.speculator.controller = SimpleController(None, 64)
+    llm.engine.techniques["speculation"].controller = SimpleController(None, 64)
     return llm
 
 

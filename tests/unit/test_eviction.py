@@ -256,21 +256,21 @@ def test_compacted_blocks_return_to_the_pool_and_abort_leaks_nothing():
 
 def test_driver_peak_tokens_and_draft_depth():
     from sift.server.engine.request import Request, SamplingParams
-    from sift.server.policies.eviction import EvictionDriver
+    from sift.server.policies.eviction import Eviction, EvictionState
 
-    driver = EvictionDriver(EvictionOptions(method="none"), num_layers=1, num_kv_heads=1)
+    driver = Eviction(EvictionOptions(method="none"), num_layers=1, num_kv_heads=1, kv=None)
     plain = Request("p", list(range(40)), SamplingParams(max_tokens=200))
-    driver.attach(plain)
+    driver.on_admit(plain)
     assert driver.peak_tokens(plain) is None and driver.draft_depth(plain) is None
     lazy = Request("l", list(range(40)), SamplingParams(max_tokens=200,
                                                            eviction=EvictionOptions("lazy", budget=64, window=8)))
     snap = Request("s", list(range(40)), SamplingParams(max_tokens=200,
                                                            eviction=EvictionOptions("snapkv", budget=16, window=8)))
     for r in (lazy, snap):
-        driver.attach(r)
+        driver.on_admit(r)
     assert driver.peak_tokens(lazy) == 64 + 8  # C + W
     assert driver.peak_tokens(snap) == 16 + 200  # C, then every generated token (SnapKV never evicts them)
-    policy = driver._policy(lazy)
+    policy = lazy.state_of(EvictionState).policy
     policy.num_entries, lazy.num_computed_tokens = 70, 101  # root at 101: decision points at t = 104, 112, ...
     assert driver.draft_depth(lazy) == 2
     policy.num_entries = 50  # t=104 keeps everything (53 <= 64); t=112 holds 61 <= 64; t=120 holds 69 > 64

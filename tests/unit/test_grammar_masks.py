@@ -59,7 +59,7 @@ def test_masks_touch_only_constrained_rows(compiler, tok):
 def _request(i: int, params: SamplingParams, compiled=None) -> Request:
     req = Request(f"r{i}", [1, 2, 3], params, eos_token_ids=(0, 2), generator=torch.Generator().manual_seed(i))
     if compiled is not None:
-        req.state["grammar"] = GrammarState(compiled)
+        req.grammar = GrammarState(compiled)
     return req
 
 
@@ -77,10 +77,10 @@ def test_sampling_follows_the_grammar(compiler, tok, temperature):
     for _ in range(40):
         res = sample(torch.randn(len(reqs), tok.vocab_size) * 4, reqs)
         for i, t in enumerate(res.token_ids):
-            if not reqs[i].state.get("grammar") or not reqs[i].state["grammar"].terminated:
+            if not reqs[i].grammar or not reqs[i].grammar.terminated:
                 outputs[i].append(t)
     texts = [tok.decode([t for t in out if t not in (0, 2)]) for out in outputs[:3]]
-    assert all(r.state["grammar"].terminated for r in reqs[:3])
+    assert all(r.grammar.terminated for r in reqs[:3])
     assert re.fullmatch("[a-z]{2}-[0-9]{2}", texts[0])
     assert json.loads(texts[1])["n"] in range(10)
     assert texts[2] in ("left", "right")

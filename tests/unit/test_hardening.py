@@ -18,7 +18,7 @@ from sift.server.config import CacheConfig, SchedulerConfig, ServerConfig
 from sift.server.engine.request import Request, RequestStatus, SamplingParams
 from sift.server.engine.scheduler import Scheduler
 from sift.server.options import EvictionOptions
-from sift.server.policies.eviction import EvictionDriver, evicting_depth
+from sift.server.policies.eviction import Eviction, evicting_depth
 from sift.server.runner.sampler import check_sampling_row
 
 LIMITS = Limits(max_model_len=512, vocab_size=1000, num_layers=30)
@@ -108,10 +108,10 @@ def test_closed_form_depth_matches_the_decision_point_walk():
 
 
 def test_draft_depth_is_constant_time_whatever_the_budget():
-    driver = EvictionDriver(EvictionOptions(method="none"), num_layers=1, num_kv_heads=1)
+    driver = Eviction(EvictionOptions(method="none"), num_layers=1, num_kv_heads=1, kv=None)
     req = Request("r", list(range(8)), SamplingParams(max_tokens=4,
                                                       eviction=EvictionOptions("h2o", budget=1e300, window=1)))
-    driver.attach(req)
+    driver.on_admit(req)
     start = time.perf_counter()
     depth = driver.draft_depth(req)
     assert time.perf_counter() - start < 0.5  # the loop it replaces took budget / window iterations: forever

@@ -5,6 +5,7 @@ from sift.server.cache.kv_manager import KVManager
 from sift.server.config import SchedulerConfig
 from sift.server.engine.request import Request, RequestStatus, SamplingParams
 from sift.server.engine.scheduler import QueueFullError, Scheduler
+from sift.server.techniques import Technique, Techniques
 
 
 def _sched(num_blocks=64, **kw):
@@ -93,6 +94,15 @@ def _run_all(s):
     return admitted_together
 
 
+class BoundedKV(Technique):
+    """A technique bounding every request's resident KV to 16 tokens."""
+
+    name = "bounded"
+
+    def peak_tokens(self, req) -> int:
+        return 16
+
+
 def test_reserved_admission_counts_peaks_and_never_preempts():
     # 8-token prompts + 24 tokens = 8 blocks of 4 at peak; 33 usable blocks hold 4 such requests at once
     s = Scheduler(SchedulerConfig(admission="reserve"), KVManager(34, 4), max_model_len=256)
@@ -106,7 +116,7 @@ def test_reserved_admission_counts_peaks_and_never_preempts():
     assert _run_all(s) == 6 and s.num_preemptions > 0
     # a policy bounding a request's resident KV to 16 tokens (4 blocks) lets 8 fit in the same pool
     s = Scheduler(SchedulerConfig(admission="reserve"), KVManager(34, 4), max_model_len=256,
-                  peak_tokens_of=lambda req: 16)
+                  techniques=Techniques(BoundedKV()))
     for i in range(10):
         s.add_request(_long_req(f"r{i}", 8, 24))
     assert s.schedule() and s.num_running == 8

@@ -65,7 +65,7 @@ def _prefill(runner, opts, n=100, req=None):
     req = req or Request("r", list(torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(1)).tolist()),
                          SamplingParams(max_tokens=4))
     if opts is not None:
-        req.state["skipping"] = opts
+        req.technique_state[skipping.SkipState] = skipping.SkipState(opts)
     sched = SchedulerOutput(requests=[ScheduledRequest("r", req.prompt_token_ids, list(range(n)), list(range(n)),
                                                        list(range(-(-n // 16))), n, True)])
     batch = runner.build_batch(sched, {"r": req})
@@ -228,7 +228,7 @@ def test_pruned_tokens_leave_later_layers_kv_reads(runner, monkeypatch, masked_c
     req = Request("r", list(torch.randint(0, 64, (100,), generator=torch.Generator().manual_seed(4)).tolist()),
                   SamplingParams(max_tokens=4))
     _prefill(runner, PRUNING, req=req)
-    prune = req.state["prune_layer"]
+    prune = req.state_of(skipping.SkipState).prune_layer
     stage_end = min(skipping.stage_ends(PRUNING, ARCH.num_layers))
     assert set(prune.unique().tolist()) == {stage_end + 1, ARCH.num_layers}  # pruned after stage 0, else never
     assert (prune[-PRUNING.probe_tokens:] == ARCH.num_layers).all()
@@ -262,7 +262,8 @@ def test_tokens_pruned_by_attention_skip_that_layers_mlp(runner, monkeypatch):
     seen = _spy_layers(monkeypatch)
     req = Request("r", [i * 7 % 64 for i in range(100)], SamplingParams(max_tokens=4))
     _prefill(runner, opts, req=req)
-    prune = req.state["prune_layer"].long()  # num_layers: never pruned (the last layer prunes nothing)
+    # num_layers: never pruned (the last layer prunes nothing)
+    prune = req.state_of(skipping.SkipState).prune_layer.long()
     for i, before, after in seen[:-1]:
         gone = prune <= i + 1  # pruned here or before
         assert (prune == i + 1).any() and torch.equal(after[gone], before[gone])
@@ -270,13 +271,16 @@ def test_tokens_pruned_by_attention_skip_that_layers_mlp(runner, monkeypatch):
 
 
 def test_pruned_reads_only_for_requests_that_read_plainly(runner):
-    from sift.server.policies import sparsity
+    from sift.server.options import EvictionOptions
+    from sift.server.policies.eviction import Eviction
     req = Request("r", [i % 64 for i in range(100)], SamplingParams(max_tokens=4))
     _prefill(runner, PRUNING, req=req)
-    assert sparsity.pruned_reads(req, ARCH.num_layers) is not None
-    req.state.pop("pruned_reads")
-    req.state["eviction_options"] = object()  # an eviction policy scores (and compacts) the full KV
-    assert sparsity.pruned_reads(req, ARCH.num_layers) is None
+    assert req.state_of(skipping.SkipState).pruned_reads(req, ARCH.num_layers) is not None
+    req = Request("e", [i % 64 for i in range(100)], SamplingParams(max_tokens=4))
+    _prefill(runner, PRUNING, req=req)
+    evicting = Eviction(EvictionOptions(method="h2o"), ARCH.num_layers, ARCH.num_kv_heads, kv=None)
+    evicting.on_admit(req)  # an eviction policy scores (and compacts) the full KV
+    assert req.state_of(skipping.SkipState).pruned_reads(req, ARCH.num_layers) is None
 
 
 def test_each_architecture_runs_skipping_or_refuses_it():

@@ -13,6 +13,7 @@ from sift.server.policies import sparsity
 from sift.server.policies.key_index import KeySketch, QuestIndex
 from sift.server.policies.sparse_plan import SparsePlanner
 from sift.server.policies.sparsity import DENSE, PAGES, SELECT, SKETCH, TOKENS
+from sift.server.techniques import Techniques
 
 
 def test_tidal_and_quest_roles():
@@ -44,12 +45,13 @@ def test_request_options_override_the_server_default():
 
 def _engine_sched(num_blocks=64, block_size=4, **kw):
     return Scheduler(SchedulerConfig(**kw), KVManager(num_blocks, block_size), max_model_len=4096,
-                     window_of=sparsity.window_of, exact_kv_of=sparsity.exact_kv_of)
+                     techniques=Techniques(sparsity.Sparsity(SparsityOptions(), 4, block_size)))
 
 
 def _req(rid, prompt, opts=None, max_tokens=8):
     req = Request(rid, list(prompt), SamplingParams(max_tokens=max_tokens, ignore_eos=True))
-    req.state["sparsity"] = sparsity.make_policy(sparsity.resolve_options(opts, SparsityOptions()), 4)
+    policy = sparsity.make_policy(sparsity.resolve_options(opts, SparsityOptions()), 4)
+    req.technique_state[sparsity.SparsityState] = sparsity.SparsityState(policy)
     return req
 
 

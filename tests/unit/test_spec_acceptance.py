@@ -179,7 +179,7 @@ def test_recycling_table_rows_are_topk_of_every_tree_input():
     for i, (tokens, parents) in enumerate(trees):
         req = Request(f"r{i}", [1, 2, tokens[0]], SamplingParams(temperature=0.0,
                                                                   speculative=SpecOptions("recycling")))
-        spec.attach(req)
+        spec.on_admit(req)
         reqs[req.request_id] = req
         s = ScheduledRequest(req.request_id, tokens, list(range(len(tokens))), list(range(len(tokens))), [0],
                              len(tokens), True, draft_parents=parents)
@@ -190,7 +190,7 @@ def test_recycling_table_rows_are_topk_of_every_tree_input():
     flat = [t for tokens, _ in trees for t in tokens]
     for r, t in enumerate(flat):
         assert spec.shared_table.candidates(t) == logits[r].topk(8).indices.tolist()
-    assert spec.stats["spec_num_drafts"] == 2 and spec.stats["spec_num_draft_tokens"] == 5
+    assert spec.stats([])["spec_num_drafts"] == 2 and spec.stats([])["spec_num_draft_tokens"] == 5
 
 
 def test_recycling_table_learns_from_plain_decode_rows():
@@ -202,7 +202,7 @@ def test_recycling_table_learns_from_plain_decode_rows():
     cases = [("r0", [30], "recycling"), ("r1", [31], "none"), ("r2", [32, 33], "recycling")]  # r2: a chunk
     for row, (rid, tokens, method) in enumerate(cases):
         req = Request(rid, [1, 2, *tokens], SamplingParams(temperature=0.0, speculative=SpecOptions(method)))
-        spec.attach(req)
+        spec.on_admit(req)
         reqs[rid] = req
         s = ScheduledRequest(rid, tokens, list(range(len(tokens))), list(range(len(tokens))), [0], len(tokens), True)
         items.append((s, row))
@@ -222,7 +222,7 @@ def test_plain_learning_rows_take_turns():
     reqs, items = {}, []
     for row in range(n):
         req = Request(f"r{row}", [1, 100 + row], SamplingParams(temperature=0.0, speculative=SpecOptions("recycling")))
-        spec.attach(req)
+        spec.on_admit(req)
         reqs[req.request_id] = req
         items.append((ScheduledRequest(req.request_id, [100 + row], [1], [1], [0], 2, True), row))
     logits = torch.randn(n, v)

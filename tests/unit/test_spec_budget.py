@@ -1,5 +1,6 @@
 """The draft-budget rule: a modelled forward cost, scaled by what decode steps really took."""
 from sift.server.spec.budget import PLAIN_EVERY, DraftBudget
+from sift.server.spec.drafters import SpecState
 
 
 def _run(budget, steps, decodes, step_seconds, accepted=3):
@@ -75,17 +76,17 @@ def test_shadow_trees_teach_every_budget_without_drafting():
 
     spec = Speculator(SpecConfig(controller="adaptive"), 128, measure=lambda b, q: 0.001 * b * q)  # compute-bound: d = 0 wins
     req = _decoding("r0", [1, 2, 3, 4] * 8)  # the last 3-gram recurs: the n-gram chain 1 2 3 4 1 2 3
-    spec.attach(req)
+    spec.on_admit(req)
     for token in (1, 2, 99):  # the target emits 1 2, then leaves the chain
-        spec.plan([req])
-        assert spec.propose(req, 64) is None  # nothing is drafted
-        assert req.state["spec"].control.shadow is not None and req.state["spec"].control.shadow.start == 32
+        spec.begin_step([req])
+        assert spec.draft(req, 64) is None  # nothing is drafted
+        assert req.state_of(SpecState).control.shadow is not None and req.state_of(SpecState).control.shadow.start == 32
         req.output_token_ids.append(token)
         req.num_computed_tokens += 1
     assert ("ngram/3", 7) not in spec.controller.budget.accepted
-    spec.plan([req])  # 1 2 99 decides the shadow: 2 drafts accepted; a new shadow follows from here
+    spec.begin_step([req])  # 1 2 99 decides the shadow: 2 drafts accepted; a new shadow follows from here
     assert {d: spec.controller.budget.accepted["ngram/3", d] for d in (1, 2, 3, 7)} == {1: 1, 2: 2, 3: 2, 7: 2}
-    assert req.state["spec"].control.shadow.start == 35
+    assert req.state_of(SpecState).control.shadow.start == 35
 
 
 def test_one_shadow_a_step_the_plain_requests_in_turn():
@@ -98,10 +99,10 @@ def test_one_shadow_a_step_the_plain_requests_in_turn():
     spec = Speculator(SpecConfig(controller="adaptive"), 128, measure=lambda b, q: 0.001 * b * q)
     reqs = [_decoding(f"r{i}", [5 + i, 6, 7, 8] * 3) for i in range(4)]  # each an undecided n-gram chain
     for r in reqs:
-        spec.attach(r)
+        spec.on_admit(r)
     for step in range(1, 5):
-        spec.plan(reqs)
-        assert sum(r.state["spec"].control.shadow is not None for r in reqs) == min(4, step * SHADOWS_PER_STEP)
+        spec.begin_step(reqs)
+        assert sum(r.state_of(SpecState).control.shadow is not None for r in reqs) == min(4, step * SHADOWS_PER_STEP)
 
 
 def test_only_the_requests_likely_to_accept_draft():
@@ -191,8 +192,8 @@ def test_a_greedy_tree_teaches_every_smaller_budget():
     spec = Speculator(SpecConfig(controller="adaptive"), 64, measure=lambda b, q: 0.010)
     for rid, temperature in (("g", 0.0), ("s", 1.0)):
         req = Request(rid, [1, 2, 3, 4] * 8, SamplingParams(temperature=temperature, speculative=SpecOptions("ngram")))
-        spec.attach(req)
-        state = req.state["spec"]
+        spec.on_admit(req)
+        state = req.state_of(SpecState)
         state.control = AdaptiveState(evidence=f"key-{rid}")
         state.step_budget = 15
         spec.controller.verified(state, [0, 1, 2, 9], 4, req.params.greedy)  # ranks of the accepted path's nodes

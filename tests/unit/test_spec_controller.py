@@ -3,6 +3,7 @@ from sift.server.engine.request import Request, SamplingParams
 from sift.server.options import SpecConfig, SpecOptions
 from sift.server.spec import Speculator
 from sift.server.spec.controller import PRIOR_ACCEPT, SimpleController, expected_accepted
+from sift.server.spec.drafters import SpecState
 
 
 def _forward(b, q):
@@ -21,14 +22,14 @@ def _decodes(spec, n, method="goose", num_draft_tokens=15):
         req = Request(f"r{i}", [1, 2, 3, 4] * 4, SamplingParams(temperature=0.0, speculative=SpecOptions(
             method, num_draft_tokens=num_draft_tokens)))
         req.num_computed_tokens = req.num_tokens - 1  # decoding: one new token to run
-        spec.attach(req)
+        spec.on_admit(req)
         reqs.append(req)
     return reqs
 
 
 def _budgets(spec, reqs):
-    spec.plan(reqs)
-    return [r.state["spec"].step_budget for r in reqs]
+    spec.begin_step(reqs)
+    return [r.state_of(SpecState).step_budget for r in reqs]
 
 
 def test_n_is_the_largest_batch_where_a_tree_pays_at_the_prior():

@@ -15,7 +15,8 @@ from sift.server.engine.outputs import StepOutput
 from sift.server.engine.request import SamplingParams
 from sift.server.engine.scheduler import Scheduler
 from sift.server.options import EvictionOptions
-from sift.server.policies.eviction import EvictionDriver
+from sift.server.policies.eviction import Eviction
+from sift.server.techniques import Techniques
 
 VOCAB = 100
 POISON_SEED = 666
@@ -24,17 +25,6 @@ POISON_SEED = 666
 class WordTokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return "".join(f" w{i}" for i in ids)
-
-
-class StubSpeculator:
-    def attach(self, req) -> None:
-        pass
-
-    def samples_step(self, sched, requests) -> bool:
-        return False
-
-    def observe_step(self, *args) -> None:
-        pass
 
 
 class StubRunner:
@@ -60,11 +50,9 @@ def make_engine() -> LLMEngine:
     engine.arch = SimpleNamespace(num_layers=2)
     engine.tokenizer = WordTokenizer()
     engine.kv = KVManager(64, 4)
-    engine.eviction = EvictionDriver(EvictionOptions(), 2, 1)
-    engine.speculator = StubSpeculator()
-    engine.scheduler = Scheduler(SchedulerConfig(), engine.kv, engine.max_model_len)
+    engine.techniques = Techniques(Eviction(EvictionOptions(), 2, 1, engine.kv))
+    engine.scheduler = Scheduler(SchedulerConfig(), engine.kv, engine.max_model_len, engine.techniques)
     engine.runner = StubRunner()
-    engine.default_skipping = None
     engine._detok, engine._pending, engine.current_step_ids = {}, [], ()
     engine.counters = {"prompt_tokens": 0, "generation_tokens": 0}
     return engine
