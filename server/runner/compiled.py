@@ -66,9 +66,10 @@ class CompiledDecode:
         self.max_blocks = -(-max_model_len // block_size)
         self.backend = GraphBackend()
         self._rows = {n: torch.arange(n, device=device) for n in self.buckets}
-        # one graph per bucket, all of one function: dynamo's per-function graph limit (8) must not send the
-        # larger buckets back to eager
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(self.buckets))
+        # one graph per bucket, all of one code object, whose graphs dynamo counts against one limit (8) across
+        # every engine of the process: each engine raises it by its own buckets, so that neither the larger
+        # buckets nor a second engine in the same process (tests, benches) falls back to eager
+        torch._dynamo.config.recompile_limit += len(self.buckets)
         self._fn = torch.compile(self._forward, backend="inductor", fullgraph=True, dynamic=False)
         self.steps = 0  # live steps run compiled (warm-up excluded)
 
